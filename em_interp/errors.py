@@ -1,0 +1,31 @@
+"""The project's exception types.
+
+Every error raised by `em_interp` on bad input is an `EmInterpError` (or a subclass) whose message
+names *where* the problem is (file and line, field, hook or parameter) and *what was expected*.
+"""
+
+from __future__ import annotations
+
+
+class EmInterpError(Exception):
+    """Base class for all errors raised by em_interp."""
+
+
+class DataError(EmInterpError, ValueError):
+    """A dataset file or record is malformed (message names file, line and field)."""
+
+
+class ModelLoadError(EmInterpError, RuntimeError):
+    """A model could not be loaded (missing package, unknown architecture, bad path)."""
+
+
+class AdapterError(EmInterpError, ValueError):
+    """An adapter does not fit a model, or its saved state is inconsistent."""
+
+
+class TrainingError(EmInterpError, RuntimeError):
+    """Training stopped (non-finite loss, bad configuration, broken checkpoint)."""
+
+
+class JudgeError(EmInterpError, RuntimeError):
+    """The LLM judge could not be configured or reached."""
