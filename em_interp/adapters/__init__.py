@@ -1,0 +1,7 @@
+"""Adapters as TransformerLens hooks: steering vectors and rank-k LoRA."""
+
+from em_interp.adapters.base import Adapter, load_adapter
+from em_interp.adapters.lora import LORA_SITES, LoRA
+from em_interp.adapters.steering import STEERING_HOOKS, SteeringVector
+
+__all__ = ["LORA_SITES", "STEERING_HOOKS", "Adapter", "LoRA", "SteeringVector", "load_adapter"]

@@ -1,0 +1,183 @@
+"""The `Adapter` base: trainable parameters plus TransformerLens hook functions; never edits weights.
+
+An adapter records the model it was made for (id, d_model, layer count, architecture) and checks it again
+when loaded. Saved adapters are a directory with `adapter.safetensors` (float32 tensors) and
+`adapter.json` (metadata); loading never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from em_interp.errors import AdapterError
+from em_interp.hooks import HookFn, HookHandle, Positions, attach_hooks, check_positions
+
+FORMAT_VERSION = 1
+_REGISTRY: dict[str, type[Adapter]] = {}
+
+
+def model_signature(model: Any) -> dict[str, Any]:
+    """What an adapter must match in a model: id, d_model, n_layers, architecture."""
+    return {
+        "model_id": getattr(model, "em_model_id", None),
+        "d_model": int(model.cfg.d_model),
+        "n_layers": int(model.cfg.n_layers),
+        "architecture": str(getattr(model.cfg, "architecture", None) or type(model.original_model).__name__),
+    }
+
+
+class Adapter(nn.Module):
+    """Base class: parameters, hook list, `applied()` context manager, scale, norm, state, save/load.
+
+    Subclasses implement `hooks(scale, positions)` and `config()` (the constructor arguments to save).
+    """
+
+    kind: ClassVar[str] = "adapter"
+
+    def __init__(self, model: Any):
+        super().__init__()
+        self.signature = model_signature(model)
+        self.scale = 1.0
+        self.provenance: dict[str, Any] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _REGISTRY[cls.kind] = cls
+
+    # --- hooks ---------------------------------------------------------------------------------
+    def hooks(self, scale: float, positions: Positions = "all") -> list[tuple[str, HookFn]]:
+        """(hook_name, fn) pairs that apply this adapter with the given scale."""
+        raise NotImplementedError
+
+    @property
+    def first_layer(self) -> int:
+        """The lowest block index whose computation this adapter changes."""
+        raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments needed to rebuild this adapter (saved as metadata)."""
+        raise NotImplementedError
+
+    def attach(self, model: Any, scale: float | None = None, positions: Positions = "all") -> HookHandle:
+        """Add this adapter's hooks to `model` until `handle.remove()`."""
+        self.check_model(model)
+        scale = self.scale if scale is None else float(scale)
+        return attach_hooks(model, self.hooks(scale, check_positions(positions)))
+
+    @contextlib.contextmanager
+    def applied(self, model: Any, scale: float | None = None, positions: Positions = "all") -> Iterator[Adapter]:
+        """Context manager applying the adapter; its hooks are removed on exit, even on error.
+
+        >>> with vec.applied(model, scale=2.0):  # doctest: +SKIP
+        ...     logits = model(tokens)
+        """
+        handle = self.attach(model, scale, positions)
+        try:
+            yield self
+        finally:
+            handle.remove()
+
+    # --- parameters ----------------------------------------------------------------------------
+    @property
+    def norm(self) -> float:
+        """L2 norm of all parameters together (LoRA overrides with the norm of its ΔW)."""
+        return float(torch.sqrt(sum((p.detach().float() ** 2).sum() for p in self.parameters())))
+
+    def state(self) -> dict[str, Tensor]:
+        """Detached float32 copies of the parameters, by name."""
+        return {name: p.detach().float().cpu().clone() for name, p in self.named_parameters()}
+
+    def load_state(self, state: dict[str, Tensor]) -> None:
+        """Copy parameters from `state` (same names and shapes, else `AdapterError`)."""
+        params = dict(self.named_parameters())
+        if set(state) != set(params):
+            raise AdapterError(f"state has parameters {sorted(state)}; this {self.kind} has {sorted(params)}.")
+        with torch.no_grad():
+            for name, p in params.items():
+                if tuple(state[name].shape) != tuple(p.shape):
+                    raise AdapterError(f"parameter {name}: saved shape {tuple(state[name].shape)}, expected {tuple(p.shape)}.")
+                p.copy_(state[name].to(p.device, p.dtype))
+
+    def flat(self) -> Tensor:
+        """All parameters as one float32 vector (for cosine similarity and PCA)."""
+        return torch.cat([p.detach().float().cpu().flatten() for p in self.parameters()])
+
+    def check_model(self, model: Any) -> None:
+        """Raise `AdapterError` if `model` does not have the d_model, layer count and architecture recorded."""
+        theirs = model_signature(model)
+        for key in ("d_model", "n_layers", "architecture"):
+            if self.signature[key] != theirs[key]:
+                raise AdapterError(
+                    f"{self.kind} was made for a model with {key}={self.signature[key]!r}; this model has {theirs[key]!r}."
+                )
+
+    # --- files ---------------------------------------------------------------------------------
+    def metadata(self) -> dict[str, Any]:
+        from em_interp import __version__
+
+        return {
+            "format_version": FORMAT_VERSION,
+            "library_version": __version__,
+            "kind": self.kind,
+            "config": self.config(),
+            "scale": self.scale,
+            "provenance": self.provenance,
+            **self.signature,
+        }
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write `adapter.safetensors` + `adapter.json` into `directory` atomically."""
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            save_file({k: v.contiguous() for k, v in self.state().items()}, str(tmp / "adapter.safetensors"))
+            (tmp / "adapter.json").write_text(json.dumps(self.metadata(), indent=1, default=str))
+            if directory.exists():
+                shutil.rmtree(directory)
+            os.replace(tmp, directory)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return directory
+
+    @staticmethod
+    def load(directory: str | os.PathLike[str], model: Any) -> Adapter:
+        """Rebuild a saved adapter for `model` (checked against the recorded signature)."""
+        directory = Path(directory)
+        meta_path, tensor_path = directory / "adapter.json", directory / "adapter.safetensors"
+        if not meta_path.is_file() or not tensor_path.is_file():
+            raise AdapterError(f"{directory}: expected adapter.json and adapter.safetensors (written by Adapter.save).")
+        try:
+            meta = json.loads(meta_path.read_text())
+            kind = meta["kind"]
+        except (ValueError, KeyError) as exc:
+            raise AdapterError(f"{meta_path}: unreadable adapter metadata ({exc}).") from None
+        if kind not in _REGISTRY:
+            raise AdapterError(f"{meta_path}: unknown adapter kind {kind!r}; known: {sorted(_REGISTRY)}.")
+        if int(meta.get("format_version", 1)) > FORMAT_VERSION:
+            raise AdapterError(f"{meta_path}: format_version {meta['format_version']} is newer than this library's.")
+        theirs = model_signature(model)
+        for key in ("d_model", "n_layers", "architecture"):
+            if key in meta and meta[key] != theirs[key]:
+                raise AdapterError(f"{meta_path}: saved for {key}={meta[key]!r}; this model has {key}={theirs[key]!r}.")
+        adapter = _REGISTRY[kind](model, **meta["config"])
+        adapter.load_state(load_file(str(tensor_path)))
+        adapter.scale = float(meta.get("scale", 1.0))
+        adapter.provenance = dict(meta.get("provenance") or {})
+        return adapter
+
+
+def load_adapter(directory: str | os.PathLike[str], model: Any) -> Adapter:
+    """Load any saved adapter (its kind is read from the metadata)."""
+    return Adapter.load(directory, model)

