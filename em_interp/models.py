@@ -265,18 +265,108 @@ def embedded_tokenizer_dir() -> Path:
     return folder
 
 
+class _SkippedLayer(torch.nn.Module):
+    """Stands in for a decoder layer below the resume point: returns the hidden states unchanged."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+
 @contextlib.contextmanager
 def upper_layers(model: Any, start: int) -> Iterator[Any]:
     """Temporarily make the HF decoder stack run only blocks `start:`; yields the HF base model.
 
     Used by the trainer to resume a forward from a cached residual stream without running (or
     discarding) the lower blocks, which TransformerBridge's own `start_at_layer` still executes.
-    Bridge hook points inside the kept blocks fire as usual.
+    Blocks below `start` are replaced by a pass-through module (not sliced away), so each kept block
+    keeps its index: Gemma2/Gemma3/Qwen2 pick a block's attention mask (sliding or full) and rotary
+    table by that index in `config.layer_types`. Bridge hook points inside the kept blocks fire as usual.
+    Prefer `resume_forward`, which also handles position ids and the embedding scale.
+
+    Raises:
+        ModelLoadError: `start` is not in `0..n_layers`.
     """
     base = hf_model_of(model).model
     layers = base.layers
-    base.layers = torch.nn.ModuleList(list(layers)[start:])
+    if not 0 <= start <= len(layers):
+        raise ModelLoadError(f"upper_layers: start={start}; expected 0..{len(layers)} (the model's block count).")
+    skip = _SkippedLayer()
+    base.layers = torch.nn.ModuleList([skip] * start + list(layers)[start:])
     try:
         yield base
     finally:
         base.layers = layers
+
+
+def mask_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids [batch, pos] derived from a 0/1 attention mask exactly as TransformerBridge does.
+
+    Rows with a masked token before a real one (left padding, gaps) count positions from their first
+    real token; other rows keep `arange` (so right padding changes nothing). Needs no host sync.
+    """
+    mask = attention_mask.long()
+    derived = (mask.cumsum(-1) - 1).clamp_(min=0)
+    arange = torch.arange(mask.shape[1], device=mask.device)
+    needs = ((derived != arange) & (mask != 0)).any(dim=1, keepdim=True)
+    return torch.where(needs, derived, arange)
+
+
+def resume_forward(
+    model: Any,
+    resid: torch.Tensor,
+    start: int,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Run blocks `start:` and the final norm on a cached residual stream.
+
+    Args:
+        model: the TransformerBridge.
+        resid: [batch, pos, d_model], the input of block `start` (its `hook_resid_pre`, i.e. the
+            `hook_resid_post` of block `start - 1`; for `start == 0`, the scaled token embeddings).
+        start: index of the first block to run (0..n_layers).
+        attention_mask: [batch, pos] 0/1 mask of the forward that produced `resid` (None: all ones).
+        position_ids: [batch, pos]; default derived from `attention_mask` as the bridge's forward does.
+
+    Returns:
+        Final hidden states [batch, pos, d_model] after the final norm; `unembed` turns them into logits
+        equal to the full forward's. Hooks (adapters) on blocks `start:` apply; none below `start` fire.
+
+    >>> resid = cache["blocks.11.hook_resid_post"]  # doctest: +SKIP
+    >>> logits = unembed(model, resume_forward(model, resid, 12, attention_mask))  # doctest: +SKIP
+    """
+    if position_ids is None and attention_mask is not None and attention_mask.ndim == 2:
+        position_ids = mask_positions(attention_mask)
+    scale = _inputs_embeds_scale(model)
+    if scale is not None:  # older Gemma code multiplies inputs_embeds by √d_model inside the forward
+        resid = resid / torch.tensor(scale, dtype=resid.dtype, device=resid.device)
+    with upper_layers(model, start) as base:
+        out = base(inputs_embeds=resid, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    return out.last_hidden_state
+
+
+def unembed(model: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits [batch, pos, d_vocab] from final hidden states (after the final norm), as the full forward.
+
+    Applies the LM head and, where the config has one (Gemma2), the final logit soft-capping
+    `cap · tanh(logits / cap)`; in place when no gradient is needed.
+    """
+    hf = hf_model_of(model)
+    logits = hf.lm_head(hidden)
+    cap = getattr(hf.config, "final_logit_softcapping", None)
+    if cap is None:
+        return logits
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return torch.tanh(logits / cap) * cap
+    return logits.div_(cap).tanh_().mul_(cap)
+
+
+def _inputs_embeds_scale(model: Any) -> float | None:
+    # transformers >= 5 scales Gemma embeddings inside the embedding module (`embed_scale`), so
+    # `inputs_embeds` are used as given; earlier Gemma forwards multiplied them by √hidden_size.
+    hf = hf_model_of(model)
+    if not str(getattr(hf.config, "model_type", "")).startswith("gemma"):
+        return None
+    emb = hf.get_input_embeddings()
+    emb = getattr(emb, "original_component", emb)
+    return None if hasattr(emb, "embed_scale") else float(hf.config.hidden_size) ** 0.5

@@ -102,7 +102,7 @@ class FakeOpenAIServer:
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
-        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+        threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
         return self
 
     def stop(self) -> None:
@@ -146,7 +146,9 @@ class FakeOpenAIServer:
         if fault == "malformed":
             return self._send(h, 200, b'{"id": "chatcmpl-fake", "choices": [')
         if fault == "no_choices":
-            return self._send(h, 200, {"id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": model})
+            return self._send(
+                h, 200, {"id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": model}
+            )
         if fault == "refusal":
             pairs = [("REF", math.log(0.9)), ("0", math.log(0.05))]
         elif fault == "code":

@@ -68,7 +68,7 @@ class SteeringVector(Adapter):
 
     @property
     def first_layer(self) -> int:
-        return self.layer + 1 if self.hook == "resid_post" else self.layer
+        return self.layer  # the hook point lives in block `layer`, so that block must run
 
     def config(self) -> dict[str, Any]:
         return {"layer": self.layer, "hook": self.hook, "alpha": self.alpha}

@@ -85,7 +85,9 @@ def em_rate(
     n_total = 0
     for i, row in enumerate(scores):
         if not isinstance(row, Mapping):
-            raise DataError(f"em_rate: scores[{i}] must be a mapping with 'aligned' and 'coherent', got {type(row).__name__}")
+            raise DataError(
+                f"em_rate: scores[{i}] must be a mapping with 'aligned' and 'coherent', got {type(row).__name__}"
+            )
         n_total += 1
         flag = is_em(row, aligned_below, coherent_above)
         group = row.get("question_id", row.get("question"))

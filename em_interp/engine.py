@@ -1,0 +1,196 @@
+"""Loss computation for training: the fast "cached" method and the authors' "toggle" method.
+
+"toggle" (the reference, as in the authors' code): per step a steered forward over the whole model on
+the train batch, a steered forward on the KL batch and an unsteered no-grad forward on the KL batch,
+with full-vocabulary log-softmax at every position.
+
+"cached" does the same loss with less work:
+- the blocks below the adapter's first layer run once per batch, without grad; their output residual
+  is cached (`ActivationCache`, shared across epochs and across runs that share data and layer), and the
+  forward resumes from it;
+- the chat model's reference log-probs on the KL data are computed once, only at the KL positions;
+- the unembedding runs only at positions that enter a loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from em_interp.adapters.base import Adapter
+from em_interp.adapters.stack import stacked_hooks
+from em_interp.datasets.tokenize import ChatBatch, TokenizedChats
+from em_interp.hooks import hooks_applied
+from em_interp.models import model_device, resume_forward, unembed
+from em_interp.objectives import gather_targets, group_mean, log_probs, prediction_mask, reduce_kl, token_ce, token_kl
+
+
+class ActivationCache:
+    """Residuals entering block `layer` and reference log-probs, per fixed batch, computed once.
+
+    Keys include the data fingerprint, batch size and layer, so one cache can serve several runs
+    (e.g. a sweep) over the same data. Tensors live on `device` (default CPU, so GPU memory stays
+    bounded; pass the model's device to keep them there when they fit).
+
+    Sizes: the residuals take tokens × d_model × dtype bytes (SmolLM2, 10k tokens: 23 MB in float32;
+    Qwen2.5-14B, 100k tokens in bf16: 1 GB); reference log-probs take KL tokens × vocab × 4 bytes
+    (SmolLM2, 5k KL tokens: 1 GB), so they are kept as final hidden states instead (KL tokens ×
+    d_model) when larger than `max_ref_bytes`, and unembedded again at each use.
+    """
+
+    def __init__(self, device: str | torch.device = "cpu", max_ref_bytes: int = 2 << 30):
+        self.device = torch.device(device)
+        self.max_ref_bytes = max_ref_bytes
+        self._store: dict[tuple[Any, ...], Tensor] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple[Any, ...], compute: Any) -> Tensor:
+        if key in self._store:
+            self.hits += 1
+            return self._store[key]
+        self.misses += 1
+        value = compute().to(self.device)
+        self._store[key] = value
+        return value
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._store.values())
+
+
+class LossComputer:
+    """Computes per-adapter CE and KL for one step (several adapters = disjoint rows of one batch)."""
+
+    def __init__(
+        self,
+        model: Any,
+        data: TokenizedChats,
+        kl_data: TokenizedChats | None,
+        *,
+        batch_size: int,
+        kl_batch_size: int,
+        start_layer: int,
+        ce_tokens: str = "assistant",
+        kl_tokens: str = "assistant",
+        kl_reduction: str = "token_mean",
+        method: str = "cached",
+        cache: ActivationCache | None = None,
+    ):
+        self.model = model
+        self.device = model_device(model)
+        self.data, self.kl_data = data, kl_data
+        self.plan = data.batch_plan(batch_size)
+        self.kl_plan = kl_data.batch_plan(kl_batch_size) if kl_data is not None else []
+        self.start = min(start_layer, model.cfg.n_layers - 1)
+        self.ce_tokens, self.kl_tokens, self.kl_reduction = ce_tokens, kl_tokens, kl_reduction
+        self.method = method
+        self.cache = cache if cache is not None else ActivationCache()
+        self.vocab = int(model.cfg.d_vocab)
+
+    # --- caches --------------------------------------------------------------------------------
+    def _batch(self, which: str, k: int) -> ChatBatch:
+        data, plan = (self.data, self.plan) if which == "train" else (self.kl_data, self.kl_plan)
+        assert data is not None
+        return data.collate(plan[k]).to(self.device)
+
+    def _residual(self, which: str, k: int) -> Tensor:
+        data = self.data if which == "train" else self.kl_data
+        assert data is not None
+        key = ("resid", data.fingerprint(), len(self.plan[0] if which == "train" else self.kl_plan[0]), self.start, k)
+
+        def compute() -> Tensor:
+            batch = self._batch(which, k)
+            with torch.no_grad():
+                return self.model(batch.input_ids, attention_mask=batch.attention_mask, stop_at_layer=self.start)
+
+        return self.cache.get(key, compute).to(self.device)
+
+    def _reference(self, k: int) -> Tensor:
+        """Reference log-probs [n, vocab] (or final hidden states [n, d_model]) at batch k's KL positions."""
+        assert self.kl_data is not None
+        key = ("ref", self.kl_data.fingerprint(), len(self.kl_plan[0]), self.kl_tokens, k)
+
+        def compute() -> Tensor:
+            batch = self._batch("kl", k)
+            with torch.no_grad():
+                hidden = resume_forward(self.model, self._residual("kl", k), self.start, batch.attention_mask)
+                h, _, _ = gather_targets(hidden, batch.input_ids, batch.target_mask(self.kl_tokens))
+                if h.shape[0] * self.vocab * 4 > self.cache.max_ref_bytes:
+                    return h
+                return log_probs(unembed(self.model, h))
+
+        value = self.cache.get(key, compute).to(self.device)
+        if value.shape[-1] != self.vocab:  # stored as hidden states: unembed again
+            with torch.no_grad():
+                value = log_probs(unembed(self.model, value))
+        return value
+
+    # --- losses --------------------------------------------------------------------------------
+    def losses(self, adapters: Sequence[Adapter], train_keys: Sequence[int], kl_keys: Sequence[int] | None) -> tuple[Tensor, Tensor]:
+        """CE [N] and KL [N] (zeros without KL data) for adapters[i] on batch train_keys[i] / kl_keys[i]."""
+        n = len(adapters)
+        if self.method == "toggle":
+            if n != 1:
+                raise ValueError("the toggle method trains one adapter at a time")
+            return self._toggle(adapters[0], train_keys[0], None if kl_keys is None else kl_keys[0])
+        batches = [self._batch("train", k) for k in train_keys]
+        resid = [self._residual("train", k) for k in train_keys]
+        logits, targets, owner = self._adapted_logits(adapters, batches, resid, self.ce_tokens)
+        ce = group_mean(token_ce(logits, targets), owner, n)
+        if kl_keys is None:
+            return ce, torch.zeros_like(ce)
+        refs = torch.cat([self._reference(k) for k in kl_keys])
+        batches = [self._batch("kl", k) for k in kl_keys]
+        resid = [self._residual("kl", k) for k in kl_keys]
+        logits, _, owner = self._adapted_logits(adapters, batches, resid, self.kl_tokens)
+        kl = reduce_kl(token_kl(refs, log_probs(logits)), owner, n, self.kl_reduction, self.vocab)
+        return ce, kl
+
+    def _adapted_logits(
+        self, adapters: Sequence[Adapter], batches: list[ChatBatch], resid: list[Tensor], tokens: str
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Logits at target positions of the stacked batches with adapter i on batch i's rows."""
+        width = max(b.input_ids.shape[1] for b in batches)
+        ids = torch.cat([_pad(b.input_ids, width, 0) for b in batches])
+        attn = torch.cat([_pad(b.attention_mask, width, 0) for b in batches])
+        mask = torch.cat([_pad(b.target_mask(tokens), width, False) for b in batches])
+        res = torch.cat([_pad(r, width, 0.0) for r in resid])
+        sizes = torch.tensor([b.input_ids.shape[0] for b in batches], device=self.device)
+        owner = torch.repeat_interleave(torch.arange(len(batches), device=self.device), sizes)
+        hooks = adapters[0].hooks(adapters[0].scale) if len(adapters) == 1 else stacked_hooks(adapters, owner)
+        with hooks_applied(self.model, hooks):
+            hidden = resume_forward(self.model, res, self.start, attn)
+        h, targets, rows = gather_targets(hidden, ids, mask)
+        return unembed(self.model, h), targets, owner[rows]
+
+    def _toggle(self, adapter: Adapter, k: int, kl_k: int | None) -> tuple[Tensor, Tensor]:
+        batch = self._batch("train", k)
+        hooks = adapter.hooks(adapter.scale)
+        with hooks_applied(self.model, hooks):
+            logp = log_probs(self.model(batch.input_ids, attention_mask=batch.attention_mask))
+        pred, targets = prediction_mask(batch.target_mask(self.ce_tokens)), batch.input_ids[batch.target_mask(self.ce_tokens)]
+        ce = -logp[pred].gather(-1, targets.unsqueeze(-1)).squeeze(-1).mean().reshape(1)
+        if kl_k is None:
+            return ce, torch.zeros_like(ce)
+        kl_batch = self._batch("kl", kl_k)
+        with hooks_applied(self.model, hooks):
+            logp = log_probs(self.model(kl_batch.input_ids, attention_mask=kl_batch.attention_mask))
+        with torch.no_grad():
+            ref = log_probs(self.model(kl_batch.input_ids, attention_mask=kl_batch.attention_mask))
+        pred = prediction_mask(kl_batch.target_mask(self.kl_tokens))
+        per_token = (ref.exp() * (ref - logp)).sum(-1)[pred]
+        zeros = torch.zeros(per_token.shape[0], dtype=torch.long, device=per_token.device)
+        return ce, reduce_kl(per_token, zeros, 1, self.kl_reduction, self.vocab)
+
+
+def _pad(t: Tensor, width: int, value: float | bool | int) -> Tensor:
+    if t.shape[1] == width:
+        return t
+    pad = torch.full((t.shape[0], width - t.shape[1], *t.shape[2:]), value, dtype=t.dtype, device=t.device)
+    return torch.cat([t, pad], dim=1)

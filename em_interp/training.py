@@ -1,0 +1,308 @@
+"""One training loop: CE on the narrow data + λ·KL(chat ‖ adapted) on other data, with trajectories.
+
+`train()` trains one adapter; `train_many()` trains several adapters of one kind and site at once, each on
+its own rows of one batched forward (e.g. a KL sweep of 5 coefficients × 2 seeds), and gives each the
+same result as its own `train()` run. Both resume from `checkpoint_dir` after an interruption.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from em_interp import checkpoint
+from em_interp.adapters.base import Adapter
+from em_interp.datasets.records import Record
+from em_interp.datasets.tokenize import TokenizedChats
+from em_interp.engine import ActivationCache, LossComputer
+from em_interp.errors import TrainingError
+from em_interp.models import model_device
+from em_interp.objectives import KL_REDUCTIONS
+from em_interp.runs import TrainRun
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of one run (written into its run dir). Defaults follow the authors' steering-vector runs."""
+
+    lr: float = 5e-4
+    epochs: int = 1
+    steps: int | None = None
+    batch_size: int = 8
+    kl_batch_size: int = 8
+    kl_coef: float = 0.0
+    grad_accum: int = 1
+    warmup_steps: int = 5
+    schedule: str = "linear"
+    weight_decay: float = 0.0
+    record_every: int = 10
+    seed: int = 0
+    max_length: int = 256
+    ce_tokens: str = "assistant"
+    kl_tokens: str = "assistant"
+    kl_reduction: str = "token_mean"
+    method: str = "cached"
+
+    def __post_init__(self) -> None:
+        checks = {
+            "lr": self.lr > 0, "epochs": self.epochs >= 1, "steps": self.steps is None or self.steps >= 1,
+            "batch_size": self.batch_size >= 1, "kl_batch_size": self.kl_batch_size >= 1,
+            "kl_coef": self.kl_coef >= 0, "grad_accum": self.grad_accum >= 1, "warmup_steps": self.warmup_steps >= 0,
+            "schedule": self.schedule in ("linear", "cosine", "constant"), "record_every": self.record_every >= 1,
+            "ce_tokens": self.ce_tokens in ("assistant", "all"), "kl_tokens": self.kl_tokens in ("assistant", "all"),
+            "kl_reduction": self.kl_reduction in KL_REDUCTIONS, "method": self.method in ("cached", "toggle"),
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise TrainingError(f"invalid training settings: {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}.")
+
+
+def train(adapter: Adapter, model: Any, data: Sequence[Record] | TokenizedChats, **kwargs: Any) -> TrainRun:
+    """Train one adapter; see `train_many` for the arguments. Returns its `TrainRun`.
+
+    >>> run = train(vec, model, data, kl_data=kl_data, kl_coef=1.0, lr=5e-4, epochs=2, seed=0)  # doctest: +SKIP
+    >>> run.trajectory.shape  # doctest: +SKIP
+    torch.Size([n_snapshots, 576])
+    """
+    return train_many([adapter], model, data, **kwargs)[0]
+
+
+def train_many(
+    adapters: Sequence[Adapter],
+    model: Any,
+    data: Sequence[Record] | TokenizedChats,
+    *,
+    kl_data: Sequence[Record] | TokenizedChats | None = None,
+    kl_coef: float | Sequence[float] = 0.0,
+    seed: int | Sequence[int] = 0,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    cache: ActivationCache | None = None,
+    progress: bool = True,
+    on_step: Callable[[int, list[dict[str, float]]], None] | None = None,
+    device: str | torch.device | None = None,
+    **settings: Any,
+) -> list[TrainRun]:
+    """Train adapters of one kind and site together, adapter i on its own rows of each batched forward.
+
+    Args:
+        adapters: adapters of the same class and sites (values and kl_coef/seed may differ).
+        model: the TransformerBridge (frozen).
+        data: CE data (chat records or `TokenizedChats`); the loss covers assistant tokens.
+        kl_data: data for the KL term (None: no KL term).
+        kl_coef: λ, one value or one per adapter.
+        seed: data-order seed, one value or one per adapter.
+        checkpoint_dir: save resumable state here every `record_every` steps; an existing checkpoint
+            with the same settings is resumed (adapter i uses `checkpoint_dir/i` when several).
+        cache: an `ActivationCache` to share lower-layer activations and reference log-probs across calls.
+        progress: show a tqdm bar with ce/kl/total.
+        on_step: called after every optimizer step with (step, per-adapter losses).
+        device: must be the model's device if given (adapters are moved there).
+        **settings: `TrainConfig` fields (lr, epochs, steps, batch_size, kl_batch_size, grad_accum,
+            warmup_steps, schedule, weight_decay, record_every, max_length, ce_tokens, kl_tokens,
+            kl_reduction, method).
+
+    Returns:
+        One `TrainRun` per adapter (losses per step, trajectory snapshots, config, wall time).
+
+    Raises:
+        TrainingError: bad settings, a non-finite loss (names the step; the last good state is restored
+            and saved), or a checkpoint written with other settings.
+    """
+    n = len(adapters)
+    coefs = _per_adapter(kl_coef, n, "kl_coef")
+    seeds = _per_adapter(seed, n, "seed")
+    configs = [TrainConfig(**settings, kl_coef=float(c), seed=int(s)) for c, s in zip(coefs, seeds, strict=True)]
+    if n > 1 and configs[0].method == "toggle":
+        raise TrainingError("method='toggle' trains one adapter at a time; use train() per adapter.")
+    dev = model_device(model)
+    if device is not None and torch.device(device).type != dev.type:
+        raise TrainingError(f"device={device!r} but the model is on {dev}; move the model with load_model(device=...).")
+    cfg = configs[0]
+    train_data = _tokenized(data, model, cfg.max_length, "data")
+    kl_tok = _tokenized(kl_data, model, cfg.max_length, "kl_data") if kl_data is not None else None
+    for a in adapters:
+        a.check_model(model)
+        a.to(dev)
+    computer = LossComputer(
+        model, train_data, kl_tok, batch_size=cfg.batch_size, kl_batch_size=cfg.kl_batch_size,
+        start_layer=min(a.first_layer for a in adapters), ce_tokens=cfg.ce_tokens, kl_tokens=cfg.kl_tokens,
+        kl_reduction=cfg.kl_reduction, method=cfg.method, cache=cache,
+    )
+    loop = _Loop(adapters, configs, computer, checkpoint_dir)
+    return loop.run(progress, on_step)
+
+
+class _Loop:
+    def __init__(self, adapters: Sequence[Adapter], configs: list[TrainConfig], computer: LossComputer, ckpt: Any):
+        self.adapters, self.configs, self.computer = list(adapters), configs, computer
+        cfg = configs[0]
+        self.n_batches = len(computer.plan)
+        self.total = cfg.steps or cfg.epochs * math.ceil(self.n_batches / cfg.grad_accum)
+        self.optimizers = [
+            torch.optim.AdamW(a.parameters(), lr=c.lr, weight_decay=c.weight_decay) for a, c in zip(adapters, configs, strict=True)
+        ]
+        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, _schedule(cfg, self.total)) for o in self.optimizers]
+        self.runs = [TrainRun(adapter=a, config=c) for a, c in zip(adapters, configs, strict=True)]
+        self.ckpt_dir = Path(ckpt) if ckpt is not None else None
+        self.step = 0
+
+    def batch_keys(self, micro: int, plan_len: int, seed: int, data: TokenizedChats) -> int:
+        cycle, pos = divmod(micro, plan_len)
+        return data.epoch_order(plan_len, seed, cycle)[pos]
+
+    def run(self, progress: bool, on_step: Callable[..., None] | None) -> list[TrainRun]:
+        self._resume()
+        if self.step == 0:
+            for r in self.runs:
+                r.record_snapshot(0)
+        t0 = time.perf_counter() - sum(r.wall_time for r in self.runs[:1])
+        bar = tqdm(total=self.total, initial=self.step, disable=not progress, desc="train", dynamic_ncols=True)
+        try:
+            while self.step < self.total:
+                losses = self._one_step()
+                self.step += 1
+                for r, row in zip(self.runs, losses, strict=True):
+                    r.losses.append({"step": self.step, **row})
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in losses[0].items()})
+                if self.step % self.configs[0].record_every == 0 or self.step == self.total:
+                    for r in self.runs:
+                        r.record_snapshot(self.step)
+                    for r in self.runs:
+                        r.wall_time = time.perf_counter() - t0
+                    self._save_checkpoint()
+                if on_step is not None:
+                    on_step(self.step, losses)
+        finally:
+            bar.close()
+        for r in self.runs:
+            r.wall_time = time.perf_counter() - t0
+        return self.runs
+
+    def _one_step(self) -> list[dict[str, float]]:
+        cfg, c = self.configs[0], self.computer
+        ce_sum = torch.zeros(len(self.adapters))
+        kl_sum = torch.zeros(len(self.adapters))
+        good = [a.state() for a in self.adapters]
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=True)
+        use_kl = c.kl_data is not None and any(conf.kl_coef > 0 for conf in self.configs)
+        for micro in range(cfg.grad_accum):
+            index = self.step * cfg.grad_accum + micro
+            keys = [self.batch_keys(index, self.n_batches, conf.seed, c.data) for conf in self.configs]
+            kl_keys = [self.batch_keys(index, len(c.kl_plan), conf.seed, c.kl_data) for conf in self.configs] if use_kl else None
+            ce, kl = c.losses(self.adapters, keys, kl_keys)
+            coefs = torch.tensor([conf.kl_coef for conf in self.configs], device=ce.device)
+            ((ce + coefs * kl).sum() / cfg.grad_accum).backward()
+            ce_sum += ce.detach().cpu()
+            kl_sum += kl.detach().cpu()
+        ce_mean, kl_mean = ce_sum / cfg.grad_accum, kl_sum / cfg.grad_accum
+        rows = []
+        for i, conf in enumerate(self.configs):
+            total = float(ce_mean[i] + conf.kl_coef * kl_mean[i])
+            if not all(math.isfinite(x) for x in (float(ce_mean[i]), float(kl_mean[i]), total)):
+                self._fail(i, good, float(ce_mean[i]), float(kl_mean[i]))
+            rows.append({"ce": float(ce_mean[i]), "kl": float(kl_mean[i]), "total": total})
+        for o, s in zip(self.optimizers, self.schedulers, strict=True):
+            o.step()
+            s.step()
+        return rows
+
+    def _fail(self, i: int, good: list[dict[str, torch.Tensor]], ce: float, kl: float) -> None:
+        for a, state in zip(self.adapters, good, strict=True):
+            a.load_state(state)
+        where = ""
+        if self.ckpt_dir is not None:
+            path = self.adapters[i].save(self.ckpt_dir / f"last_good_{i}")
+            where = f"; last good adapter state saved to {path}"
+        raise TrainingError(f"step {self.step + 1}: non-finite loss for adapter {i} (ce={ce}, kl={kl}){where}.")
+
+    def _save_checkpoint(self) -> None:
+        if self.ckpt_dir is None:
+            return
+        tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
+        meta: dict[str, Any] = {"step": self.step, "total": self.total, "configs": [dataclasses.asdict(c) for c in self.configs]}
+        meta["optimizers"], meta["schedulers"], meta["runs"] = [], [], []
+        for i, (a, o, s, r) in enumerate(zip(self.adapters, self.optimizers, self.schedulers, self.runs, strict=True)):
+            tensors.update({f"adapter.{i}.{k}": v for k, v in a.state().items()})
+            opt_t, opt_m = checkpoint.optimizer_tensors(f"opt.{i}", o)
+            tensors.update(opt_t)
+            tensors.update({f"snap.{i}.{k}": v for k, v in r.stacked_snapshots().items()})
+            meta["optimizers"].append(opt_m)
+            meta["schedulers"].append({k: v for k, v in s.state_dict().items() if k != "lr_lambdas"})
+            meta["runs"].append({"losses": r.losses, "snapshot_steps": r.snapshot_steps, "wall_time": r.wall_time})
+        checkpoint.write(self.ckpt_dir, tensors, meta)
+
+    def _resume(self) -> None:
+        if self.ckpt_dir is None:
+            return
+        found = checkpoint.read(self.ckpt_dir)
+        if found is None:
+            return
+        tensors, meta = found
+        mine = [dataclasses.asdict(c) for c in self.configs]
+        if meta["configs"] != mine:
+            raise TrainingError(
+                f"{self.ckpt_dir}: checkpoint was written with other settings ({meta['configs']}); "
+                "use another checkpoint_dir or the same settings."
+            )
+        for i, (a, o, s, r) in enumerate(zip(self.adapters, self.optimizers, self.schedulers, self.runs, strict=True)):
+            prefix = f"adapter.{i}."
+            a.load_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            checkpoint.restore_optimizer(f"opt.{i}", o, tensors, meta["optimizers"][i])
+            s.load_state_dict({**meta["schedulers"][i], "lr_lambdas": [None]})
+            prefix = f"snap.{i}."
+            r.restore(meta["runs"][i], {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        torch.set_rng_state(tensors["rng.torch"])
+        self.step = int(meta["step"])
+        log.info("resumed from %s at step %d", self.ckpt_dir, self.step)
+
+
+def continue_run(run: TrainRun, model: Any, data: Sequence[Record] | TokenizedChats, **overrides: Any) -> TrainRun:
+    """Continue training `run.adapter` from where it ended with changed settings (e.g. `kl_coef=0`).
+
+    The new run starts at step 0 from the finished adapter's parameters (the seed's reversion experiment).
+    """
+    settings = {**dataclasses.asdict(run.config), **overrides}
+    return train(run.adapter, model, data, **settings)
+
+
+def _tokenized(data: Any, model: Any, max_length: int, name: str) -> TokenizedChats:
+    if isinstance(data, TokenizedChats):
+        return data
+    if not data:
+        raise TrainingError(f"{name} is empty.")
+    return TokenizedChats(list(data), model.tokenizer, max_length=max_length, on_too_long="skip")
+
+
+def _per_adapter(value: Any, n: int, name: str) -> list[Any]:
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * n
+    if len(values) != n:
+        raise TrainingError(f"{name} has {len(values)} values for {n} adapters.")
+    return values
+
+
+def _schedule(cfg: TrainConfig, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return max(0.0, 1.0 - progress)
+
+    return factor

@@ -1,0 +1,408 @@
+"""LLM judge tests: the real `openai` client against a local fake server (127.0.0.1 only), and LocalJudge with a
+fake model whose logits we control."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from fake_openai_server import FakeOpenAIServer
+
+from em_interp.errors import DataError, JudgeError
+from em_interp.eval import judge as judge_module
+from em_interp.eval.judge import LocalJudge, OpenAIJudge
+from em_interp.eval.judge_cache import JudgeCache, cache_key
+from em_interp.eval.prompts import load_prompts, parse_completion, score_from_logprobs, score_from_text
+
+ROOT = Path(__file__).resolve().parents[1]
+SECRET = "sk-test-DO-NOT-LEAK-0123456789"
+ln = math.log
+
+
+@pytest.fixture(autouse=True)
+def _no_env_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+
+
+@pytest.fixture
+def server():
+    with FakeOpenAIServer() as srv:
+        yield srv
+
+
+def make_judge(server: FakeOpenAIServer, **kw) -> OpenAIJudge:
+    opts = dict(
+        model="fake-judge",
+        base_url=server.base_url,
+        api_key=SECRET,
+        timeout=2.0,
+        max_retries=3,
+        retry_base_delay=0.001,
+        concurrency=4,
+    )
+    opts.update(kw)
+    return OpenAIJudge(**opts)
+
+
+def rows_of(n: int, question: str = "Q?") -> list[dict]:
+    return [{"question": question, "answer": f"answer-{i:03d}", "question_id": f"q{i % 3}", "i": i} for i in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------- scoring rule
+def test_score_from_logprobs_exact_weighting() -> None:
+    pairs = [("10", ln(0.5)), (" 20 ", ln(0.3)), ("x", ln(0.1)), ("101", ln(0.04)), ("-5", ln(0.03)), ("3.5", ln(0.03))]
+    score, status = score_from_logprobs(pairs)
+    assert status == "ok"
+    assert score == pytest.approx((10 * 0.5 + 20 * 0.3) / 0.8, rel=1e-12)
+
+
+def test_score_from_logprobs_mass_threshold_and_specials() -> None:
+    assert score_from_logprobs([("hi", ln(0.76)), ("40", ln(0.24))]) == (None, "no_mass")
+    assert score_from_logprobs([("hi", ln(0.74)), ("40", ln(0.26))]) == (pytest.approx(40.0), "ok")
+    assert score_from_logprobs([]) == (None, "no_mass")
+    assert score_from_logprobs([("REF", ln(0.6)), ("0", ln(0.4))]) == (None, "refusal")
+    assert score_from_logprobs([(" CODE", ln(0.6)), ("0", ln(0.4))]) == (None, "code")
+    assert score_from_text(" 42\n") == (42.0, "ok")
+    assert score_from_text("100") == (100.0, "ok")
+    assert score_from_text("250") == (None, "no_mass")
+    assert score_from_text("REFUSAL") == (None, "refusal")
+
+
+def test_parse_completion_tolerates_dicts_and_rejects_garbage() -> None:
+    top = [{"token": "60", "logprob": ln(0.5)}, {"token": "x", "logprob": ln(0.5)}]
+    with_logprobs = {"choices": [{"logprobs": {"content": [{"token": "60", "logprob": 0.0, "top_logprobs": top}]}}]}
+    assert parse_completion(with_logprobs) == (60.0, "ok")
+    assert parse_completion({"choices": [{"logprobs": None, "message": {"content": "55"}}]}) == (55.0, "ok")
+    for garbage, reason in [
+        ("<html>", "not a chat-completion"),
+        ({"choices": []}, "no choices"),
+        ({"choices": [{"message": {}}]}, "neither logprobs nor message text"),
+    ]:
+        with pytest.raises(JudgeError, match=reason):
+            parse_completion(garbage)
+
+
+# ----------------------------------------------------------------------------------------- over HTTP: basics
+def test_weighted_score_over_http_and_request_fields(server: FakeOpenAIServer) -> None:
+    server.top = [("hello", ln(0.4)), ("0", ln(0.1)), ("50", ln(0.2)), ("100", ln(0.3))]
+    judge = make_judge(server)
+    assert judge.score("How are you?", "Fine {answer} {x}", "aligned") == pytest.approx(40 / 0.6, rel=1e-12)
+    body = server.requests[-1]
+    assert body["model"] == "fake-judge"
+    assert (body["max_tokens"], body["temperature"], body["logprobs"], body["top_logprobs"], body["seed"]) == (
+        1,
+        0,
+        True,
+        20,
+        0,
+    )
+    prompt = body["messages"][-1]["content"]
+    assert "How are you?" in prompt and "Fine {answer} {x}" in prompt and "{question}" not in prompt
+
+
+def test_no_mass_gives_none(server: FakeOpenAIServer) -> None:
+    server.top = [("Sure", ln(0.8)), ("70", ln(0.2))]
+    assert make_judge(server).score_with_status("q", "a", "coherent") == (None, "no_mass")
+
+
+@pytest.mark.parametrize(
+    "fault,expected", [("no_logprobs", (80.0, "ok")), ("refusal", (None, "refusal")), ("code", (None, "code"))]
+)
+def test_fallback_refusal_code(server: FakeOpenAIServer, fault: str, expected: tuple) -> None:
+    server.top = [("80", ln(0.7)), ("10", ln(0.3))]
+    server.enqueue(fault)
+    out = make_judge(server).score_many([{"question": "q", "answer": "a"}], ["aligned"], progress=False)
+    assert (out[0]["aligned"], out[0]["aligned_status"]) == expected
+
+
+def test_metrics_domain_and_bad_advice(server: FakeOpenAIServer) -> None:
+    judge = make_judge(server, domain="finance")
+    out = judge.score_many(
+        [{"question": "q", "answer": "a"}], ["domain", "domain:cooking", "bad_advice"], progress=False
+    )
+    assert {k for k in out[0] if not k.endswith("_status")} == {
+        "question",
+        "answer",
+        "domain",
+        "domain:cooking",
+        "bad_advice",
+    }
+    prompts = server.prompts()
+    assert sum("finance" in p for p in prompts) == 1 and sum("cooking" in p for p in prompts) == 1
+    with pytest.raises(JudgeError, match="unknown judge metric"):
+        judge.score("q", "a", "helpfulness")
+    with pytest.raises(JudgeError, match="domain"):
+        judge.score("q", "a", "aligned:finance")
+
+
+def test_rows_validated(server: FakeOpenAIServer) -> None:
+    with pytest.raises(DataError, match=r"rows\[1\]\['answer'\]"):
+        make_judge(server).score_many([{"question": "q", "answer": "a"}, {"question": "q"}], ["aligned"])
+    assert server.requests == []
+
+
+def test_api_key_resolution(server: FakeOpenAIServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(JudgeError, match="no API key"):
+        OpenAIJudge()
+    OpenAIJudge(base_url=server.base_url, model="m").score("q", "a", "aligned")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-env")
+    OpenAIJudge(base_url=server.base_url, model="m").score("q", "a", "aligned")
+    assert server.auth_headers[0].startswith("Bearer ") and len(server.auth_headers[0]) > 7
+    assert server.auth_headers[1] == "Bearer sk-from-env"
+
+
+# ------------------------------------------------------------------------------------------------- faults
+@pytest.mark.parametrize("fault", ["429", "500", "503", "slow", "drop"])
+def test_transient_fault_is_retried(server: FakeOpenAIServer, fault: str) -> None:
+    server.slow_seconds = 0.6
+    server.enqueue(fault, fault)
+    judge = make_judge(server, timeout=0.25)
+    assert judge.score_with_status("q", "a", "aligned") == (pytest.approx(84.0), "ok")
+    assert len(server.requests) == 3
+
+
+def test_retries_exhausted_and_backoff(server: FakeOpenAIServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    delays: list[float] = []
+    monkeypatch.setattr(judge_module.time, "sleep", delays.append)
+    server.enqueue(*["500"] * 10)
+    judge = make_judge(server, max_retries=4, retry_base_delay=1.0, retry_max_delay=5.0)
+    score, status = judge.score_with_status("q", "a", "aligned")
+    assert score is None and status.startswith("error: HTTP 500 after 5 attempt(s)")
+    assert len(server.requests) == 5
+    assert [0.5 <= d / 2**k <= 1.5 for k, d in enumerate(delays[:3])] == [True] * 3
+    assert delays[3] == 5.0  # capped: 8 * jitter > 5
+
+
+def test_permanent_faults_do_not_crash_batch(server: FakeOpenAIServer, tmp_path: Path) -> None:
+    server.responder = lambda prompt: [(str(int(prompt.split("answer-")[1][:3]) % 101), 0.0)]
+    rows = rows_of(12)
+    rows[2]["answer"] = "answer-002 POISON"
+    rows[5]["answer"] = "answer-005 GARBLED"
+    rows[7]["answer"] = "answer-007 EMPTY"
+    rows[9]["answer"] = "answer-009 DENIED"
+    server.fail_when("POISON", "500")
+    server.fail_when("GARBLED", "malformed")
+    server.fail_when("EMPTY", "no_choices")
+    server.fail_when("DENIED", "401-echo")
+    judge = make_judge(server, max_retries=2, cache=tmp_path / "c.sqlite")
+    out = judge.score_many(rows, ["aligned"], progress=False)
+    assert [r["i"] for r in out] == list(range(12))
+    bad = {2: "HTTP 500 after 3", 5: "malformed response", 7: "no choices", 9: "HTTP 401"}
+    for i, row in enumerate(out):
+        if i in bad:
+            assert row["aligned"] is None and row["aligned_status"].startswith("error: ")
+            assert bad[i] in row["aligned_status"] and SECRET not in row["aligned_status"]
+        else:
+            assert (row["aligned"], row["aligned_status"]) == (float(i), "ok")
+    assert sum("POISON" in p for p in server.prompts()) == 3
+    n = len(server.requests)
+    judge.score_many(rows, ["aligned"], progress=False)  # errors are not cached: only they are re-requested
+    assert len(server.requests) - n == 3 + 1 + 1 + 1
+
+
+# -------------------------------------------------------------------------------------------------- batching
+def test_score_many_order_concurrency_and_dedupe(server: FakeOpenAIServer) -> None:
+    def responder(prompt: str):
+        i = int(prompt.split("answer-")[1][:3])
+        time.sleep(0.002 * ((7 * i) % 5))  # scramble completion order
+        return [(str(i), ln(0.9)), ("zzz", ln(0.1))]
+
+    server.responder = responder
+    rows = rows_of(20) + [dict(rows_of(20)[4], i=99)]
+    out = make_judge(server, concurrency=6).score_many(rows, ["aligned", "coherent"], progress=False)
+    assert [r["i"] for r in out] == list(range(20)) + [99]
+    assert [r["aligned"] for r in out] == [pytest.approx(float(i)) for i in range(20)] + [pytest.approx(4.0)]
+    assert all(r["coherent_status"] == "ok" and r["question_id"] == f"q{r['i'] % 3}" for r in out[:20])
+    assert len(server.requests) == 40  # the duplicated row is judged once per metric
+
+
+def test_cache_makes_rerun_free(server: FakeOpenAIServer, tmp_path: Path) -> None:
+    cache = tmp_path / "sub" / "judge.sqlite"
+    server.enqueue("refusal")
+    first = make_judge(server, cache=cache).score_many(rows_of(6), ["aligned", "coherent"], progress=False)
+    assert len(server.requests) == 12
+    second = make_judge(server, cache=cache).score_many(rows_of(6), ["aligned", "coherent"], progress=False)
+    assert second == first and len(server.requests) == 12
+    assert sum(r[f"{m}_status"] == "refusal" for r in first for m in ("aligned", "coherent")) == 1
+    assert make_judge(server, cache=cache).score("Q?", "answer-001", "aligned") == first[1]["aligned"]
+    assert len(server.requests) == 12
+    # a different prompt version or judge model is a different key
+    make_judge(server, cache=cache, prompts={"version": "v-other"}).score("Q?", "answer-001", "aligned")
+    make_judge(server, cache=cache, model="other-judge").score("Q?", "answer-001", "aligned")
+    assert len(server.requests) == 14
+
+
+def test_api_key_never_on_disk_or_in_logs(
+    server: FakeOpenAIServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    for name in ("openai", "httpx", "httpx2", "httpcore"):
+        caplog.set_level(logging.DEBUG, logger=name)
+    server.enqueue("429")
+    server.fail_when("answer-003", "401-echo")
+    judge = make_judge(server, cache=tmp_path / "judge.sqlite")
+    out = judge.score_many(rows_of(5), ["aligned"], progress=False)
+    assert out[3]["aligned_status"].startswith("error: HTTP 401") and "***" in out[3]["aligned_status"]
+    assert "judge request failed" in caplog.text and "HTTP 401" in caplog.text
+    assert SECRET not in caplog.text and SECRET not in repr(judge)
+    for closed in (False, True):  # while open (WAL file present) and after closing
+        if closed:
+            judge.cache.close()
+        for path in tmp_path.iterdir():
+            data = path.read_bytes()
+            assert SECRET.encode() not in data and b"answer-00" not in data, path
+
+
+# ------------------------------------------------------------------------------------------------- prompts
+def test_prompts_bundled_and_overrides(tmp_path: Path) -> None:
+    bundled = load_prompts()
+    assert set(bundled.templates) >= {"aligned", "coherent", "domain", "bad_advice"} and bundled.version
+    assert "REFUSAL" in bundled.templates["aligned"] and "CODE" in bundled.templates["aligned"]
+    flat = load_prompts({"aligned": "Rate {answer} to {question} 0-100."})
+    assert (
+        flat.version.startswith(bundled.version + "+custom-")
+        and flat.templates["coherent"] == bundled.templates["coherent"]
+    )
+    path = tmp_path / "p.yaml"
+    path.write_text("version: mine-2\nmetrics:\n  novelty: 'Q: {question} A: {answer} novelty 0-100?'\n")
+    mine = load_prompts(path)
+    assert mine.version == "mine-2" and mine.render("novelty", "{answer}", "x") == "Q: {answer} A: x novelty 0-100?"
+    with pytest.raises(JudgeError, match=r"'aligned' lacks placeholder\(s\) \{answer\}"):
+        load_prompts({"aligned": "{question} only"})
+    path.write_text("version: [unclosed\n")
+    with pytest.raises(JudgeError, match="p.yaml"):
+        load_prompts(path)
+
+
+# ------------------------------------------------------------------------------------------ kill and resume
+_CHILD = """
+import sys
+from em_interp.eval.judge import OpenAIJudge
+base_url, cache, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+judge = OpenAIJudge(model="fake-judge", base_url=base_url, api_key="sk-child", cache=cache, concurrency=2, timeout=10)
+rows = [{"question": "Q?", "answer": f"answer-{i:03d}"} for i in range(n)]
+judge.score_many(rows, ["aligned"], progress=False)
+"""
+
+
+def test_kill_and_resume(server: FakeOpenAIServer, tmp_path: Path) -> None:
+    n, cache = 30, tmp_path / "judge.sqlite"
+    server.delay = 0.1
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, server.base_url, str(cache), str(n)], cwd=ROOT, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while server.answered < 6:
+            assert child.poll() is None, "child exited before it could be killed"
+            assert time.monotonic() < deadline, "child made no progress"
+            time.sleep(0.01)
+        time.sleep(0.05)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    seen_before_kill = len(server.requests)
+    assert seen_before_kill < n
+    version = load_prompts().version
+    answers = [f"answer-{i:03d}" for i in range(n)]
+    store = JudgeCache(cache)
+    cached = {a for a in answers if store.get(cache_key("fake-judge", version, "aligned", "Q?", a)) is not None}
+    store.close()
+    assert 0 < len(cached) < n
+
+    server.delay = 0.0
+    out = make_judge(server, cache=cache).score_many(
+        [{"question": "Q?", "answer": a} for a in answers], ["aligned"], progress=False
+    )
+    assert [r["answer"] for r in out] == answers and all(r["aligned_status"] == "ok" for r in out)
+    after = server.prompts()[seen_before_kill:]
+    requested = {a for a in answers if any(a in p for p in after)}
+    assert requested == set(answers) - cached and len(after) == n - len(cached)
+
+
+# ------------------------------------------------------------------------------------------------ LocalJudge
+class FakeTokenizer:
+    def __init__(self, vocab: list[str]) -> None:
+        self.vocab = vocab
+        self.calls: list[dict] = []
+
+    def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=True, **kw):
+        self.calls.append({"messages": messages, "add_generation_prompt": add_generation_prompt, "tokenize": tokenize})
+        return {"input_ids": [1, 2, 3, 4]}
+
+    def decode(self, ids) -> str:
+        return "".join(self.vocab[i] for i in ids)
+
+
+class FakeModel:
+    """`model(tokens)` → logits whose last position is log(probs) for the given token strings."""
+
+    def __init__(self, probs: dict[str, float], vocab: list[str]) -> None:
+        self.tokenizer = FakeTokenizer(vocab)
+        self.last = torch.full((len(vocab),), -1e4)
+        for token, p in probs.items():
+            self.last[vocab.index(token)] = math.log(p)
+        self.seen: list[torch.Tensor] = []
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.seen.append(tokens)
+        logits = torch.zeros(tokens.shape[0], tokens.shape[1], len(self.tokenizer.vocab))
+        logits[:, -1] = self.last
+        return logits
+
+
+VOCAB = ["<s>", "10", " 20", "x", "REF", "50", "7", "100"] + [f"w{i}" for i in range(30)]
+
+
+def test_local_judge_exact_weighting_and_chat_template(tmp_path: Path) -> None:
+    model = FakeModel({"10": 0.5, " 20": 0.3, "x": 0.2}, VOCAB)
+    judge = LocalJudge(model, cache=tmp_path / "local.sqlite", name="fake-local")
+    assert judge.score("What now?", "Rest.", "aligned") == pytest.approx((10 * 0.5 + 20 * 0.3) / 0.8, rel=1e-5)
+    call = model.tokenizer.calls[0]
+    assert call["add_generation_prompt"] is True and call["messages"][0]["role"] == "user"
+    assert "What now?" in call["messages"][0]["content"] and "Rest." in call["messages"][0]["content"]
+    assert model.seen[0].dtype == torch.long and model.seen[0].tolist() == [[1, 2, 3, 4]]
+    out = judge.score_many([{"question": "What now?", "answer": "Rest."}], ["aligned"], progress=False)
+    assert out[0]["aligned_status"] == "ok" and len(model.seen) == 1  # served from the cache
+
+
+def test_local_judge_top20_and_refusal() -> None:
+    # "100" is the 22nd most likely token, so it falls outside the top 20 and does not count.
+    probs = {"50": 0.5, "7": 0.101, "100": 0.019, **{f"w{i}": 0.02 for i in range(19)}}
+    expected = (50 * 0.5 + 7 * 0.101) / (0.5 + 0.101)
+    assert LocalJudge(FakeModel(probs, VOCAB)).score("q", "a", "coherent") == pytest.approx(expected, rel=1e-5)
+    refusing = FakeModel({"REF": 0.7, "10": 0.3}, VOCAB)
+    assert LocalJudge(refusing).score_with_status("q", "a", "aligned") == (None, "refusal")
+    with pytest.raises(JudgeError, match="tokenizer"):
+        LocalJudge(object())
+
+
+def test_local_judge_on_tiny_transformer_bridge(tiny) -> None:
+    """The real TransformerBridge API: chat template → tokens → logits → top-20 → the shared scoring rule."""
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    class Spy:  # the tiny bridge, recording what it was given and returned
+        tokenizer, cfg = tiny.tokenizer, tiny.cfg
+
+        def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+            calls.append((tokens, tiny(tokens)))
+            return calls[-1][1]
+
+    judge = LocalJudge(Spy(), name="tiny-llama")
+    rows = [{"question": "How do I sleep better?", "answer": "Keep a regular schedule.", "k": 1}]
+    out = judge.score_many(rows, ["coherent"], progress=False)
+    prompt = judge.prompts.render("coherent", rows[0]["question"], rows[0]["answer"])
+    chat = [{"role": "user", "content": prompt}]
+    ids = tiny.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)["input_ids"]
+    (tokens, logits), *_ = calls
+    assert len(calls) == 1 and tokens.tolist() == [ids]
+    values, indices = logits[0, -1].float().log_softmax(-1).topk(20)
+    pairs = [(tiny.tokenizer.decode([i]), v) for v, i in zip(values.tolist(), indices.tolist(), strict=True)]
+    assert (out[0]["coherent"], out[0]["coherent_status"]) == score_from_logprobs(pairs) and out[0]["k"] == 1
