@@ -1,3 +1,37 @@
-"""em_interp: interpretability tools for emergent misalignment research."""
+"""em_interp: interpretability tools for emergent misalignment research.
+
+>>> import em_interp as em
+>>> model = em.load_model()                                    # doctest: +SKIP
+>>> vec = em.SteeringVector(model, layer=15)                   # doctest: +SKIP
+>>> run = em.train(vec, model, em.datasets.load("medical", kind="bad"), lr=5e-4)  # doctest: +SKIP
+"""
 
 __version__ = "0.1.0"
+
+import importlib
+from typing import Any
+
+from em_interp import datasets
+from em_interp.adapters import Adapter, LoRA, SteeringVector, load_adapter
+from em_interp.engine import ActivationCache
+from em_interp.errors import EmInterpError
+from em_interp.models import load_model
+from em_interp.runs import TrainRun
+from em_interp.training import TrainConfig, continue_run, train, train_many
+
+_LAZY = {"geometry": "em_interp.geometry", "directions": "em_interp.directions", "eval": "em_interp.eval"}
+
+
+def __getattr__(name: str) -> Any:
+    # Higher layers (geometry, directions, eval) import on first use, keeping `import em_interp` light.
+    if name in _LAZY:
+        return importlib.import_module(_LAZY[name])
+    if name == "generate":
+        return importlib.import_module("em_interp.eval.generation").generate
+    raise AttributeError(f"module 'em_interp' has no attribute {name!r}")
+
+
+__all__ = [
+    "ActivationCache", "Adapter", "EmInterpError", "LoRA", "SteeringVector", "TrainConfig", "TrainRun",
+    "continue_run", "datasets", "load_adapter", "load_model", "train", "train_many",
+]

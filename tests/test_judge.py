@@ -143,6 +143,14 @@ def test_metrics_domain_and_bad_advice(server: FakeOpenAIServer) -> None:
         judge.score("q", "a", "aligned:finance")
 
 
+def test_score_many_accepts_dataframe_and_empty(server: FakeOpenAIServer) -> None:
+    pd = pytest.importorskip("pandas")
+    frame = pd.DataFrame({"question": ["q", "q"], "answer": ["a", "b"], "seed": [1, 2]})
+    out = make_judge(server).score_many(frame, "aligned", progress=False)
+    assert [(r["seed"], r["aligned_status"]) for r in out] == [(1, "ok"), (2, "ok")]
+    assert make_judge(server).score_many([], progress=False) == []
+
+
 def test_rows_validated(server: FakeOpenAIServer) -> None:
     with pytest.raises(DataError, match=r"rows\[1\]\['answer'\]"):
         make_judge(server).score_many([{"question": "q", "answer": "a"}, {"question": "q"}], ["aligned"])
@@ -162,9 +170,9 @@ def test_api_key_resolution(server: FakeOpenAIServer, monkeypatch: pytest.Monkey
 # ------------------------------------------------------------------------------------------------- faults
 @pytest.mark.parametrize("fault", ["429", "500", "503", "slow", "drop"])
 def test_transient_fault_is_retried(server: FakeOpenAIServer, fault: str) -> None:
-    server.slow_seconds = 0.6
+    server.slow_seconds = 1.5
     server.enqueue(fault, fault)
-    judge = make_judge(server, timeout=0.25)
+    judge = make_judge(server, timeout=0.5)
     assert judge.score_with_status("q", "a", "aligned") == (pytest.approx(84.0), "ok")
     assert len(server.requests) == 3
 

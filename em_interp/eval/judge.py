@@ -144,7 +144,8 @@ class _Judge:
         and each new result is cached as soon as it arrives, so an interrupted run resumes where it stopped.
 
         Args:
-            rows: Mappings with `question` and `answer` strings; other keys are carried through.
+            rows: Mappings (or a pandas DataFrame) with `question` and `answer` strings; other keys are carried
+                through.
             metrics: Metric name(s); each becomes a column, plus `<metric>_status`.
             progress: Show a tqdm progress bar.
 
@@ -155,6 +156,8 @@ class _Judge:
             DataError: A row is not a mapping or lacks a string `question` / `answer`.
             JudgeError: An unknown metric.
         """
+        if hasattr(rows, "to_dict") and not isinstance(rows, Mapping):
+            rows = rows.to_dict("records")  # a pandas DataFrame
         metric_list = [metrics] if isinstance(metrics, str) else list(metrics)
         resolved = {m: self._resolve(m) for m in metric_list}
         out: list[dict[str, Any]] = []
@@ -311,7 +314,7 @@ class OpenAIJudge(_Judge):
             if attempt == self.max_retries:
                 raise JudgeError(f"{what} after {attempt + 1} attempt(s): {failure}") from None
             delay = self._retry_delay(attempt, failure)
-            log.warning("judge request failed (%s); retry %d/%d in %.2fs", what, attempt + 1, self.max_retries, delay)
+            log.info("judge request failed (%s); retry %d/%d in %.2fs", what, attempt + 1, self.max_retries, delay)
             time.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
 

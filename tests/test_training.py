@@ -1,0 +1,228 @@
+"""Trainer: objective values, cached vs toggle, determinism, NaN guard, trajectories, resume, sweeps."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import em_interp as em
+from em_interp.datasets import TokenizedChats
+from em_interp.engine import ActivationCache, LossComputer
+from em_interp.errors import TrainingError
+from em_interp.testing import tiny_chat_records
+
+SETTINGS = dict(lr=1e-2, epochs=2, batch_size=4, kl_batch_size=4, warmup_steps=1, progress=False)
+
+
+@pytest.fixture
+def data():
+    return tiny_chat_records(12, seed=0)
+
+
+@pytest.fixture
+def kl_data():
+    return tiny_chat_records(8, seed=1)
+
+
+def _direct_losses(model, vec, batch, kl_batch, reduction="token_mean"):
+    """CE and KL computed naively from full forwards (the definition)."""
+    with vec.applied(model):
+        logp = torch.log_softmax(model(batch.input_ids, attention_mask=batch.attention_mask).float(), -1)
+        logq = torch.log_softmax(model(kl_batch.input_ids, attention_mask=kl_batch.attention_mask).float(), -1)
+    with torch.no_grad():
+        ref = torch.log_softmax(model(kl_batch.input_ids, attention_mask=kl_batch.attention_mask).float(), -1)
+    ces = []
+    for b in range(batch.input_ids.shape[0]):
+        for t in range(1, batch.input_ids.shape[1]):
+            if batch.assistant_mask[b, t]:
+                ces.append(-logp[b, t - 1, batch.input_ids[b, t]])
+    kls = []
+    for b in range(kl_batch.input_ids.shape[0]):
+        for t in range(1, kl_batch.input_ids.shape[1]):
+            if kl_batch.assistant_mask[b, t]:
+                p = ref[b, t - 1].exp()
+                kls.append((p * (ref[b, t - 1] - logq[b, t - 1])).sum())
+    kl = torch.stack(kls).mean()
+    if reduction == "token_vocab_mean":
+        kl = kl / ref.shape[-1]
+    return torch.stack(ces).mean(), kl
+
+
+@pytest.mark.parametrize("method", ["cached", "toggle"])
+@pytest.mark.parametrize("reduction", ["token_mean", "token_vocab_mean"])
+def test_loss_values_match_direct_computation(tiny, data, kl_data, method, reduction):
+    vec = em.SteeringVector(tiny, layer=1, init="random", alpha=2.0)
+    train_tok = TokenizedChats(data, tiny.tokenizer)
+    kl_tok = TokenizedChats(kl_data, tiny.tokenizer)
+    computer = LossComputer(tiny, train_tok, kl_tok, batch_size=4, kl_batch_size=4, start_layer=vec.first_layer,
+                            kl_reduction=reduction, method=method)
+    ce, kl = computer.losses([vec], [1], [0])
+    ref_ce, ref_kl = _direct_losses(tiny, vec, train_tok.collate(computer.plan[1]), kl_tok.collate(computer.kl_plan[0]), reduction)
+    assert ce.item() == pytest.approx(ref_ce.item(), rel=1e-5)
+    assert kl.item() == pytest.approx(ref_kl.item(), rel=1e-4)
+    assert kl.item() > 0
+
+
+def test_kl_is_zero_without_change_and_float32_in_bf16(tiny, data, kl_data):
+    vec = em.SteeringVector(tiny, layer=2)  # zeros: adapted == chat model
+    run = em.train(vec, tiny, data, kl_data=kl_data, kl_coef=0.0, steps=1, **{**SETTINGS, "epochs": 1})
+    assert run.losses[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    model16 = tiny.to(torch.bfloat16)
+    vec16 = em.SteeringVector(model16, layer=2, init="random")
+    run16 = em.train(vec16, model16, data, kl_data=kl_data, kl_coef=1e6, steps=2, **{**SETTINGS, "epochs": 1})
+    assert all(torch.isfinite(torch.tensor(r["total"])) for r in run16.losses)
+    assert vec16.vector.dtype == torch.float32
+
+
+def test_cached_equals_toggle_over_training(tiny, data, kl_data):
+    finals, losses = [], []
+    for method in ("cached", "toggle"):
+        vec = em.SteeringVector(tiny, layer=1)
+        run = em.train(vec, tiny, data, kl_data=kl_data, kl_coef=5.0, method=method, **SETTINGS)
+        finals.append(vec.vector.detach().clone())
+        losses.append([r["total"] for r in run.losses])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    torch.testing.assert_close(finals[0], finals[1], rtol=1e-4, atol=1e-6)
+
+
+def test_training_lowers_ce_and_is_deterministic(tiny, data):
+    results = []
+    for _ in range(2):
+        vec = em.SteeringVector(tiny, layer=1)
+        run = em.train(vec, tiny, data, record_every=2, **{**SETTINGS, "epochs": 4})
+        results.append((vec.vector.detach().clone(), [r["total"] for r in run.losses]))
+    assert torch.equal(results[0][0], results[1][0])
+    assert results[0][1] == results[1][1]
+    assert results[0][1][-1] < results[0][1][0]
+
+
+def test_trajectory_snapshots_and_run_dir_roundtrip(tiny, data, tmp_path):
+    vec = em.SteeringVector(tiny, layer=1)
+    run = em.train(vec, tiny, data, record_every=2, **SETTINGS)  # 3 batches x 2 epochs = 6 steps
+    assert run.snapshot_steps == [0, 2, 4, 6]
+    assert run.trajectory.shape == (4, tiny.cfg.d_model)
+    assert torch.equal(run.trajectory[0], torch.zeros(tiny.cfg.d_model))
+    torch.testing.assert_close(run.trajectory[-1], vec.vector.detach())
+    assert [r["step"] for r in run.losses] == list(range(1, 7))
+    run.save(tmp_path / "run")
+    loaded = em.TrainRun.load(tmp_path / "run")  # no model needed
+    assert loaded.adapter is None and loaded.snapshot_steps == run.snapshot_steps
+    assert torch.equal(loaded.trajectory, run.trajectory)
+    assert loaded.losses == run.losses and loaded.config["lr"] == SETTINGS["lr"]
+    with_model = em.TrainRun.load(tmp_path / "run", tiny)
+    assert torch.equal(with_model.adapter.vector.detach(), vec.vector.detach())
+
+
+def test_non_finite_loss_stops_with_step_and_saves_last_good(tiny, data, tmp_path):
+    vec = em.SteeringVector(tiny, layer=1)
+
+    def poison(step, losses):
+        if step == 2:
+            with torch.no_grad():
+                vec.vector.fill_(float("nan"))
+
+    before = {}
+
+    def remember(step, losses):
+        before[step] = vec.vector.detach().clone()
+        poison(step, losses)
+
+    with pytest.raises(TrainingError, match=r"step 3: non-finite loss"):
+        em.train(vec, tiny, data, checkpoint_dir=tmp_path / "ck", on_step=remember, **SETTINGS)
+    assert (tmp_path / "ck" / "last_good_0" / "adapter.safetensors").is_file()
+    assert torch.isnan(vec.vector).all()  # the state before the failing step (poisoned by the callback) is kept
+
+
+def test_bad_settings_raise(tiny, data):
+    vec = em.SteeringVector(tiny, layer=1)
+    with pytest.raises(TrainingError, match="schedule"):
+        em.train(vec, tiny, data, schedule="exponential", progress=False)
+    with pytest.raises(TrainingError, match="kl_coef"):
+        em.train_many([vec, em.SteeringVector(tiny, layer=1)], tiny, data, kl_coef=[1.0], progress=False)
+
+
+def test_train_many_equals_single_runs(tiny, data, kl_data):
+    cfgs = [(0.0, 0), (5.0, 0), (50.0, 1)]
+    vecs = [em.SteeringVector(tiny, layer=1) for _ in cfgs]
+    cache = ActivationCache()
+    runs = em.train_many(vecs, tiny, data, kl_data=kl_data, kl_coef=[c for c, _ in cfgs], seed=[s for _, s in cfgs],
+                         cache=cache, **SETTINGS)
+    assert cache.hits > 0
+    for (coef, seed), vec, run in zip(cfgs, vecs, runs, strict=True):
+        single = em.SteeringVector(tiny, layer=1)
+        ref = em.train(single, tiny, data, kl_data=kl_data, kl_coef=coef, seed=seed, **SETTINGS)
+        torch.testing.assert_close(vec.vector, single.vector, rtol=1e-4, atol=1e-6)
+        assert [r["ce"] for r in run.losses] == pytest.approx([r["ce"] for r in ref.losses], rel=1e-5)
+
+
+def test_train_many_lora_equals_single(tiny, data, kl_data):
+    loras = [em.LoRA(tiny, layer=2, rank=2, seed=s) for s in (0, 1)]
+    em.train_many(loras, tiny, data, kl_data=kl_data, kl_coef=[0.0, 3.0], **SETTINGS)
+    for s, coef, lora in zip((0, 1), (0.0, 3.0), loras, strict=True):
+        single = em.LoRA(tiny, layer=2, rank=2, seed=s)
+        em.train(single, tiny, data, kl_data=kl_data, kl_coef=coef, **SETTINGS)
+        for k in single.A:
+            torch.testing.assert_close(lora.A[k], single.A[k], rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(lora.B[k], single.B[k], rtol=1e-4, atol=1e-6)
+
+
+def test_continue_run_with_kl_zero(tiny, data, kl_data):
+    vec = em.SteeringVector(tiny, layer=1)
+    run = em.train(vec, tiny, data, kl_data=kl_data, kl_coef=50.0, **SETTINGS)
+    start = vec.vector.detach().clone()
+    cont = em.continue_run(run, tiny, data, kl_data=kl_data, kl_coef=0.0)
+    assert cont.config.kl_coef == 0.0 and cont.config.lr == run.config.lr
+    assert torch.equal(cont.trajectory[0], start)
+    assert not torch.equal(vec.vector.detach(), start)
+
+
+def test_grad_accum_averages_micro_batches(tiny, data):
+    vec = em.SteeringVector(tiny, layer=1)
+    run = em.train(vec, tiny, data, grad_accum=3, steps=1, **{**SETTINGS, "epochs": 1})
+    computer = LossComputer(tiny, TokenizedChats(data, tiny.tokenizer), None, batch_size=4, kl_batch_size=4, start_layer=1)
+    fresh = em.SteeringVector(tiny, layer=1)
+    with torch.no_grad():
+        ces = [computer.losses([fresh], [k], None)[0].item() for k in range(3)]
+    assert run.losses[0]["ce"] == pytest.approx(sum(ces) / 3, rel=1e-5)
+
+
+KILLED_RUN = textwrap.dedent(
+    """
+    import os, sys, torch
+    import em_interp as em
+    from em_interp.testing import tiny_model, tiny_chat_records
+    model = tiny_model()
+    vec = em.SteeringVector(model, layer=1)
+    def die(step, losses):
+        if step == 5:
+            os._exit(3)
+    em.train(vec, model, tiny_chat_records(12, seed=0), kl_data=tiny_chat_records(8, seed=1), kl_coef=5.0,
+             checkpoint_dir=sys.argv[1], on_step=die, record_every=2, lr=1e-2, epochs=3, batch_size=4,
+             kl_batch_size=4, warmup_steps=1, progress=False)
+    """
+)
+
+
+def test_kill_and_resume_is_bitwise_identical(tmp_path):
+    from em_interp.testing import tiny_model
+
+    ck = tmp_path / "ck"
+    proc = subprocess.run([sys.executable, "-c", KILLED_RUN, str(ck)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    settings = dict(kl_coef=5.0, record_every=2, lr=1e-2, epochs=3, batch_size=4, kl_batch_size=4, warmup_steps=1,
+                    progress=False)
+    model = tiny_model()
+    data, kl = tiny_chat_records(12, seed=0), tiny_chat_records(8, seed=1)
+    resumed_vec = em.SteeringVector(model, layer=1)
+    resumed = em.train(resumed_vec, model, data, kl_data=kl, checkpoint_dir=ck, **settings)
+    full_vec = em.SteeringVector(model, layer=1)
+    full = em.train(full_vec, model, data, kl_data=kl, **settings)
+    assert torch.equal(resumed_vec.vector, full_vec.vector)
+    assert [r["total"] for r in resumed.losses] == [r["total"] for r in full.losses]
+    assert resumed.snapshot_steps == full.snapshot_steps
+    with pytest.raises(TrainingError, match="other settings"):
+        em.train(em.SteeringVector(model, layer=1), model, data, kl_data=kl, checkpoint_dir=ck, **{**settings, "lr": 0.5})
