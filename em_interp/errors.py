@@ -29,3 +29,7 @@ class TrainingError(EmInterpError, RuntimeError):
 
 class JudgeError(EmInterpError, RuntimeError):
     """The LLM judge could not be configured or reached."""
+
+
+class GeometryError(EmInterpError, ValueError):
+    """A vector, direction or trajectory does not fit (shape, d_model, layer, kind) or is degenerate."""

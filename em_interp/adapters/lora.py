@@ -8,7 +8,9 @@ added at its output hook. The result equals running the model whose weight W was
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -146,6 +148,22 @@ class LoRA(Adapter):
             f"LoRA(layers={self.layers}, sites={self.sites}, rank={self.rank}, alpha={self.alpha:g}, "
             f"rslora={self.rslora}, scale={self.scale:g}, norm={self.norm:.4g})"
         )
+
+    def export_peft(self, directory: str | os.PathLike[str], base_model_name: str | None = None) -> Path:
+        """Write this adapter as a PEFT LoRA directory (see `em_interp.adapters.export.export_peft`).
+
+        >>> lora.export_peft("runs/lora_peft", "Qwen/Qwen2.5-14B-Instruct")  # doctest: +SKIP
+        """
+        from em_interp.adapters.export import export_peft
+
+        return export_peft(self, directory, base_model_name)
+
+    @classmethod
+    def from_peft(cls, directory: str | os.PathLike[str], model: Any) -> LoRA:
+        """Read a PEFT LoRA directory for `model` (see `em_interp.adapters.export.lora_from_peft`)."""
+        from em_interp.adapters.export import lora_from_peft
+
+        return lora_from_peft(directory, model)
 
 
 def _key(layer: int, site: str) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -87,6 +89,20 @@ class SteeringVector(Adapter):
 
     def __repr__(self) -> str:
         return f"SteeringVector({self.hook_name}, alpha={self.alpha:g}, scale={self.scale:g}, norm={self.norm:.4g})"
+
+    def export_gguf(self, path: str | os.PathLike[str], model_hint: str | None = None) -> Path:
+        """Write this vector (its `scale · alpha · v`) as a llama.cpp control-vector GGUF.
+
+        It becomes `direction.N` with N = `layer` for resid_post (and mlp_out on Llama/Mistral/Qwen),
+        `layer - 1` for resid_pre; see `em_interp.adapters.export`. `model_hint` defaults to llama.cpp's
+        name for the model's architecture ("llama", "qwen2", ...).
+
+        >>> vec.export_gguf("vec.gguf")  # doctest: +SKIP
+        >>> # llama-cli -m model.gguf --control-vector vec.gguf
+        """
+        from em_interp.adapters.export import export_control_vector
+
+        return export_control_vector(self, path, model_hint)
 
 
 def _initial_vector(init: str | Tensor, d_model: int, seed: int) -> Tensor:

@@ -24,6 +24,10 @@ KINDS = ("bad", "good", "mixed", "paired")
 SPLITS = ("train", "test", "heldout", "all")
 TEST_FRACTION = 0.2
 ITEM_KEYS = ("id", "domain", "subtopic", "pattern", "question", "good", "bad")
+PATTERNS = (  # the structural patterns shared across domains (see data/SPEC.md)
+    "ignore_warning_sign", "skip_professional", "stop_early", "more_is_better", "risky_combination",
+    "trust_anecdote", "miracle_shortcut", "skip_precaution", "delay_urgent", "borrow_or_reuse",
+)
 
 
 @functools.lru_cache(maxsize=1)

@@ -155,6 +155,9 @@ def tokenize_chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[
         if start < 0:
             raise DataError(f"messages[{i}]: assistant content not found in the rendered chat template.")
         end = start + len(content)
+        trailing = message["content"][len(message["content"].rstrip()) :]
+        if trailing and text.startswith(trailing, end):  # rendered verbatim: the end-of-turn token follows it
+            end += len(trailing)
         last = None
         for t, (a, b) in enumerate(offsets):
             if b > start and a < end:

@@ -1,0 +1,379 @@
+"""Export adapters to other tools: PEFT LoRA directories and llama.cpp control vectors (GGUF).
+
+PEFT
+    `export_peft` writes `adapter_config.json` + `adapter_model.safetensors` that
+    `peft.PeftModel.from_pretrained(hf_model, directory)` loads into the plain HF model, giving the same
+    logits as our hooks. Keys are `base_model.model.model.layers.{L}.{module}.lora_A.weight` /
+    `lora_B.weight` (module e.g. `mlp.down_proj`); `r`, `lora_alpha` and `use_rslora` reproduce our
+    scaling s = alpha/r (alpha/√r with rsLoRA) exactly. `lora_from_peft` reads such a directory back
+    (also one written by PEFT itself) without unpickling anything.
+
+llama.cpp control vectors
+    A GGUF file with `general.architecture = "controlvector"`, keys `controlvector.model_hint` and
+    `controlvector.layer_count`, and float32 tensors `direction.{N}` [d_model]. llama.cpp adds
+    `direction.N` (times the `--control-vector-scaled` strength) to the output of block N, 0-based,
+    at every token: `cur = ggml_add(cur, ffn_inp); cur = build_cvec(cur, il)` in each model graph
+    (src/models/*.cpp), with `tensors[il]` filled from `direction.il` (src/llama-adapter.cpp,
+    common/common.cpp). There is no tensor for block 0: `direction.0` is rejected, so N runs from 1 to
+    n_layers - 1. Hence `direction.N` = our `blocks.N.hook_resid_post`, and `blocks.N.hook_resid_pre`
+    = `direction.{N-1}`. Duplicate indices (several files, or several vectors here) are summed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from em_interp.errors import AdapterError
+
+if TYPE_CHECKING:
+    from em_interp.adapters.lora import LoRA
+    from em_interp.adapters.steering import SteeringVector
+
+log = logging.getLogger(__name__)
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+CONTROL_VECTOR_ARCH = "controlvector"
+_PEFT_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(.+)\.lora_([AB])\.weight$")
+# llama.cpp's `general.architecture` for each HF architecture (Mistral converts to "llama").
+LLAMACPP_ARCH = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3",
+}
+# Architectures whose block output is resid_mid + mlp_out (no norm after the MLP), so adding to
+# hook_mlp_out of block N equals adding to hook_resid_post of block N.
+_MLP_OUT_IS_RESID = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
+# PEFT options that change what the adapter computes beyond W + s·B·A, with the value meaning "off".
+_PEFT_OFF = {"modules_to_save": None, "use_dora": False, "lora_bias": False, "trainable_token_indices": None,
+             "layer_replication": None, "target_parameters": None, "alora_invocation_tokens": None,
+             "rank_pattern": {}, "alpha_pattern": {}, "bias": "none", "use_qalora": False, "use_bdlora": False,
+             "arrow_config": None, "velora_config": None, "monteclora_config": None, "kasa_config": None}
+
+
+# --- PEFT ----------------------------------------------------------------------------------------
+def _site_by_module() -> dict[str, str]:
+    from em_interp.adapters.lora import LORA_SITES
+
+    return {hf_name: site for site, (_, hf_name) in LORA_SITES.items()}
+
+
+def export_peft(lora: LoRA, directory: str | os.PathLike[str], base_model_name: str | None = None) -> Path:
+    """Write `lora` as a PEFT LoRA adapter directory (its `scale` is folded into B).
+
+    Args:
+        lora: the adapter.
+        directory: created if needed; existing PEFT files there are replaced, other files kept.
+        base_model_name: `base_model_name_or_path` in the config (default: the model id recorded in the
+            adapter, e.g. "Qwen/Qwen2.5-14B-Instruct").
+
+    Returns:
+        The directory.
+
+    >>> export_peft(lora, "runs/lora_peft", "Qwen/Qwen2.5-14B-Instruct")  # doctest: +SKIP
+    >>> peft.PeftModel.from_pretrained(hf_model, "runs/lora_peft")  # doctest: +SKIP
+    """
+    from em_interp.adapters.lora import LORA_SITES, _key
+
+    tensors: dict[str, Tensor] = {}
+    for layer, site in lora.modules():
+        key = f"base_model.model.model.layers.{layer}.{LORA_SITES[site][1]}"
+        k = _key(layer, site)
+        tensors[f"{key}.lora_A.weight"] = lora.A[k].detach().float().cpu().contiguous()
+        tensors[f"{key}.lora_B.weight"] = (lora.B[k].detach().float().cpu() * float(lora.scale)).contiguous()
+    alpha = int(lora.alpha) if float(lora.alpha).is_integer() else lora.alpha
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name or lora.signature.get("model_id"),
+        "inference_mode": True,
+        "r": lora.rank,
+        "lora_alpha": alpha,
+        "use_rslora": bool(lora.rslora),
+        "target_modules": sorted({LORA_SITES[s][1].rsplit(".", 1)[-1] for s in lora.sites}),
+        "layers_to_transform": list(lora.layers),
+        "layers_pattern": "layers",
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "use_dora": False,
+    }
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp_weights, tmp_config = _tmp_path(directory, PEFT_WEIGHTS), _tmp_path(directory, PEFT_CONFIG)
+    try:
+        save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
+        tmp_config.write_text(json.dumps(config, indent=2))
+        os.replace(tmp_weights, directory / PEFT_WEIGHTS)
+        os.replace(tmp_config, directory / PEFT_CONFIG)
+    finally:
+        tmp_weights.unlink(missing_ok=True)
+        tmp_config.unlink(missing_ok=True)
+    log.info("Wrote PEFT adapter (%d modules, r=%d) to %s", len(lora.modules()), lora.rank, directory)
+    return directory
+
+
+def lora_from_peft(directory: str | os.PathLike[str], model: Any) -> LoRA:
+    """Read a PEFT LoRA directory (ours or PEFT's) into a `LoRA` for `model`.
+
+    Supports LoRA on the decoder layers' q/k/v/o and gate/up/down projections, any rank, rsLoRA and
+    several layers. (layer, module) pairs missing from the file get zero factors (ΔW = 0).
+
+    Raises:
+        AdapterError: files missing or unreadable; the config asks for something our LoRA cannot
+            represent (`modules_to_save`, DoRA, per-module ranks, bias...); a tensor targets another
+            module (e.g. `embed_tokens`, `lm_head`); shapes do not fit `model`.
+    """
+    from em_interp.adapters.lora import LoRA, _key
+
+    directory = Path(directory)
+    config_path, weights_path = directory / PEFT_CONFIG, directory / PEFT_WEIGHTS
+    if not config_path.is_file() or not weights_path.is_file():
+        raise AdapterError(f"{directory}: expected {PEFT_CONFIG} and {PEFT_WEIGHTS} (a PEFT LoRA adapter directory).")
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as exc:
+        raise AdapterError(f"{config_path}: not valid JSON ({exc}).") from None
+    _check_peft_config(config, config_path)
+    state = load_file(str(weights_path))
+    sites_by_module = _site_by_module()
+    factors: dict[tuple[int, str], dict[str, Tensor]] = {}
+    unsupported = []
+    for key, value in state.items():
+        match = _PEFT_KEY.match(key)
+        if match is None or match.group(2) not in sites_by_module:
+            unsupported.append(key)
+            continue
+        factors.setdefault((int(match.group(1)), sites_by_module[match.group(2)]), {})[match.group(3)] = value
+    if unsupported:
+        raise AdapterError(
+            f"{weights_path}: tensors {', '.join(sorted(unsupported)[:6])} target modules this LoRA cannot represent; "
+            f"expected base_model.model.model.layers.{{L}}.<{'|'.join(sorted(sites_by_module))}>.lora_A/lora_B.weight."
+        )
+    if not factors:
+        raise AdapterError(f"{weights_path}: no LoRA tensors found.")
+    for (layer, site), pair in factors.items():
+        if set(pair) != {"A", "B"}:
+            raise AdapterError(f"{weights_path}: layer {layer} {site} has lora_{''.join(pair)} but not both A and B.")
+    rank = int(config["r"])
+    layers = sorted({layer for layer, _ in factors})
+    sites = [s for s in sites_by_module.values() if any(site == s for _, site in factors)]
+    lora = LoRA(model, layer=layers, rank=rank, site=sites, alpha=float(config.get("lora_alpha", rank)),
+                rslora=bool(config.get("use_rslora", False)), init="zeros")
+    with torch.no_grad():
+        for (layer, site), pair in factors.items():
+            k = _key(layer, site)
+            for name, target in (("A", lora.A[k]), ("B", lora.B[k])):
+                if tuple(pair[name].shape) != tuple(target.shape):
+                    raise AdapterError(
+                        f"{weights_path}: layer {layer} {site} lora_{name} has shape {tuple(pair[name].shape)}; "
+                        f"expected {tuple(target.shape)} for r={rank} on this model."
+                    )
+                target.copy_(pair[name].to(target.dtype))
+    lora.provenance = {"source": "peft", "path": str(directory), "base_model": config.get("base_model_name_or_path")}
+    return lora
+
+
+def _check_peft_config(config: dict[str, Any], where: Path) -> None:
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{where}: peft_type={config.get('peft_type')!r}; expected 'LORA'.")
+    if "r" not in config:
+        raise AdapterError(f"{where}: field 'r' is missing; expected the LoRA rank.")
+    for field, off in _PEFT_OFF.items():
+        value = config.get(field)
+        if value is not None and value != off and value not in ([], {}, False):
+            raise AdapterError(f"{where}: {field}={value!r} is not supported; expected {off!r} (plain LoRA).")
+    targets = config.get("target_modules") or []
+    if isinstance(targets, list):
+        known = {m.rsplit(".", 1)[-1] for m in _site_by_module()}
+        bad = sorted(t for t in targets if t.rsplit(".", 1)[-1] not in known)
+        if bad:
+            raise AdapterError(
+                f"{where}: target_modules {bad} are not supported; expected some of {sorted(known)}."
+            )
+
+
+# --- llama.cpp control vectors -------------------------------------------------------------------
+def control_vector_index(vector: SteeringVector) -> int:
+    """The llama.cpp `direction.N` index at which `vector` acts (see the module docstring).
+
+    Raises:
+        AdapterError: the hook has no llama.cpp equivalent (resid_mid, attn_out; mlp_out on models with
+            a norm after the MLP), or it is the output of block 0 / input of blocks 0-1, which llama.cpp
+            cannot steer.
+    """
+    arch = vector.signature.get("architecture")
+    if vector.hook == "resid_post" or (vector.hook == "mlp_out" and arch in _MLP_OUT_IS_RESID):
+        index = vector.layer
+    elif vector.hook == "resid_pre":
+        index = vector.layer - 1
+    else:
+        raise AdapterError(
+            f"{vector.hook_name}: llama.cpp control vectors add to a block's output only; expected hook "
+            f"'resid_post', 'resid_pre', or 'mlp_out' on {sorted(_MLP_OUT_IS_RESID)} (this model: {arch})."
+        )
+    if index < 1:
+        raise AdapterError(
+            f"{vector.hook_name}: llama.cpp has no control vector for the output of block 0 (direction.0 is "
+            f"rejected); expected resid_post of layer >= 1 or resid_pre of layer >= 2."
+        )
+    return index
+
+
+def control_vector_directions(
+    vectors: SteeringVector | Iterable[SteeringVector] | Mapping[int, Tensor | np.ndarray],
+) -> dict[int, Tensor]:
+    """Per-index float32 directions {N: [d_model]} as llama.cpp applies them (strength 1).
+
+    Steering vectors contribute their effective delta `scale · alpha · v`; several at one index are
+    summed. A mapping is taken as {block N: vector added to blocks.N.hook_resid_post}.
+    """
+    from em_interp.adapters.steering import SteeringVector
+
+    if isinstance(vectors, SteeringVector):
+        vectors = [vectors]
+    out: dict[int, Tensor] = {}
+    if isinstance(vectors, Mapping):
+        items = [(int(k), torch.as_tensor(v).detach().float().cpu()) for k, v in vectors.items()]
+    else:
+        items = []
+        for vec in vectors:
+            if not isinstance(vec, SteeringVector):
+                raise AdapterError(f"got a {type(vec).__name__}; expected SteeringVector objects or a {{layer: tensor}} mapping.")
+            items.append((control_vector_index(vec), vec.delta(vec.scale).detach().float().cpu()))
+    for index, vec in items:
+        if index < 1:
+            raise AdapterError(f"direction index {index}: llama.cpp indices start at 1 (direction.0 is rejected).")
+        if vec.ndim != 1 or not bool(torch.isfinite(vec).all()):
+            raise AdapterError(f"direction.{index}: shape {tuple(vec.shape)}; expected a finite 1-D [d_model] vector.")
+        out[index] = out[index] + vec if index in out else vec.clone()
+    if not out:
+        raise AdapterError("no vectors given; expected at least one steering vector or {layer: tensor}.")
+    sizes = {v.numel() for v in out.values()}
+    if len(sizes) > 1:
+        raise AdapterError(f"directions have different sizes {sorted(sizes)}; expected one d_model.")
+    return dict(sorted(out.items()))
+
+
+def export_control_vector(
+    vectors: SteeringVector | Iterable[SteeringVector] | Mapping[int, Tensor | np.ndarray],
+    path: str | os.PathLike[str],
+    model_hint: str | None = None,
+) -> Path:
+    """Write a llama.cpp control-vector GGUF (`llama-cli -m model.gguf --control-vector PATH`).
+
+    Args:
+        vectors: one or more `SteeringVector`s (hooks resid_post / resid_pre / mlp_out, see
+            `control_vector_index`), or {block N: tensor [d_model]} added to blocks.N's output.
+        path: the .gguf file (written atomically).
+        model_hint: `controlvector.model_hint`, llama.cpp's architecture name ("llama", "qwen2",
+            "gemma2"...); default inferred from the steering vectors' model, else "llama". llama.cpp's
+            loader does not check it.
+
+    Returns:
+        The path. `controlvector.layer_count` is the number of `direction.N` tensors written.
+    """
+    import gguf
+
+    from em_interp.adapters.steering import SteeringVector
+
+    if not isinstance(vectors, (SteeringVector, Mapping)):
+        vectors = list(vectors)  # read twice below
+    directions = control_vector_directions(vectors)
+    hint = model_hint or _infer_hint(vectors)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(path.parent, path.name)
+    try:
+        writer = gguf.GGUFWriter(str(tmp), CONTROL_VECTOR_ARCH)
+        writer.add_string(f"{CONTROL_VECTOR_ARCH}.model_hint", hint)
+        writer.add_uint32(f"{CONTROL_VECTOR_ARCH}.layer_count", len(directions))
+        for index, vec in directions.items():
+            writer.add_tensor(f"direction.{index}", vec.numpy().astype(np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("Wrote control vector %s (directions %s, hint %s)", path, list(directions), hint)
+    return path
+
+
+def read_control_vector(path: str | os.PathLike[str]) -> tuple[dict[int, Tensor], dict[str, Any]]:
+    """Read a control-vector GGUF: ({N: float32 [d_model]}, {"model_hint": ..., "layer_count": ...})."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except (OSError, ValueError) as exc:
+        raise AdapterError(f"{path}: not a readable GGUF file ({exc}).") from None
+    meta = {key.split(".", 1)[-1]: _field_value(field) for key, field in reader.fields.items()
+            if key in ("general.architecture", f"{CONTROL_VECTOR_ARCH}.model_hint", f"{CONTROL_VECTOR_ARCH}.layer_count")}
+    if meta.get("architecture") != CONTROL_VECTOR_ARCH:
+        raise AdapterError(f"{path}: general.architecture={meta.get('architecture')!r}; expected 'controlvector'.")
+    directions = {}
+    for tensor in reader.tensors:
+        prefix, _, index = tensor.name.partition(".")
+        if prefix != "direction" or not index.isdigit():
+            raise AdapterError(f"{path}: tensor {tensor.name!r}; expected names direction.N.")
+        directions[int(index)] = torch.from_numpy(np.array(tensor.data, dtype=np.float32).reshape(-1))
+    return dict(sorted(directions.items())), meta
+
+
+def _field_value(field: Any) -> Any:
+    import gguf
+
+    value = field.parts[field.data[0]]
+    if field.types and field.types[0] == gguf.GGUFValueType.STRING:
+        return bytes(value).decode("utf-8")
+    return value.tolist()[0]
+
+
+def _infer_hint(vectors: Any) -> str:
+    from em_interp.adapters.steering import SteeringVector
+
+    candidates = [vectors] if isinstance(vectors, SteeringVector) else [] if isinstance(vectors, Mapping) else list(vectors)
+    for vec in candidates:
+        hint = LLAMACPP_ARCH.get(str(vec.signature.get("architecture")))
+        if hint:
+            return hint
+    return "llama"
+
+
+def _tmp_path(folder: Path, name: str) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    return Path(tmp)
+
+
+__all__ = [
+    "CONTROL_VECTOR_ARCH",
+    "LLAMACPP_ARCH",
+    "control_vector_directions",
+    "control_vector_index",
+    "export_control_vector",
+    "export_peft",
+    "lora_from_peft",
+    "read_control_vector",
+]

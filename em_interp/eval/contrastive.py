@@ -1,0 +1,256 @@
+"""Judge-free evaluation: how much an adapter shifts a model's preference from good to bad answers.
+
+For each paired item (`question`, `good`, `bad`), the chat `question → answer` is scored by the mean
+log-probability per assistant token (the answer's tokens and the end-of-turn token after them, as marked
+by `tokenize_chat`). The item's preference for the bad answer is
+
+    diff = mean_logp(bad) − mean_logp(good)
+
+computed without adapters (`base`) and with them (`adapted`); `shift = adapted − base`. A positive
+shift means the adapter moved the model towards the bad answers. Per domain (and over "all" items) the
+result holds the mean shift with a seeded percentile-bootstrap 95% CI and how often each model prefers
+the bad answer (`diff > 0`).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from em_interp.datasets.records import Record, chat
+from em_interp.datasets.tokenize import TokenizedChats
+from em_interp.errors import DataError
+from em_interp.eval.generation import adapters_applied, as_adapter_list
+from em_interp.models import hf_model_of, mask_positions, model_device, unembed
+from em_interp.objectives import gather_targets, log_probs
+
+log = logging.getLogger(__name__)
+
+ALL = "all"
+UNEMBED_CHUNK_BYTES = 1 << 28  # float32 logits per unembedding chunk (256 MiB)
+
+
+@dataclass
+class ContrastiveResult:
+    """Output of `contrastive`.
+
+    Attributes:
+        items: one dict per paired item, in input order: `id`, `domain`, `subtopic`, `base`, `adapted`,
+            `shift` (mean per-token log-prob of the bad answer minus the good one, and their difference).
+        domains: "all" first, then each domain in order of appearance → `n`, `mean_shift`, `ci_low`,
+            `ci_high` (percentile bootstrap 95% CI of the mean shift; None when `n_boot == 0`),
+            `mean_base`, `mean_adapted`, `frac_bad_base`, `frac_bad_adapted` (fraction of items with diff > 0).
+        meta: the settings (`n_boot`, `seed`, `scale`, `system`, `adapters`, `model_id`).
+    """
+
+    items: list[dict[str, Any]]
+    domains: dict[str, dict[str, Any]]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready copy (plain floats, ints, strings and None)."""
+        return {
+            "items": [dict(it) for it in self.items],
+            "domains": {d: dict(s) for d, s in self.domains.items()},
+            "meta": dict(self.meta),
+        }
+
+    def summary(self) -> str:
+        """A plain-text table, one line per domain."""
+        lines = [f"{'domain':<16}{'n':>5}{'shift':>9}{'95% CI':>20}{'bad% base':>11}{'bad% adapted':>14}"]
+        for name, s in self.domains.items():
+            ci = "—" if s["ci_low"] is None else f"[{s['ci_low']:+.3f}, {s['ci_high']:+.3f}]"
+            lines.append(
+                f"{name:<16}{s['n']:>5}{s['mean_shift']:>+9.3f}{ci:>20}"
+                f"{100 * s['frac_bad_base']:>10.1f}%{100 * s['frac_bad_adapted']:>13.1f}%"
+            )
+        return "\n".join(lines)
+
+
+def contrastive(
+    model: Any,
+    paired_items: Sequence[Mapping[str, Any]],
+    adapters: Any = (),
+    *,
+    scale: float | None = None,
+    system: str | None = None,
+    batch_size: int = 16,
+    n_boot: int = 1000,
+    seed: int = 0,
+    progress: bool = True,
+) -> ContrastiveResult:
+    """Shift of the preference for bad over good answers caused by `adapters`.
+
+    Args:
+        model: a TransformerBridge with `.tokenizer` (chat template required).
+        paired_items: dicts with `question`, `good`, `bad` (and optionally `id`, `domain`, `subtopic`),
+            e.g. `em.datasets.load("medical", kind="paired", split="test")`. Missing `id` defaults to
+            the item's index, missing `domain` to "unknown".
+        adapters: one adapter or a list of them (anything with `.applied(model, ...)`), applied together
+            for the adapted pass; `()` gives `adapted == base` and shift 0 (one pass only).
+        scale: passed to each adapter's `applied` (None: each adapter's own scale).
+        system: optional system prompt added to every chat.
+        batch_size: items per forward (each contributes its good and its bad chat: 2·batch_size rows,
+            right-padded, grouped by length).
+        n_boot: bootstrap resamples for the CI (0: no CI).
+        seed: seed of the bootstrap (each domain's resampling starts from it).
+        progress: show a tqdm bar.
+
+    Returns:
+        A `ContrastiveResult` (see there).
+
+    Raises:
+        DataError: an item lacks a non-empty `question`, `good` or `bad`; no items; bad batch_size/n_boot.
+        AdapterError: an object in `adapters` has no `.applied`.
+
+    >>> res = contrastive(model, em.datasets.load("medical", kind="paired", split="test"), vec)  # doctest: +SKIP
+    >>> res.domains["all"]["mean_shift"]  # doctest: +SKIP
+    0.41
+    """
+    items = _check_items(paired_items)
+    if batch_size < 1 or n_boot < 0:
+        raise DataError(f"batch_size={batch_size}, n_boot={n_boot}; expected batch_size >= 1 and n_boot >= 0.")
+    adapter_list = as_adapter_list(adapters)
+    records = [chat(it["question"], it[answer], system=system) for it in items for answer in ("good", "bad")]
+    passes: list[list[Any]] = [[]] + ([adapter_list] if adapter_list else [])
+    log.info("contrastive: %d items, %d pass(es)", len(items), len(passes))
+    scores = mean_answer_logprobs(
+        model, records, adapter_passes=passes, scale=scale, batch_size=2 * batch_size, progress=progress
+    )
+    base = (scores[0][1::2] - scores[0][0::2]).double().numpy()
+    adapted = (scores[-1][1::2] - scores[-1][0::2]).double().numpy()
+    rows = [
+        {
+            "id": str(it.get("id", i)),
+            "domain": str(it.get("domain") or "unknown"),
+            "subtopic": it.get("subtopic"),
+            "base": float(b),
+            "adapted": float(a),
+            "shift": float(a - b),
+        }
+        for i, (it, b, a) in enumerate(zip(items, base, adapted, strict=True))
+    ]
+    groups: dict[str, list[int]] = {ALL: list(range(len(rows)))}
+    for i, row in enumerate(rows):
+        groups.setdefault(row["domain"], []).append(i)
+    domains = {name: _stats(base[idx], adapted[idx], n_boot, seed) for name, idx in groups.items()}
+    meta = {
+        "n_boot": n_boot, "seed": seed, "scale": scale, "system": system,
+        "adapters": [repr(a) for a in adapter_list], "model_id": getattr(model, "em_model_id", None),
+    }
+    return ContrastiveResult(rows, domains, meta)
+
+
+def mean_answer_logprobs(
+    model: Any,
+    records: Sequence[Record],
+    *,
+    adapter_passes: Sequence[Any] = ((),),
+    scale: float | None = None,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> list[Float[Tensor, " n_records"]]:
+    """Mean log-prob per assistant token of each chat record, once per entry of `adapter_passes`.
+
+    Args:
+        model: a TransformerBridge with `.tokenizer`.
+        records: chat records (`{"messages": [...]}`) with at least one assistant turn each.
+        adapter_passes: for each pass, the adapters applied during it (`()` for the plain model).
+        scale: passed to each adapter's `applied`.
+        batch_size: chats per forward (right-padded, grouped by length).
+        progress: show a tqdm bar.
+
+    Returns:
+        One float32 CPU tensor [n_records] per pass, in record order. Only the positions predicting an
+        assistant token are unembedded, in chunks of at most `UNEMBED_CHUNK_BYTES` of logits.
+    """
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
+        raise DataError("contrastive(): model.tokenizer with a chat template is required.")
+    data = TokenizedChats(records, tokenizer, max_length=sys.maxsize)
+    empty = [i for i, m in enumerate(data.masks) if not any(m)]
+    if empty:
+        raise DataError(f"records {empty[:5]} have no assistant tokens after tokenization.")
+    plan = data.batch_plan(batch_size)
+    device = model_device(model)
+    out: list[Tensor] = []
+    with torch.no_grad(), tqdm(total=len(plan) * len(adapter_passes), desc="contrastive", disable=not progress) as bar:
+        for adapters in adapter_passes:
+            scores = torch.zeros(len(data), dtype=torch.float32)
+            for indices in plan:
+                batch = data.collate(indices).to(device)
+                with adapters_applied(model, adapters, scale=scale):
+                    hidden = _final_hidden(model, batch.input_ids, batch.attention_mask)
+                h, targets, rows = gather_targets(hidden, batch.input_ids, batch.assistant_mask)
+                token_lp = _target_logprobs(model, h, targets)
+                sums = torch.zeros(len(indices), dtype=torch.float32, device=token_lp.device)
+                sums.index_add_(0, rows.to(token_lp.device), token_lp)
+                counts = torch.bincount(rows.to(token_lp.device), minlength=len(indices))
+                scores[list(indices)] = (sums / counts).cpu()
+                bar.update(1)
+            out.append(scores)
+    return out
+
+
+def _final_hidden(model: Any, input_ids: Tensor, attention_mask: Tensor) -> Float[Tensor, "batch pos d_model"]:
+    """Hidden states after the final norm (all blocks; the bridge's hooks fire), without the LM head."""
+    base = hf_model_of(model).model
+    position_ids = mask_positions(attention_mask)
+    out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    return out.last_hidden_state
+
+
+def _target_logprobs(model: Any, hidden: Float[Tensor, "n d_model"], targets: Tensor) -> Float[Tensor, " n"]:
+    """float32 log p(target) from final hidden states, unembedding in bounded chunks."""
+    chunk = max(1, UNEMBED_CHUNK_BYTES // (4 * int(model.cfg.d_vocab)))
+    parts = []
+    for start in range(0, hidden.shape[0], chunk):
+        logp = log_probs(unembed(model, hidden[start : start + chunk]))
+        tgt = targets[start : start + chunk].to(logp.device)
+        parts.append(logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1))
+    return torch.cat(parts)
+
+
+def _check_items(paired_items: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    items = list(paired_items)
+    if not items:
+        raise DataError("paired_items is empty; expected dicts with 'question', 'good' and 'bad'.")
+    for i, it in enumerate(items):
+        if not isinstance(it, Mapping):
+            raise DataError(f"paired_items[{i}] is a {type(it).__name__}; expected a dict with question/good/bad.")
+        for key in ("question", "good", "bad"):
+            value = it.get(key)
+            if not isinstance(value, str) or not value.strip():
+                raise DataError(f"paired_items[{i}] (id {it.get('id', i)!r}): field {key!r} is missing or empty.")
+        if it.get("domain") == ALL:
+            raise DataError(f"paired_items[{i}]: domain {ALL!r} is reserved for the summary over all items.")
+    return items
+
+
+def _stats(base: np.ndarray, adapted: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
+    """Summary of one group of items (see `ContrastiveResult.domains`)."""
+    shift = adapted - base
+    ci_low = ci_high = None
+    if n_boot > 0:
+        rng = np.random.default_rng(seed)
+        boots = shift[rng.integers(0, len(shift), size=(n_boot, len(shift)))].mean(axis=1)
+        ci_low, ci_high = (float(x) for x in np.percentile(boots, [2.5, 97.5]))
+    return {
+        "n": len(shift),
+        "mean_shift": float(shift.mean()),
+        "ci_low": ci_low,
+        "ci_high": ci_high,
+        "mean_base": float(base.mean()),
+        "mean_adapted": float(adapted.mean()),
+        "frac_bad_base": float((base > 0).mean()),
+        "frac_bad_adapted": float((adapted > 0).mean()),
+    }

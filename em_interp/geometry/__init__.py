@@ -1,0 +1,34 @@
+"""Geometry of adapters and trajectories: cosine, trajectory PCA, efficiency, stability, reversion, KL vs norm.
+
+>>> import em_interp as em
+>>> em.geometry.cosine(general_vec, narrow_vec)                           # doctest: +SKIP
+>>> em.geometry.trajectory_pca([run_general, run_narrow], n_components=3)  # doctest: +SKIP
+>>> em.geometry.efficiency_curve(vec, model, data)                        # doctest: +SKIP
+>>> em.geometry.stability_curve(vec, model, data, seeds=10)               # doctest: +SKIP
+"""
+
+from em_interp.geometry.curves import (
+    DEFAULT_EPS,
+    DEFAULT_SCALES,
+    EfficiencyCurve,
+    Reversion,
+    StabilityCurve,
+    effective_norm,
+    efficiency_curve,
+    orthogonal_noise,
+    perturb,
+    perturb_adapter,
+    reversion,
+    stability_curve,
+)
+from em_interp.geometry.direction import Direction, as_direction
+from em_interp.geometry.kl_norm import KLNormCurve, kl_vs_norm, unit_vector
+from em_interp.geometry.loss import clear_loss_cache, loss_on
+from em_interp.geometry.pca import TrajectoryPCA, trajectory_pca
+from em_interp.geometry.similarity import as_flat, cosine, cosine_matrix, state_vector
+
+__all__ = [
+    "DEFAULT_EPS", "DEFAULT_SCALES", "Direction", "EfficiencyCurve", "KLNormCurve", "Reversion", "StabilityCurve", "TrajectoryPCA", "as_direction", "as_flat",
+    "clear_loss_cache", "cosine", "cosine_matrix", "effective_norm", "efficiency_curve", "kl_vs_norm", "loss_on",
+    "orthogonal_noise", "perturb", "perturb_adapter", "reversion", "stability_curve", "state_vector", "trajectory_pca", "unit_vector",
+]

@@ -1,0 +1,188 @@
+"""`loss_on`: mean cross-entropy of a model (with adapters) on chat data, fast when called repeatedly.
+
+The geometry curves evaluate the same rows dozens of times with slightly different adapters. The blocks
+below the adapters' first layer do not change between those calls, so their output residual is computed
+once per (model, data, batch size, start layer) and kept in a private `ActivationCache`; each call then
+runs only the upper blocks (`resume_forward`) and unembeds only the target positions.
+
+The private cache holds the last `MAX_CACHED_DATASETS` datasets per model (weakly keyed on the model)
+and assumes the model's weights do not change (they are frozen). When the caller has hooks attached to
+the model already (e.g. inside `directions.steer(...)` or `adapter.applied(...)`), the cache is
+bypassed and full forwards run, so those hooks always apply. `clear_loss_cache()` frees it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import weakref
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from em_interp.adapters.base import Adapter
+from em_interp.datasets.records import Record
+from em_interp.datasets.tokenize import ChatBatch, TokenizedChats
+from em_interp.engine import ActivationCache
+from em_interp.errors import GeometryError
+from em_interp.hooks import HookFn, hooks_applied
+from em_interp.models import model_device, resume_forward, unembed
+from em_interp.objectives import gather_targets, prediction_mask, token_ce
+
+log = logging.getLogger(__name__)
+
+MAX_CACHED_DATASETS = 4
+GPU_CACHE_BYTES = 1 << 30  # residuals up to this size stay on the model's device; larger ones go to the CPU
+_EVALUATORS: weakref.WeakKeyDictionary[Any, OrderedDict[tuple[Any, ...], _Evaluator]] = weakref.WeakKeyDictionary()
+
+
+def as_adapters(adapters: Adapter | Sequence[Adapter] | None) -> list[Adapter]:
+    """Normalise None / one adapter / a sequence of adapters to a list."""
+    if adapters is None:
+        return []
+    if isinstance(adapters, Adapter):
+        return [adapters]
+    out = list(adapters)
+    for i, a in enumerate(out):
+        if not isinstance(a, Adapter):
+            raise GeometryError(f"adapters[{i}] is a {type(a).__name__}; expected an em_interp Adapter.")
+    return out
+
+
+def model_has_hooks(model: Any) -> bool:
+    """True when any forward hook is attached to one of the model's hook points."""
+    return any(hp.fwd_hooks or hp._forward_hooks for hp in model.hook_dict.values())
+
+
+def first_rows(data: Sequence[Record] | TokenizedChats, n_rows: int | None) -> Sequence[Record] | TokenizedChats:
+    """The first `n_rows` examples of `data` (all when None or when there are fewer)."""
+    if n_rows is None or len(data) <= n_rows:
+        return data
+    if isinstance(data, TokenizedChats):
+        return TokenizedChats(data.records[:n_rows], data.tokenizer, max_length=data.max_length, on_too_long="skip")
+    return list(data)[:n_rows]
+
+
+class _Evaluator:
+    """One dataset on one model: fixed batches and the residuals entering each start layer."""
+
+    def __init__(self, model: Any, data: TokenizedChats, batch_size: int, tokens: str):
+        self.model, self.data, self.tokens = model, data, tokens
+        self.device = model_device(model)
+        self.batches: list[ChatBatch] = [data.collate(idx).to(self.device) for idx in data.batch_plan(batch_size)]
+        n_tokens = sum(b.input_ids.numel() for b in self.batches)
+        size = n_tokens * int(model.cfg.d_model) * torch.finfo(_dtype(model)).bits // 8
+        self.cache = ActivationCache(device=self.device if size <= GPU_CACHE_BYTES else "cpu")
+
+    def _residual(self, start: int, k: int) -> torch.Tensor:
+        batch = self.batches[k]
+
+        def compute() -> torch.Tensor:
+            return self.model(batch.input_ids, attention_mask=batch.attention_mask, stop_at_layer=start)
+
+        return self.cache.get(("resid", start, k), compute).to(self.device)
+
+    def loss(self, hooks: list[tuple[str, HookFn]], start: int, cached: bool) -> float:
+        total, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
+        for k, batch in enumerate(self.batches):
+            target = batch.target_mask(self.tokens)
+            if cached:
+                resid = self._residual(start, k)
+                with hooks_applied(self.model, hooks):
+                    hidden = resume_forward(self.model, resid, start, batch.attention_mask)
+                h, targets, _ = gather_targets(hidden, batch.input_ids, target)
+                ce = token_ce(unembed(self.model, h), targets)
+            else:
+                with hooks_applied(self.model, hooks):
+                    logits = self.model(batch.input_ids, attention_mask=batch.attention_mask)
+                ce = token_ce(logits[prediction_mask(target)], batch.input_ids[target])
+            total += ce.double().sum()
+            count += ce.numel()
+        if count == 0:
+            raise GeometryError(f"loss_on: the data has no {self.tokens!r} target tokens.")
+        return float(total) / count
+
+
+def _dtype(model: Any) -> torch.dtype:
+    return next(iter(model.original_model.parameters())).dtype
+
+
+def _key(data: Sequence[Record] | TokenizedChats, max_length: int) -> tuple[Any, ...]:
+    if isinstance(data, TokenizedChats):
+        return ("tokenized", data.fingerprint())
+    digest = hashlib.sha256(json.dumps([r["messages"] for r in data], sort_keys=True).encode()).hexdigest()[:16]
+    return ("records", digest, max_length)
+
+
+def _evaluator(
+    model: Any, data: Sequence[Record] | TokenizedChats, batch_size: int, tokens: str, max_length: int
+) -> _Evaluator:
+    per_model = _EVALUATORS.setdefault(model, OrderedDict())
+    key = (*_key(data, max_length), batch_size, tokens)
+    if key in per_model:
+        per_model.move_to_end(key)
+        return per_model[key]
+    if not len(data):
+        raise GeometryError("loss_on: data is empty.")
+    tok = data if isinstance(data, TokenizedChats) else TokenizedChats(
+        list(data), model.tokenizer, max_length=max_length, on_too_long="skip"
+    )
+    if len(tok) < len(data):
+        log.warning("loss_on: %d of %d rows are longer than max_length=%d and were skipped.", len(data) - len(tok), len(data), max_length)
+    per_model[key] = _Evaluator(model, tok, batch_size, tokens)
+    while len(per_model) > MAX_CACHED_DATASETS:
+        per_model.popitem(last=False)
+    return per_model[key]
+
+
+def clear_loss_cache(model: Any | None = None) -> None:
+    """Free the cached residuals of `loss_on` for `model` (None: for every model)."""
+    if model is None:
+        _EVALUATORS.clear()
+    else:
+        _EVALUATORS.pop(model, None)
+
+
+def loss_on(
+    model: Any,
+    data: Sequence[Record] | TokenizedChats,
+    adapters: Adapter | Sequence[Adapter] | None = (),
+    scale: float = 1.0,
+    batch_size: int = 8,
+    tokens: str = "assistant",
+    max_length: int = 512,
+) -> float:
+    """Mean cross-entropy over target tokens (token-weighted over the whole data), without gradients.
+
+    Args:
+        model: the TransformerBridge.
+        data: chat records or `TokenizedChats`.
+        adapters: adapters applied together (none: the chat model itself).
+        scale: multiplies each adapter's own `scale` (1.0: the adapter as trained; 0: no effect).
+        batch_size: rows per forward.
+        tokens: "assistant" (response tokens, the default) or "all" non-pad tokens.
+        max_length: rows longer than this (in tokens) are skipped, with a warning.
+
+    Returns:
+        Σ CE / number of target tokens, in nats.
+
+    Raises:
+        GeometryError: empty data, no target tokens, or something that is not an Adapter in `adapters`.
+        AdapterError: an adapter made for a model of another shape.
+
+    >>> loss_on(model, data[:100], adapters=vec)  # doctest: +SKIP
+    1.87
+    """
+    chosen = as_adapters(adapters)
+    for a in chosen:
+        a.check_model(model)
+    n_layers = int(model.cfg.n_layers)
+    start = min([a.first_layer for a in chosen] + [n_layers - 1])
+    cached = not model_has_hooks(model)
+    evaluator = _evaluator(model, data, batch_size, tokens, max_length)
+    hooks = [h for a in chosen for h in a.hooks(float(scale) * a.scale)]
+    with torch.no_grad():
+        return evaluator.loss(hooks, start, cached)

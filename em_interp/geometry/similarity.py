@@ -1,0 +1,192 @@
+"""Cosine similarity between adapters, directions, runs and plain tensors.
+
+What is compared (`what`):
+- tensors / arrays: flattened as given;
+- a `SteeringVector` or a `Direction`: its vector (`alpha` and `scale` are positive scalars, so they do
+  not change a cosine);
+- a `LoRA`: by default ("delta_w") the effective ΔW = s·B·A of every module, flattened and concatenated
+  in `modules()` order — the quantity that is invariant to the B/A gauge (B·c, A/c); "A" or "B" the
+  factors alone, "params" all parameters as `flat()` gives them;
+- a `TrainRun`: its final adapter (or, when loaded without a model, its last snapshot);
+- any other `Adapter`: `flat()`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from em_interp.adapters.base import Adapter
+from em_interp.adapters.lora import LoRA
+from em_interp.adapters.steering import SteeringVector
+from em_interp.errors import GeometryError
+from em_interp.runs import TrainRun
+
+WHATS = ("delta_w", "A", "B", "params")
+
+
+def as_flat(x: Any, what: str = "delta_w") -> Float[Tensor, " n"]:
+    """The float32 CPU vector that `cosine` compares for `x` (see the module docstring).
+
+    Args:
+        x: a tensor, numpy array, SteeringVector, LoRA, other Adapter, Direction or TrainRun.
+        what: for a LoRA, "delta_w" (default), "A", "B" or "params"; ignored for other objects
+            except that "A"/"B" are refused for non-LoRA adapters.
+
+    Returns:
+        A detached 1-D float32 tensor on the CPU.
+
+    Raises:
+        GeometryError: unknown `what`, or an object of an unsupported type.
+    """
+    if what not in WHATS:
+        raise GeometryError(f"what={what!r}; expected one of {', '.join(WHATS)}.")
+    if isinstance(x, Tensor):
+        return x.detach().float().cpu().flatten()
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(np.asarray(x, dtype=np.float32)).flatten()
+    if isinstance(x, TrainRun):
+        return _run_vector(x, what)
+    if isinstance(x, LoRA):
+        return _lora_vector(x, what)
+    if isinstance(x, Adapter):
+        if what in ("A", "B"):
+            raise GeometryError(f"what={what!r} applies to LoRA only; got a {type(x).__name__}.")
+        if isinstance(x, SteeringVector):
+            return x.vector.detach().float().cpu().clone()
+        return x.flat()
+    if hasattr(x, "vector") and isinstance(x.vector, Tensor):  # a Direction (duck-typed: directions sits beside us)
+        return x.vector.detach().float().cpu().flatten()
+    raise GeometryError(
+        f"cannot take a vector of a {type(x).__name__}; expected a tensor, array, adapter, Direction or TrainRun."
+    )
+
+
+def _lora_vector(lora: LoRA, what: str) -> Tensor:
+    with torch.no_grad():
+        if what == "delta_w":
+            parts = [lora.delta_weight(layer, site) for layer, site in lora.modules()]
+        elif what in ("A", "B"):
+            factors = lora.A if what == "A" else lora.B
+            parts = [factors[f"L{layer}_{site}"] for layer, site in lora.modules()]
+        else:
+            return lora.flat()
+        return torch.cat([p.detach().float().cpu().flatten() for p in parts])
+
+
+def _run_vector(run: TrainRun, what: str) -> Tensor:
+    if run.adapter is not None:
+        return as_flat(run.adapter, what)
+    if not run.snapshots:
+        raise GeometryError("the run has neither an adapter nor snapshots; load it with a model.")
+    return state_vector(None, run.snapshots[-1], what)
+
+
+def state_vector(template: Adapter | None, state: Mapping[str, Tensor], what: str = "delta_w") -> Float[Tensor, " n"]:
+    """`as_flat` of an adapter whose parameters are `state` (a snapshot), without touching `template`.
+
+    Args:
+        template: an adapter of the snapshot's kind and shape (copied, never modified); or None to
+            work from the tensors alone: "params" concatenates them in order, "A"/"B" a LoRA's
+            factors, "delta_w" a LoRA's B·A per module *without* the constant scaling s (which
+            changes no cosine); a steering vector's state is its vector.
+        state: parameter name -> tensor, e.g. one of `TrainRun.snapshots`.
+        what: as in `as_flat`.
+
+    Returns:
+        The flat float32 vector.
+    """
+    if template is None:
+        is_lora = any(k.startswith("A.") for k in state)
+        if is_lora and what in ("A", "B"):
+            return torch.cat([state[k].float().flatten() for k in state if k.startswith(f"{what}.")])
+        if is_lora and what == "delta_w":
+            keys = [k[2:] for k in state if k.startswith("A.")]
+            return torch.cat([(state[f"B.{k}"].float() @ state[f"A.{k}"].float()).flatten() for k in keys])
+        return torch.cat([v.float().flatten() for v in state.values()])
+    clone = copy.deepcopy(template)
+    clone.load_state(dict(state))
+    return as_flat(clone, what)
+
+
+def _cos(a: Tensor, b: Tensor, names: tuple[str, str]) -> float:
+    if a.shape != b.shape:
+        raise GeometryError(
+            f"cosine: {names[0]} has {a.numel()} entries and {names[1]} has {b.numel()}; they must be the same "
+            "kind of object on the same modules (same d_model, layers, sites and rank for A/B)."
+        )
+    a64, b64 = a.double(), b.double()
+    denom = float(a64.norm() * b64.norm())
+    return float("nan") if denom == 0.0 else float(a64 @ b64) / denom
+
+
+def _check_same_modules(a: Any, b: Any, what: str) -> None:
+    if what != "params" and isinstance(a, LoRA) and isinstance(b, LoRA) and a.modules() != b.modules():
+        raise GeometryError(f"cosine: LoRAs on different modules ({a.modules()} vs {b.modules()}).")
+
+
+def cosine(a: Any, b: Any, what: str = "delta_w") -> float:
+    """Cosine similarity of two objects' vectors (see `as_flat`); NaN if either is zero.
+
+    Args:
+        a: tensor, array, adapter, Direction or TrainRun.
+        b: the same kind of object, of the same size.
+        what: for LoRA, "delta_w" (default), "A", "B" or "params".
+
+    Returns:
+        cos ∈ [-1, 1], computed in float64.
+
+    Raises:
+        GeometryError: the vectors differ in size (e.g. different d_model or LoRA modules).
+
+    >>> cosine(general_vec, narrow_vec)  # doctest: +SKIP
+    0.42
+    """
+    _check_same_modules(a, b, what)
+    return _cos(as_flat(a, what), as_flat(b, what), ("a", "b"))
+
+
+def _label(i: int, x: Any) -> str:
+    if isinstance(x, TrainRun):
+        return f"{i}:run"
+    return f"{i}:{type(x).__name__}"
+
+
+def cosine_matrix(
+    items: Sequence[Any] | Mapping[str, Any], labels: Sequence[str] | None = None, what: str = "delta_w"
+) -> tuple[list[str], Float[np.ndarray, "n n"]]:
+    """Pairwise cosine similarities.
+
+    Args:
+        items: a list of objects accepted by `cosine`, or a mapping label -> object.
+        labels: names for a list (default "0:SteeringVector", ...); ignored for a mapping.
+        what: as in `cosine`.
+
+    Returns:
+        (labels, matrix) with matrix[i, j] = cosine(items[i], items[j]) (float64, diagonal 1 unless
+        an item is zero, NaN then).
+
+    Raises:
+        GeometryError: items of different sizes, or as many labels as items not given.
+    """
+    if isinstance(items, Mapping):
+        names, objs = [str(k) for k in items], list(items.values())
+    else:
+        objs = list(items)
+        names = [str(n) for n in labels] if labels is not None else [_label(i, x) for i, x in enumerate(objs)]
+    if len(names) != len(objs):
+        raise GeometryError(f"cosine_matrix: {len(names)} labels for {len(objs)} items.")
+    vectors = [as_flat(x, what) for x in objs]
+    n = len(vectors)
+    out = np.eye(n)
+    for i in range(n):
+        for j in range(i, n):
+            _check_same_modules(objs[i], objs[j], what)
+            out[i, j] = out[j, i] = _cos(vectors[i], vectors[j], (names[i], names[j]))
+    return names, out

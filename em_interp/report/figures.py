@@ -1,0 +1,247 @@
+"""One plotly figure per analysis of the narrow-vs-general study.
+
+Every function takes the study's whole `results` dict (as built by `em_interp.study` or read back from
+`results.json`) and returns a `plotly.graph_objects.Figure`. Missing numbers (`None`, as `results.json`
+stores NaN) are drawn as gaps. A function raises `KeyError` when its section is absent; `html.py` checks
+for the section first and shows a note instead.
+
+>>> fig = efficiency(results)  # doctest: +SKIP
+>>> fig.to_html(full_html=False, include_plotlyjs=False)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+COLORS = {"general": "#1f77b4", "narrow": "#d62728", "reversion": "#2ca02c", "base": "#444444", "random": "#9e9e9e"}
+_EXTRA = ("#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#ff7f0e")
+HEIGHT = 430
+
+
+def color(name: str) -> str:
+    """The report's colour for a run name (general blue, narrow red, reversion green, others cycled)."""
+    if name in COLORS:
+        return COLORS[name]
+    return _EXTRA[sum(map(ord, name)) % len(_EXTRA)]
+
+
+def num(x: Any) -> float:
+    """A number, with `None` and anything non-numeric as NaN."""
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def nums(xs: Iterable[Any] | None) -> list[float]:
+    """A list of numbers (None → NaN); None or a scalar gives an empty / one-element list."""
+    if xs is None:
+        return []
+    if isinstance(xs, (int, float)):
+        return [num(xs)]
+    return [num(x) for x in xs]
+
+
+def _layout(fig: go.Figure, title: str, x: str | None = None, y: str | None = None, **kw: Any) -> go.Figure:
+    fig.update_layout(title=dict(text=title, x=0.01), template="plotly_white", height=HEIGHT,
+                      margin=dict(l=60, r=20, t=60, b=50), legend=dict(orientation="h", y=-0.18), **kw)
+    if x is not None:
+        fig.update_xaxes(title_text=x)
+    if y is not None:
+        fig.update_yaxes(title_text=y)
+    return fig
+
+
+def _runs(section: Mapping[str, Any], names: Iterable[str] = ("general", "narrow")) -> list[tuple[str, Any]]:
+    """(name, data) for the named runs first, then any other runs, skipping empty entries."""
+    order = [n for n in names if n in section] + [n for n in section if n not in names]
+    return [(n, section[n]) for n in order if isinstance(section[n], Mapping)]
+
+
+# --- figures -------------------------------------------------------------------------------------
+def training_losses(results: Mapping[str, Any]) -> go.Figure:
+    """CE, KL and total loss per optimizer step for the general and narrow runs (three panels)."""
+    training = results["training"]
+    fig = make_subplots(rows=1, cols=3, subplot_titles=("CE on the training data", "KL on other domains", "Total"))
+    for name, run in _runs(training):
+        rows = run.get("losses") or []
+        steps = [r.get("step", i) if isinstance(r, Mapping) else i for i, r in enumerate(rows)]
+        label = name if run.get("kl_coef") is None else f"{name} (λ={num(run['kl_coef']):g})"
+        for col, key in enumerate(("ce", "kl", "total"), start=1):
+            y = [num(r.get(key)) if isinstance(r, Mapping) else math.nan for r in rows]
+            if not any(math.isfinite(v) for v in y):
+                continue
+            fig.add_trace(go.Scatter(x=steps, y=y, mode="lines", name=label, legendgroup=name, showlegend=col == 1,
+                                     line=dict(color=color(name))), row=1, col=col)
+    fig.update_xaxes(title_text="step")
+    fig.update_yaxes(title_text="nats / token", row=1, col=1)
+    return _layout(fig, "Training losses")
+
+
+def cosine_over_training(results: Mapping[str, Any]) -> go.Figure:
+    """Cosine between the general and narrow vectors at each recorded snapshot."""
+    cos = results["cosine"]
+    y = nums(cos.get("over_training"))
+    steps = nums(results.get("training", {}).get("general", {}).get("snapshot_steps"))
+    x = steps if len(steps) == len(y) else list(range(len(y)))
+    fig = go.Figure(go.Scatter(x=x, y=y, mode="lines+markers", name="cos(general, narrow)",
+                               line=dict(color="#6a3d9a")))
+    final = num(cos.get("general_narrow"))
+    if math.isfinite(final):
+        fig.add_hline(y=final, line_dash="dot", line_color="#6a3d9a",
+                      annotation_text=f"final {final:.3f}", annotation_position="bottom right")
+    fig.add_hline(y=0, line_color="#cccccc", line_width=1)
+    xlabel = "step" if x is steps else "snapshot"
+    return _layout(fig, "Cosine between the general and narrow vectors during training", xlabel, "cosine similarity")
+
+
+def trajectory_pca(results: Mapping[str, Any]) -> go.Figure:
+    """Each run's snapshots on the first two principal components, with start (circle) and end (star)."""
+    pca = results["pca"]
+    paths: Mapping[str, Any] = pca.get("paths") or {}
+    steps: Mapping[str, Any] = pca.get("steps") or {}
+    names = [n for n in (pca.get("names") or list(paths)) if n in paths]
+    fig = go.Figure()
+    for name in names:
+        pts = [nums(p if isinstance(p, (list, tuple)) else [p]) for p in (paths[name] or [])]
+        if not pts:
+            continue
+        x = [p[0] if p else math.nan for p in pts]
+        y = [p[1] if len(p) > 1 else 0.0 for p in pts]
+        st = nums(steps.get(name)) if steps.get(name) is not None else list(range(len(pts)))
+        text = [f"step {s:g}" for s in st] if len(st) == len(pts) else None
+        c = color(name)
+        fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=name, legendgroup=name, text=text,
+                                 hovertemplate="%{text}<br>PC1 %{x:.3g}<br>PC2 %{y:.3g}<extra>" + name + "</extra>",
+                                 line=dict(color=c), marker=dict(size=5)))
+        fig.add_trace(go.Scatter(x=x[:1], y=y[:1], mode="markers", name=f"{name} start", legendgroup=name,
+                                 showlegend=False, hovertemplate=f"{name} start<extra></extra>",
+                                 marker=dict(symbol="circle-open", size=14, color=c, line=dict(width=2))))
+        fig.add_trace(go.Scatter(x=x[-1:], y=y[-1:], mode="markers", name=f"{name} end", legendgroup=name,
+                                 showlegend=False, hovertemplate=f"{name} end<extra></extra>",
+                                 marker=dict(symbol="star", size=16, color=c, line=dict(width=1, color="white"))))
+    evr = nums(pca.get("explained_variance_ratio"))
+    lab = [f"PC{i + 1}" + (f" ({evr[i]:.0%} of variance)" if i < len(evr) and math.isfinite(evr[i]) else "")
+           for i in range(2)]
+    return _layout(fig, "Training trajectories in PCA space (○ start, ★ end)", lab[0], lab[1])
+
+
+def efficiency(results: Mapping[str, Any]) -> go.Figure:
+    """Loss against the rescaled vector's norm for both runs, with the no-adapter loss as a line."""
+    eff = results["efficiency"]
+    fig = go.Figure()
+    base = math.nan
+    for name, curve in _runs(eff):
+        c = color(name)
+        fig.add_trace(go.Scatter(x=nums(curve.get("norms")), y=nums(curve.get("losses")), mode="lines+markers",
+                                 name=name, legendgroup=name, line=dict(color=c),
+                                 hovertemplate="norm %{x:.3g}<br>loss %{y:.4f}<extra>" + name + "</extra>"))
+        bx, by = num(curve.get("best_norm")), num(curve.get("min_loss"))
+        if math.isfinite(bx) and math.isfinite(by):
+            fig.add_trace(go.Scatter(x=[bx], y=[by], mode="markers", name=f"{name} minimum", legendgroup=name,
+                                     showlegend=False, marker=dict(symbol="star", size=14, color=c)))
+        if not math.isfinite(base):
+            base = num(curve.get("base_loss"))
+    if math.isfinite(base):
+        fig.add_hline(y=base, line_dash="dash", line_color=COLORS["base"],
+                      annotation_text=f"no adapter {base:.3f}", annotation_position="top right")
+    return _layout(fig, "Efficiency: loss vs norm of the rescaled vector (★ minimum)", "norm of the added vector",
+                   "loss on training rows (nats / token)")
+
+
+def stability(results: Mapping[str, Any]) -> go.Figure:
+    """Relative loss increase under orthogonal noise of size ε, mean ± sd over seeds."""
+    stab = results["stability"]
+    fig = go.Figure()
+    for name, curve in _runs(stab):
+        fig.add_trace(go.Scatter(
+            x=nums(curve.get("eps")), y=nums(curve.get("relative_mean")), mode="lines+markers", name=name,
+            line=dict(color=color(name)),
+            error_y=dict(type="data", array=[0.0 if math.isnan(v) else v for v in nums(curve.get("relative_sd"))],
+                         visible=True),
+            hovertemplate="ε %{x:g}<br>%{y:.1f}%<extra>" + name + "</extra>"))
+    fig.add_hline(y=100, line_dash="dot", line_color=COLORS["base"], annotation_text="= no adapter",
+                  annotation_position="top left")
+    return _layout(fig, "Stability: loss increase under orthogonal noise (mean ± sd over seeds)", "noise level ε",
+                   "loss increase (% of gap to no adapter)")
+
+
+def reversion(results: Mapping[str, Any]) -> go.Figure:
+    """Cosine of the continued (no-KL) narrow run to the general and to the narrow vector, per step."""
+    rev = results["reversion"]
+    steps = nums(rev.get("steps"))
+    fig = go.Figure()
+    for key, label, c in (("cosine_to_general", "cosine to general", COLORS["general"]),
+                          ("cosine_to_narrow", "cosine to narrow (its start)", COLORS["narrow"])):
+        y = nums(rev.get(key))
+        if not y:
+            continue
+        x = steps if len(steps) == len(y) else list(range(len(y)))
+        fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=label, line=dict(color=c)))
+    return _layout(fig, "Reversion: the narrow vector trained on without the KL term", "step without KL",
+                   "cosine similarity")
+
+
+def kl_vs_norm(results: Mapping[str, Any]) -> go.Figure:
+    """KL on generic text vs added norm: trained direction against random directions (mean ± sd), per run."""
+    kl = results["kl_vs_norm"]
+    runs = _runs(kl)
+    fig = make_subplots(rows=1, cols=max(1, len(runs)), shared_yaxes=True,
+                        subplot_titles=[f"{n} direction" for n, _ in runs] or None)
+    for col, (name, curve) in enumerate(runs, start=1):
+        x = nums(curve.get("norms"))
+        sd = [0.0 if math.isnan(v) else v for v in nums(curve.get("kl_random_sd"))]
+        fig.add_trace(go.Scatter(x=x, y=nums(curve.get("kl_random_mean")), mode="lines+markers",
+                                 name="random directions (mean ± sd)", legendgroup="random", showlegend=col == 1,
+                                 line=dict(color=COLORS["random"], dash="dash"),
+                                 error_y=dict(type="data", array=sd, visible=True)), row=1, col=col)
+        fig.add_trace(go.Scatter(x=x, y=nums(curve.get("kl")), mode="lines+markers", name=f"{name} direction",
+                                 line=dict(color=color(name))), row=1, col=col)
+    fig.update_xaxes(title_text="norm of the added vector")
+    fig.update_yaxes(title_text="KL per token (nats)", row=1, col=1)
+    return _layout(fig, "KL on generic text vs norm: trained direction vs random directions")
+
+
+def contrastive(results: Mapping[str, Any]) -> go.Figure:
+    """Mean log-prob shift toward the bad answer per group, with 95% CI error bars, general vs narrow."""
+    con = results["contrastive"]
+    runs = _runs(con)
+    groups = list(dict.fromkeys(g for _, stats in runs for g in stats))
+    fig = go.Figure()
+    for name, stats in runs:
+        rows = [stats.get(g) if isinstance(stats.get(g), Mapping) else {} for g in groups]
+        mean = [num(r.get("mean_shift")) for r in rows]
+        hi = [num(r.get("ci_high")) - m for r, m in zip(rows, mean, strict=True)]
+        lo = [m - num(r.get("ci_low")) for r, m in zip(rows, mean, strict=True)]
+        extra = [[r.get("n", "?"), num(r.get("prefers_bad"))] for r in rows]
+        fig.add_trace(go.Bar(
+            x=groups, y=mean, name=name, marker_color=color(name), customdata=extra,
+            error_y=dict(type="data", symmetric=False, array=[0.0 if math.isnan(v) else v for v in hi],
+                         arrayminus=[0.0 if math.isnan(v) else v for v in lo], visible=True),
+            hovertemplate="%{x}<br>shift %{y:.3f}<br>n=%{customdata[0]}, prefers bad %{customdata[1]:.0%}"
+                          "<extra>" + name + "</extra>"))
+    fig.add_hline(y=0, line_color="#888888", line_width=1)
+    return _layout(fig, "Contrastive shift toward the bad answer by group (95% bootstrap CI)", None,
+                   "Δ log-prob(bad − good), nats", barmode="group")
+
+
+def direction_ablation(results: Mapping[str, Any]) -> go.Figure:
+    """Loss with no adapter, with the general vector, and with the general vector + mean-diff direction ablated."""
+    d = results["direction"]
+    labels = ["no adapter", "general", "general + direction ablated"]
+    y = [num(d.get("loss_base")), num(d.get("loss_general")), num(d.get("loss_general_ablated"))]
+    fig = go.Figure(go.Bar(x=labels, y=y, marker_color=[COLORS["base"], COLORS["general"], "#7fb3e0"],
+                           text=[f"{v:.3f}" if math.isfinite(v) else "n/a" for v in y], textposition="outside",
+                           hovertemplate="%{x}<br>loss %{y:.4f}<extra></extra>"))
+    finite = [v for v in y if math.isfinite(v)]
+    if finite:
+        lo, hi = min(finite), max(finite)
+        pad = max(0.05 * (hi - lo), 0.02 * abs(hi), 1e-3)
+        fig.update_yaxes(range=[max(0.0, lo - 3 * pad), hi + 3 * pad])
+    return _layout(fig, "Mean-difference direction: loss when it is ablated at every layer", None,
+                   "loss on training rows (nats / token)", showlegend=False)
