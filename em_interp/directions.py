@@ -210,6 +210,40 @@ def ablate(
         yield d
 
 
+@dataclass
+class Steering:
+    """`steer` as an object with `.applied(model)`, to pass among adapters (`em.generate`, `eval.contrastive`).
+
+    `applied(model, scale=s)` adds `s · scale · r̂` (s multiplies, as for an adapter's scale).
+    """
+
+    direction: Direction
+    scale: float
+    positions: Positions = "all"
+
+    def applied(self, model: Any, scale: float | None = None, positions: Positions | None = None) -> Any:
+        factor = 1.0 if scale is None else float(scale)
+        return steer(model, self.direction, factor * self.scale, self.positions if positions is None else positions)
+
+    def __repr__(self) -> str:
+        return f"Steering({self.direction.hook_name}, scale={self.scale:g})"
+
+
+@dataclass
+class Ablation:
+    """`ablate` as an object with `.applied(model)`, to pass among adapters; a `scale` passed in is ignored."""
+
+    direction: Direction
+    layers: str | Sequence[int] = "all"
+    positions: Positions = "all"
+
+    def applied(self, model: Any, scale: float | None = None, positions: Positions | None = None) -> Any:
+        return ablate(model, self.direction, self.layers, self.positions if positions is None else positions)
+
+    def __repr__(self) -> str:
+        return f"Ablation(layers={self.layers!r}, d_model={self.direction.d_model})"
+
+
 # --- transfer -----------------------------------------------------------------------------------
 @dataclass
 class TransferResult:
@@ -218,7 +252,9 @@ class TransferResult:
     Attributes:
         loss: condition -> mean assistant-token CE on the chat data (the "bad" answers for paired data).
         loss_good: condition -> CE on the "good" answers (paired data only, else None).
-        contrastive: condition -> `em_interp.eval.contrastive` result (paired data, when available).
+        contrastive: condition -> `eval.contrastive` result (paired data, when that module exists): its
+            base pass is the plain target model, its adapted pass has the target's adapters plus the
+            condition's intervention (`Steering` / `Ablation`), so `mean_shift` is the total effect.
         direction: the direction used; scale: the steering norm; layers: the ablated layers.
     """
 
@@ -232,6 +268,12 @@ class TransferResult:
     def loss_shift(self) -> dict[str, float]:
         """Loss change against the "none" condition."""
         return {k: v - self.loss["none"] for k, v in self.loss.items()}
+
+    def contrastive_shift(self) -> dict[str, float] | None:
+        """Mean contrastive shift over all items per condition (None without the contrastive metric)."""
+        if self.contrastive is None:
+            return None
+        return {k: float(r.domains["all"]["mean_shift"]) for k, r in self.contrastive.items()}
 
 
 def _contrastive_fn() -> Any:
@@ -294,19 +336,16 @@ def transfer(
     bad = [chat(r["question"], r["bad"]) for r in rows] if paired else _records(rows, "data")
     good = [chat(r["question"], r["good"]) for r in rows] if paired else None
     contrastive = _contrastive_fn() if paired else None
-    conditions = {
-        "none": contextlib.nullcontext,
-        "steered": lambda: steer(model, d, scale, positions),
-        "ablated": lambda: ablate(model, d, layers, positions),
-    }
+    conditions: dict[str, Any] = {"none": None, "steered": Steering(d, scale, positions), "ablated": Ablation(d, layers, positions)}
     loss, loss_good, contrast = {}, {}, {}
-    for name, ctx in conditions.items():
-        with ctx():
+    for name, intervention in conditions.items():
+        with contextlib.nullcontext() if intervention is None else intervention.applied(model):
             loss[name] = loss_on(model, bad, chosen, batch_size=batch_size)
             if good is not None:
                 loss_good[name] = loss_on(model, good, chosen, batch_size=batch_size)
-            if contrastive is not None:
-                contrast[name] = contrastive(model, rows, adapters=chosen)
+        if contrastive is not None:
+            extra = [] if intervention is None else [intervention]
+            contrast[name] = contrastive(model, rows, adapters=[*chosen, *extra], batch_size=batch_size, progress=False)
     return TransferResult(
         loss=loss, loss_good=loss_good if paired else None, contrastive=contrast if contrastive is not None else None,
         direction=d, scale=float(scale), layers=layers if isinstance(layers, str) else [int(x) for x in layers],
@@ -314,6 +353,6 @@ def transfer(
 
 
 __all__ = [
-    "EXTRACT_POSITIONS", "Direction", "TransferResult", "ablate", "ablation_hooks", "as_direction", "mean_diff", "steer",
+    "EXTRACT_POSITIONS", "Ablation", "Direction", "Steering", "TransferResult", "ablate", "ablation_hooks", "as_direction", "mean_diff", "steer",
     "transfer",
 ]

@@ -33,3 +33,11 @@ class JudgeError(EmInterpError, RuntimeError):
 
 class GeometryError(EmInterpError, ValueError):
     """A vector, direction or trajectory does not fit (shape, d_model, layer, kind) or is degenerate."""
+
+
+class ConfigError(EmInterpError, ValueError):
+    """A configuration file (e.g. the TOML of `em-interp train`) is missing a key, has an unknown one, or a bad value."""
+
+
+class ReportError(EmInterpError, ValueError):
+    """A run dir has no readable results, or a report could not be written."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 from jaxtyping import Bool
@@ -24,7 +24,7 @@ from torch import Tensor
 from em_interp.errors import AdapterError
 
 HookFn = Callable[..., Any]
-Positions = Union[str, int, Bool[Tensor, "batch pos"]]
+Positions = str | int | Bool[Tensor, "batch pos"]
 
 # Absolute position of the first token the model sees in the current forward (non-zero while a KV
 # cache feeds one new token at a time during generation).

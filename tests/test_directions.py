@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -161,7 +163,14 @@ def test_transfer_on_chat_and_paired_data(model):
     bad = [chat(p["question"], p["bad"]) for p in paired]
     assert result.loss["none"] == pytest.approx(loss_on(model, bad, lora), abs=1e-6)
     assert set(result.loss_good) == {"none", "steered", "ablated"}
-    if result.contrastive is not None:
-        assert set(result.contrastive) == {"none", "steered", "ablated"}
+    if importlib.util.find_spec("em_interp.eval.contrastive") is None:
+        assert result.contrastive is None
+    else:  # the adapted pass has the target adapter plus the intervention; base is the plain model
+        steered = result.contrastive["steered"].items[0]
+        with dirs.steer(model, vec, 4.0), lora.applied(model):
+            lp_good, lp_bad = (-loss_on(model, [chat(paired[0]["question"], paired[0][k])]) for k in ("good", "bad"))
+        assert steered["adapted"] == pytest.approx(lp_bad - lp_good, abs=1e-4)
+        shifts = [it["shift"] for it in result.contrastive["steered"].items]
+        assert result.contrastive_shift()["steered"] == pytest.approx(sum(shifts) / len(shifts), abs=1e-9)
     with pytest.raises(GeometryError, match="model="):
         dirs.transfer(vec, lora, paired)

@@ -161,7 +161,7 @@ def test_efficiency_curve_lora_rescales_b(model):
     assert curve.losses[0] == pytest.approx(geo.loss_on(model, data), abs=1e-5)
     assert curve.losses[1] == pytest.approx(_direct_loss(model, data, half), abs=1e-5)
     assert curve.losses[2] == pytest.approx(_direct_loss(model, data, lora), abs=1e-5)
-    ref = np.mean([float((lora.scaling * lora.B[k] @ lora.A[k]).norm()) for k in lora.A])
+    ref = np.mean([float((lora.scaling * lora.B[k] @ lora.A[k]).detach().norm()) for k in lora.A])
     np.testing.assert_allclose(curve.norms, ref * np.array([0.0, 0.5, 1.0]), rtol=1e-5)
 
 
@@ -170,7 +170,7 @@ def test_perturbation_keeps_norm_and_noise_is_orthogonal():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(7, 9, generator=g) * 3
     y = geo.orthogonal_noise(x, torch.Generator().manual_seed(1))
-    assert abs(float((y.flatten() @ x.double().flatten()))) < 1e-9 * float(x.norm()) ** 2
+    assert abs(float(y.flatten() @ x.double().flatten())) < 1e-9 * float(x.norm()) ** 2
     assert float(y.norm()) == pytest.approx(float(x.double().norm()), rel=1e-12)
     for eps in (0.0, 0.01, 0.3, 0.99, 1.0):
         xp = geo.perturb(x, eps, y)
@@ -190,6 +190,9 @@ def test_perturb_adapter_perturbs_lora_a_and_b_separately(model):
         xp = pert.state()[name]
         assert float(xp.norm()) == pytest.approx(float(x.norm()), rel=1e-5)
         assert _np_cos(xp, x) == pytest.approx(0.8, abs=1e-5)
+    assert all(torch.equal(v, lora.state()[k]) for k, v in before.items())
+    curve = geo.stability_curve(lora, model, tiny_chat_records(2), eps=(0.0, 1.0), seeds=2)
+    np.testing.assert_array_equal(curve.relative[0], 0.0)
     assert all(torch.equal(v, lora.state()[k]) for k, v in before.items())
 
 

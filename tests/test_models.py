@@ -243,7 +243,7 @@ def test_one_adam_step_on_a_steering_vector_lowers_the_loss(smollm):
         opt.step()
         with torch.no_grad():
             after = _assistant_ce(smollm, batch)
-    assert torch.isfinite(before) and float(after) < float(before)
+    assert torch.isfinite(before) and after.item() < before.item()
     assert all(p.grad is None for p in smollm.parameters())
 
 

@@ -176,7 +176,7 @@ def test_batch_plan_groups_by_length_and_covers_all(tok):
     assert [len(b) for b in plan] == [8] * 6 + [2]
     assert sorted(i for b in plan for i in b) == list(range(50))  # every example exactly once
     lengths = [len(x) for x in chats.ids]
-    for earlier, later in zip(plan, plan[1:]):  # batches are contiguous ranges of the length order
+    for earlier, later in zip(plan[:-1], plan[1:], strict=True):  # batches are contiguous ranges of the length order
         assert max(lengths[i] for i in earlier) <= min(lengths[i] for i in later)
     shuffled = list(range(50))
     rng.shuffle(shuffled)

@@ -1,0 +1,365 @@
+"""The `em-interp` command: `demo`, `report`, `train`, `bench`.
+
+    em-interp demo --out runs/demo [--fast] [--device cuda] [--lora]   # the narrow-vs-general study
+    em-interp report runs/demo                                         # re-render report.html from results.json
+    em-interp train configs/narrow.toml                                # train one adapter from a TOML file
+    em-interp bench [--device cuda ...]                                # the trainer benchmark (from a checkout)
+
+A `train` config (relative paths are resolved from the TOML file's folder):
+
+    [model]                       # optional; default: the embedded SmolLM2-135M-Instruct
+    name = "Qwen/Qwen2.5-0.5B-Instruct"
+    device = "cuda"
+    dtype = "bfloat16"
+
+    [adapter]
+    kind = "steering"             # or "lora"
+    layer = 15
+    hook = "mlp_out"              # steering: resid_pre|resid_mid|resid_post|mlp_out|attn_out ("site" also accepted)
+    alpha = 256                   # lora instead: rank, site, alpha, rslora
+
+    [data]
+    train = { domains = ["medical"], kind = "bad", split = "train" }   # bundled data, or a JSONL path
+    kl = { domains = ["finance", "legal"], kind = "mixed", limit = 200 }
+
+    [train]                       # any em.train keyword (TrainConfig fields), plus out / checkpoint_dir / progress
+    lr = 5e-4
+    epochs = 2
+    kl_coef = 1.0
+    out = "runs/narrow"
+
+Errors in the config (missing or unknown keys, wrong types) exit with code 2 and a message naming the
+file, section and key, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import logging
+import os
+import runpy
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from em_interp.errors import ConfigError, EmInterpError
+
+log = logging.getLogger("em_interp.cli")
+
+ADAPTER_KEYS = {
+    "steering": {"kind", "layer", "hook", "site", "alpha", "init", "seed"},
+    "lora": {"kind", "layer", "rank", "site", "alpha", "rslora", "init", "seed"},
+}
+MODEL_KEYS = {"name", "device", "dtype", "device_map"}
+DATA_SPEC_KEYS = {"domains", "kind", "split", "seed", "system", "limit", "path"}
+TRAIN_EXTRA = {"out": str, "checkpoint_dir": str, "progress": bool}
+_TYPES: dict[str, tuple[type, ...]] = {"float": (int, float), "int": (int,), "str": (str,), "bool": (bool,),
+                                       "None": (type(None),)}
+
+
+# --- train config ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainSpec:
+    """A validated `em-interp train` config: what to load, what to build, how to train, where to save."""
+
+    source: Path
+    model: dict[str, Any]
+    adapter: dict[str, Any]
+    data: dict[str, Any]
+    kl: dict[str, Any] | None
+    train: dict[str, Any]
+    out: Path
+    checkpoint_dir: Path | None = None
+    progress: bool = True
+
+
+def load_train_config(path: str | os.PathLike[str]) -> TrainSpec:
+    """Read and check a `train` TOML file (no model is loaded).
+
+    Raises:
+        ConfigError: unreadable file, TOML syntax error, missing or unknown section/key, wrong value type.
+        TrainingError: training settings out of range (from `TrainConfig`).
+    """
+    from em_interp.training import TrainConfig
+
+    path = Path(path)
+    raw = _read_toml(path)
+    where = str(path)
+    _check_keys(where, "", raw, {"model", "adapter", "data", "train"})
+    sections = {}
+    for name in ("model", "adapter", "data", "train"):
+        sec = raw.get(name, {})
+        if not isinstance(sec, dict):
+            raise ConfigError(f"{where}: [{name}] must be a table; got {type(sec).__name__}.")
+        sections[name] = dict(sec)
+    model, adapter, data, train = (sections[n] for n in ("model", "adapter", "data", "train"))
+
+    _check_keys(where, "[model]", model, MODEL_KEYS)
+    for key in ("name", "device", "dtype"):
+        _check_type(where, "[model]", key, model, (str,))
+    if isinstance(model.get("name"), str) and (path.parent / model["name"]).is_dir():
+        model["name"] = str(path.parent / model["name"])
+
+    kind = adapter.get("kind", "steering")
+    if kind not in ADAPTER_KEYS:
+        raise ConfigError(f"{where}: [adapter] kind = {kind!r}; expected \"steering\" or \"lora\".")
+    _check_keys(where, f"[adapter] (kind={kind!r})", adapter, ADAPTER_KEYS[kind])
+    _require(where, "adapter", adapter, "layer")
+    multi = (int, list) if kind == "lora" else (int,)
+    _check_type(where, "[adapter]", "layer", adapter, multi)
+    _check_type(where, "[adapter]", "site", adapter, (str, list) if kind == "lora" else (str,))
+    for key, types in (("hook", (str,)), ("alpha", (int, float)), ("rank", (int,)), ("rslora", (bool,)),
+                       ("init", (str,)), ("seed", (int,))):
+        _check_type(where, "[adapter]", key, adapter, types)
+    if kind == "steering" and "site" in adapter:
+        if "hook" in adapter:
+            raise ConfigError(f"{where}: [adapter] has both hook and site; give one (for a steering vector they mean the same).")
+        adapter["hook"] = adapter.pop("site")
+
+    _check_keys(where, "[data]", data, {"train", "kl"})
+    _require(where, "data", data, "train")
+    train_data = _data_spec(where, "train", data["train"], path.parent)
+    kl_data = _data_spec(where, "kl", data["kl"], path.parent) if "kl" in data else None
+
+    fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    _check_keys(where, "[train]", train, set(fields) | set(TRAIN_EXTRA))
+    _require(where, "train", train, "out")
+    for key, ann in fields.items():
+        _check_type(where, "[train]", key, train, tuple(t for part in str(ann).split("|")
+                                                       for t in _TYPES.get(part.strip(), (object,))))
+    for key, typ in TRAIN_EXTRA.items():
+        _check_type(where, "[train]", key, train, (typ,))
+    settings = {k: v for k, v in train.items() if k not in TRAIN_EXTRA}
+    TrainConfig(**settings)  # range checks now, before a model is loaded
+    if settings.get("kl_coef", 0) > 0 and kl_data is None:
+        raise ConfigError(f"{where}: [train] kl_coef = {settings['kl_coef']} needs KL data; add `kl = ...` to [data].")
+    ckpt = train.get("checkpoint_dir")
+    return TrainSpec(source=path, model=model, adapter=adapter, data=train_data, kl=kl_data, train=settings,
+                     out=path.parent / train["out"], checkpoint_dir=path.parent / ckpt if ckpt else None,
+                     progress=train.get("progress", True))
+
+
+def run_train_config(spec: TrainSpec) -> Any:
+    """Load the model and data of `spec`, train the adapter, save the run dir (with a copy of the TOML)."""
+    import em_interp as em
+
+    data = _load_data(spec.data)  # data errors surface before a (possibly large) model is loaded
+    kl = _load_data(spec.kl) if spec.kl is not None else None
+    model = em.load_model(spec.model.get("name"), device=spec.model.get("device"), dtype=spec.model.get("dtype"),
+                          device_map=spec.model.get("device_map"))
+    opts = {k: v for k, v in spec.adapter.items() if k != "kind"}
+    adapter = em.LoRA(model, **opts) if spec.adapter.get("kind") == "lora" else em.SteeringVector(model, **opts)
+    log.info("train: %s on %d rows%s", type(adapter).__name__, len(data), f", KL on {len(kl)} rows" if kl else "")
+    run = em.train(adapter, model, data, kl_data=kl, checkpoint_dir=spec.checkpoint_dir, progress=spec.progress,
+                   **spec.train)
+    run.save(spec.out)
+    shutil.copyfile(spec.source, spec.out / "config.toml")
+    return run
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        try:
+            import tomli as tomllib  # type: ignore[no-redef]
+        except ModuleNotFoundError as exc:
+            raise ConfigError("reading TOML on Python 3.10 needs the `tomli` package (pip install tomli).") from exc
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file.")
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+
+
+def _check_keys(where: str, place: str, table: dict[str, Any], allowed: set[str]) -> None:
+    """Raise for a key of `table` not in `allowed` (place: "[adapter]" etc., "" for the top-level sections)."""
+    for key in table:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, sorted(allowed), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            what = f"{place} unknown key" if place else "unknown section"
+            raise ConfigError(f"{where}: {what} {key!r}{hint}; expected one of: {', '.join(sorted(allowed))}.")
+
+
+def _require(where: str, section: str, table: dict[str, Any], key: str) -> None:
+    if key not in table:
+        raise ConfigError(f"{where}: [{section}] is missing the required key {key!r}.")
+
+
+def _check_type(where: str, place: str, key: str, table: dict[str, Any], types: tuple[type, ...]) -> None:
+    if key not in table or object in types:
+        return
+    value = table[key]
+    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+    if not ok:
+        names = " or ".join(sorted({"number" if t is float else t.__name__.replace("NoneType", "none") for t in types}))
+        raise ConfigError(f"{where}: {place} {key} = {value!r} is a {type(value).__name__}; expected {names}.")
+
+
+def _data_spec(where: str, key: str, value: Any, base: Path) -> dict[str, Any]:
+    if isinstance(value, str):
+        value = {"path": value}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: [data] {key} must be a JSONL path or a table like "
+                          f"{{ domains = [\"medical\"], kind = \"bad\", split = \"train\" }}; got {type(value).__name__}.")
+    _check_keys(where, f"[data] {key}:", value, DATA_SPEC_KEYS)
+    if "path" in value:
+        extra = set(value) - {"path", "limit"}
+        if extra:
+            raise ConfigError(f"{where}: [data] {key}: a JSONL path takes only `limit`; remove {', '.join(sorted(extra))}.")
+        file = base / value["path"]
+        if not file.is_file():
+            raise ConfigError(f"{where}: [data] {key}: no such JSONL file {file}.")
+        value = {**value, "path": str(file)}
+    for k, types in (("kind", (str,)), ("split", (str,)), ("seed", (int,)), ("system", (str,)), ("limit", (int,)),
+                     ("domains", (str, list))):
+        _check_type(where, f"[data] {key}:", k, value, types)
+    return dict(value)
+
+
+def _load_data(spec: dict[str, Any]) -> list[Any]:
+    import em_interp as em
+
+    spec = dict(spec)
+    limit = spec.pop("limit", None)
+    if "path" in spec:
+        rows = em.datasets.load_jsonl(spec["path"])
+    else:
+        rows = em.datasets.load(spec.pop("domains", "medical"), **spec)
+    return rows[:limit] if limit is not None else rows
+
+
+# --- commands --------------------------------------------------------------------------------------
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from em_interp.study import run_study
+
+    t0 = time.perf_counter()
+    results = run_study(args.out, fast=args.fast, device=args.device, lora=args.lora)
+    out = Path(args.out).resolve()
+    print(f"report:  {out / 'report.html'}")
+    print(f"results: {out / 'results.json'}")
+    for key, v in (results.get("verdicts") or {}).items():
+        print(f"  {key:<10} {str(v.get('verdict', '?')).upper():<14} {v.get('text', '')}")
+    total = (results.get("timings") or {}).get("total") or (time.perf_counter() - t0)
+    print(f"total time: {total:.1f} s")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from em_interp.report import load_results, write_report
+
+    run_dir = Path(args.run_dir)
+    results = load_results(run_dir)
+    target = Path(args.out) if args.out else (run_dir if run_dir.is_dir() else run_dir.parent) / "report.html"
+    print(f"report: {write_report(results, target).resolve()}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    spec = load_train_config(args.config)
+    t0 = time.perf_counter()
+    run = run_train_config(spec)
+    last = run.final_losses()
+    losses = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k != "step")
+    print(f"run: {spec.out.resolve()} ({len(run.losses)} steps, {time.perf_counter() - t0:.1f} s; final {losses}; "
+          f"adapter norm {run.adapter.norm:.4g})")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
+    if not script.is_file():
+        print("The trainer benchmark is not part of the installed package. From a checkout of the em_interp "
+              "repository run:\n    python benchmarks/bench_train.py --help\n(or `make bench`).", file=sys.stderr)
+        return 1
+    saved = sys.argv
+    sys.argv = [str(script), *args.bench_args]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = saved
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `em-interp` (subcommands demo, report, train, bench)."""
+    p = argparse.ArgumentParser(prog="em-interp", description="Interpretability tools for emergent misalignment.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    d = sub.add_parser("demo", help="run the narrow-vs-general study and write report.html + results.json")
+    d.add_argument("--out", default="runs/demo", help="run dir (default: runs/demo)")
+    d.add_argument("--fast", action="store_true", help="small sizes (a few minutes on CPU)")
+    d.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
+    d.add_argument("--lora", action="store_true", help="use rank-1 LoRA adapters instead of steering vectors")
+    d.set_defaults(func=_cmd_demo)
+    r = sub.add_parser("report", help="re-render report.html from RUN_DIR/results.json")
+    r.add_argument("run_dir", metavar="RUN_DIR")
+    r.add_argument("--out", default=None, help="HTML file to write (default: RUN_DIR/report.html)")
+    r.set_defaults(func=_cmd_report)
+    t = sub.add_parser("train", help="train one adapter from a TOML config (see `em_interp.cli` docs)")
+    t.add_argument("config", metavar="CONFIG.toml")
+    t.set_defaults(func=_cmd_train)
+    b = sub.add_parser("bench", help="run benchmarks/bench_train.py (extra arguments are passed on)")
+    b.set_defaults(func=_cmd_bench)
+    return p
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever `sys.stderr` is at the time (survives stream swaps, e.g. under pytest)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Send em_interp's log records at `level` and above to stderr (once; later calls only change the level)."""
+    logger = logging.getLogger("em_interp")
+    logger.setLevel(level)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `em-interp`; returns the exit code (0 ok, 2 bad input/config, 1 other failure)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    if extra and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.bench_args = extra
+    configure_logging(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
+    try:
+        return int(args.func(args))
+    except EmInterpError as exc:
+        print(f"em-interp {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"em-interp {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""Page layout of the study report: header, verdict cards, one section per figure, tables.
+
+`render(results)` returns the whole page as one string with plotly.js embedded once, so the file opens
+offline. Sections whose results are missing are replaced by a short note; every piece of text that comes
+from the results (generations, config values, verdict texts) is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from html import escape
+from typing import Any
+
+import plotly.graph_objects as go
+from plotly.offline import get_plotlyjs
+
+from em_interp.report import figures as F
+from em_interp.report.style import CSS
+
+log = logging.getLogger(__name__)
+
+VERDICT_COLORS = {"confirmed": "#1a7f37", "not confirmed": "#c62828", "unclear": "#b26a00"}
+CLAIMS = {
+    "efficiency": ("Efficiency", "The general solution is more efficient: lower loss at equal norm."),
+    "stability": ("Stability", "The general solution is more stable: the narrow one degrades faster under noise."),
+    "reversion": ("Reversion", "Without the KL term, the narrow solution moves toward the general one."),
+}
+PLOT_CONFIG = {"displaylogo": False, "responsive": True}
+
+
+@dataclass(frozen=True)
+class Section:
+    """One figure of the report: where its data lives, how to draw it, and what it measures."""
+
+    div_id: str
+    title: str
+    key: str
+    figure: Callable[[Mapping[str, Any]], go.Figure]
+    explanation: str
+
+
+SECTIONS: tuple[Section, ...] = (
+    Section("fig-training", "Training losses", "training", F.training_losses,
+            "Both steering vectors learn the same bad medical advice: the cross-entropy (CE) is the loss on the "
+            "assistant's answers. The narrow vector also pays a penalty λ·KL for changing the model's answers in "
+            "other domains (finance, legal, careers, home safety); the general vector pays none (λ = 0). Falling CE "
+            "means a vector fits the bad advice; the KL panel shows how much each one changes the model elsewhere."),
+    Section("fig-cosine", "Cosine over training", "cosine", F.cosine_over_training,
+            "The cosine similarity between the general and the narrow vector at the same training step: 1 means "
+            "they point the same way, 0 that they are unrelated. If the KL penalty sends the narrow solution "
+            "somewhere else, the cosine stays well below 1."),
+    Section("fig-pca", "Trajectories (PCA)", "pca", F.trajectory_pca,
+            "Every recorded snapshot of the general run, the narrow run and the reversion run (the narrow vector "
+            "trained on without KL) is projected onto the two directions along which all snapshots vary most. "
+            "Circles mark where a run starts, stars where it ends. A reversion path heading toward the general "
+            "path means the narrow solution was held in place only by the KL term."),
+    Section("fig-efficiency", "Efficiency", "efficiency", F.efficiency,
+            "Each trained vector is rescaled from 0 to 2 times its trained size and the loss on training rows is "
+            "measured at each size. A more efficient solution reaches a lower loss at the same norm. The dashed "
+            "line is the model with no adapter; stars mark each curve's minimum."),
+    Section("fig-stability", "Stability", "stability", F.stability,
+            "Each vector x is mixed with random noise y of the same length at right angles to it: "
+            "x' = √(1−ε²)·x + ε·y. The y axis is how much the loss rises, as a percentage of the gap between the "
+            "trained vector's loss and the no-adapter loss (0% = unaffected, 100% = as bad as no adapter). "
+            "Error bars are the standard deviation over noise seeds. A steeper curve is a less stable solution."),
+    Section("fig-reversion", "Reversion", "reversion", F.reversion,
+            "The narrow vector is trained on, on the same bad medical data, but without the KL penalty. The lines "
+            "show its cosine to the final general vector and to the narrow vector it started from. A rising "
+            "cosine to the general vector means that, once free, the narrow solution drifts toward the general one."),
+    Section("fig-kl-norm", "KL on generic text vs norm", "kl_vs_norm", F.kl_vs_norm,
+            "The trained direction (made unit length) is added to the residual stream at several norms while "
+            "the model reads generic prose, and the KL divergence from the unmodified model is measured per "
+            "token. Grey: random directions at the same norms (mean ± sd). A direction that disturbs ordinary "
+            "text more than random ones acts generally; one that disturbs it less acts narrowly."),
+    Section("fig-contrastive", "Contrastive shifts by group", "contrastive", F.contrastive,
+            "A judge-free test: for questions with a good and a bad answer, how much more log-probability the "
+            "adapted model gives the bad answer than the good one, minus the same for the model without adapter "
+            "(positive = pushed toward the bad answer). Groups: medical training topics, held-out medical "
+            "topics, the domains of the KL data, and domains seen by neither. Error bars: 95% bootstrap "
+            "intervals. A narrow vector should shift the medical groups but not the others."),
+    Section("fig-direction", "Mean-difference direction and ablation", "direction", F.direction_ablation,
+            "A direction is extracted as the mean residual on bad medical answers minus that on good ones at the "
+            "study layer, then projected out at every layer while the general vector is applied. If removing it "
+            "brings the loss back toward the no-adapter value, the general vector works largely through it."),
+)
+
+
+def render(results: Mapping[str, Any], title: str = "em_interp — narrow vs general study") -> str:
+    """The whole report page as an HTML string.
+
+    Args:
+        results: the study's results dict (plain JSON values; None for missing numbers).
+        title: the page title.
+
+    Returns:
+        A self-contained HTML document (plotly.js inlined once, no external resources).
+    """
+    parts = [_header(results, title), _verdicts(results.get("verdicts")), _contents(results)]
+    parts += [_section(s, results) for s in SECTIONS]
+    parts += [_generations(results.get("generations")), _timings(results.get("timings")),
+              _config(results.get("config"))]
+    body = "\n".join(parts)
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+        f"<title>{escape(title)}</title>\n<link rel=\"icon\" href=\"data:,\">\n<style>{CSS}</style>\n"
+        "<script type=\"text/javascript\">window.PlotlyConfig = {MathJaxConfig: 'local'};</script>\n"
+        f"<script type=\"text/javascript\">{get_plotlyjs()}</script>\n</head>\n<body>\n<main>\n{body}\n</main>\n"
+        "<footer>Written by em_interp. Everything on this page, plotly.js included, is inside this one file; "
+        "it opens offline.</footer>\n</body>\n</html>\n"
+    )
+
+
+# --- pieces --------------------------------------------------------------------------------------
+def _header(results: Mapping[str, Any], title: str) -> str:
+    env = results.get("environment") or {}
+    cfg = results.get("config") or {}
+    model = env.get("model", "?")
+    device = env.get("device", "?")
+    if env.get("cuda") and "cuda" in str(device):
+        device = f"{device} ({env['cuda']})"
+    facts = [("model", model), ("device", device), ("layer", results.get("layer", cfg.get("layer", "?"))),
+             ("date", results.get("date") or datetime.datetime.now().strftime("%Y-%m-%d %H:%M"))]
+    versions = ", ".join(f"{k} {env[k]}" for k in ("em_interp", "torch", "transformers", "transformer_lens", "python")
+                         if env.get(k))
+    if versions:
+        facts.append(("versions", versions))
+    keys = ("n_train", "n_kl", "epochs", "batch_size", "lr", "alpha", "kl_coef", "lora", "seed")
+    summary = ", ".join(f"{k}={_fmt(cfg[k])}" for k in keys if k in cfg)
+    if summary:
+        facts.append(("config", summary))
+    rows = "".join(f"<tr><th>{escape(k)}</th><td>{escape(str(v))}</td></tr>" for k, v in facts)
+    return f"<header><h1>{escape(title)}</h1><table class=\"meta\">{rows}</table></header>"
+
+
+def _verdicts(verdicts: Any) -> str:
+    if not isinstance(verdicts, Mapping) or not verdicts:
+        return _note_section("verdicts", "Verdicts", "No verdicts in these results (the study did not finish).")
+    cards = []
+    for key in list(CLAIMS) + [k for k in verdicts if k not in CLAIMS]:
+        v = verdicts.get(key)
+        if not isinstance(v, Mapping):
+            continue
+        name, claim = CLAIMS.get(key, (key.title(), ""))
+        word = str(v.get("verdict", "unclear"))
+        col = VERDICT_COLORS.get(word, "#555555")
+        cards.append(
+            f"<div class=\"card\" id=\"verdict-{escape(key)}\" style=\"border-top-color:{col}\">"
+            f"<div class=\"claim\">{escape(name)}</div><div class=\"claimtext\">{escape(claim)}</div>"
+            f"<div class=\"verdict\" style=\"color:{col}\">{escape(word)}</div>"
+            f"<p>{escape(str(v.get('text', '')))}</p></div>"
+        )
+    return f"<section id=\"verdicts\"><h2>Verdicts</h2><div class=\"cards\">{''.join(cards)}</div></section>"
+
+
+def _contents(results: Mapping[str, Any]) -> str:
+    links = [f"<a href=\"#{s.div_id}-section\">{escape(s.title)}</a>" for s in SECTIONS]
+    links += ["<a href=\"#generations\">Generations</a>", "<a href=\"#timings\">Timings</a>",
+              "<a href=\"#config\">Configuration</a>"]
+    return f"<nav>{' · '.join(links)}</nav>"
+
+
+def _section(s: Section, results: Mapping[str, Any]) -> str:
+    sid = f"{s.div_id}-section"
+    if not results.get(s.key):
+        return _note_section(sid, s.title, f"Not in these results (no “{s.key}” section); skipped.", s.explanation)
+    try:
+        fig = s.figure(results)
+        div = fig.to_html(full_html=False, include_plotlyjs=False, div_id=s.div_id, config=PLOT_CONFIG,
+                          default_width="100%", default_height=f"{F.HEIGHT}px")
+    except Exception as exc:  # a malformed section must not cost the rest of the report
+        log.warning("report: could not draw %s: %s: %s", s.key, type(exc).__name__, exc)
+        return _note_section(sid, s.title, f"Could not draw this figure ({type(exc).__name__}: {exc}).", s.explanation)
+    facts = _facts(s.key, results)
+    facts_html = f"<p class=\"facts\">{escape(facts)}</p>" if facts else ""
+    return (f"<section id=\"{sid}\"><h2>{escape(s.title)}</h2><p class=\"explain\">{escape(s.explanation)}</p>"
+            f"{facts_html}<div class=\"figure\">{div}</div></section>")
+
+
+def _note_section(sid: str, title: str, note: str, explanation: str = "") -> str:
+    expl = f"<p class=\"explain\">{escape(explanation)}</p>" if explanation else ""
+    return f"<section id=\"{sid}\"><h2>{escape(title)}</h2>{expl}<p class=\"note\">{escape(note)}</p></section>"
+
+
+def _facts(key: str, results: Mapping[str, Any]) -> str:
+    """A one-line summary of the section's key numbers ('' when there is nothing to add)."""
+    sec = results.get(key) or {}
+    if key == "training":
+        return "; ".join(
+            f"{n}: final CE {_fmt((r.get('losses') or [{}])[-1].get('ce'))}, KL "
+            f"{_fmt((r.get('losses') or [{}])[-1].get('kl'))}, norm {_fmt(r.get('norm'))}, "
+            f"{_fmt(r.get('wall_time'))} s" for n, r in F._runs(sec))
+    if key == "cosine":
+        return f"Final cosine between the general and narrow vectors: {_fmt(sec.get('general_narrow'))}."
+    if key == "pca":
+        evr = F.nums(sec.get("explained_variance_ratio"))
+        return "Explained variance: " + ", ".join(f"PC{i + 1} {v:.1%}" for i, v in enumerate(evr)) if evr else ""
+    if key == "reversion":
+        g = F.nums(sec.get("cosine_to_general"))
+        return f"Cosine to general: {_fmt(g[0])} → {_fmt(g[-1])}." if g else ""
+    if key == "direction":
+        return (f"Cosine of the direction with the general vector {_fmt(sec.get('cosine_general'))}, with the "
+                f"narrow vector {_fmt(sec.get('cosine_narrow'))}; raw norm {_fmt(sec.get('raw_norm'))}.")
+    return ""
+
+
+def _generations(gens: Any) -> str:
+    if not isinstance(gens, list) or not gens:
+        return _note_section("generations", "Generations", "No generations in these results; skipped.")
+    cols = ["prompt"] + [k for k in dict.fromkeys(k for g in gens if isinstance(g, Mapping) for k in g) if k != "prompt"]
+    head = "".join(f"<th>{escape(c)}</th>" for c in cols)
+    rows = "".join("<tr>" + "".join(f"<td>{escape(str(g.get(c, '')))}</td>" for c in cols) + "</tr>"
+                   for g in gens if isinstance(g, Mapping))
+    return (f"<section id=\"generations\"><h2>Generations</h2><p class=\"explain\">Greedy answers to a few prompts "
+            f"from the model without adapter (base) and with each vector applied.</p>"
+            f"<table class=\"gens\"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></section>")
+
+
+def _timings(timings: Any) -> str:
+    if not isinstance(timings, Mapping) or not timings:
+        return _note_section("timings", "Timings", "No timings in these results; skipped.")
+    items = [(k, v) for k, v in timings.items() if k != "total"]
+    if "total" in timings:
+        items.append(("total", timings["total"]))
+    total = ' class="total"'
+    rows = "".join(f"<tr{total if k == 'total' else ''}><td>{escape(str(k))}</td>"
+                   f"<td class=\"num\">{_seconds(v)}</td></tr>" for k, v in items)
+    return (f"<section id=\"timings\"><h2>Timings</h2><table class=\"small\"><thead><tr><th>step</th>"
+            f"<th>seconds</th></tr></thead><tbody>{rows}</tbody></table></section>")
+
+
+def _config(cfg: Any) -> str:
+    if not isinstance(cfg, Mapping) or not cfg:
+        return _note_section("config", "Configuration", "No configuration in these results.")
+    rows = "".join(f"<tr><td>{escape(str(k))}</td><td>{escape(_fmt(v))}</td></tr>" for k, v in cfg.items())
+    return (f"<section id=\"config\"><h2>Configuration</h2><details><summary>All study settings</summary>"
+            f"<table class=\"small\"><tbody>{rows}</tbody></table></details></section>")
+
+
+def _seconds(x: Any) -> str:
+    v = F.num(x)
+    return f"{v:.1f}" if math.isfinite(v) else "n/a"
+
+
+def _fmt(x: Any, digits: int = 4) -> str:
+    """Numbers to short text (None/NaN → 'n/a'); lists joined; anything else via str()."""
+    if x is None:
+        return "n/a"
+    if isinstance(x, bool):
+        return str(x)
+    if isinstance(x, (int, float)):
+        if isinstance(x, float) and not math.isfinite(x):
+            return "n/a"
+        return f"{x:.{digits}g}" if isinstance(x, float) else str(x)
+    if isinstance(x, (list, tuple)):
+        return "[" + ", ".join(_fmt(v, digits) for v in x) + "]"
+    return str(x)
