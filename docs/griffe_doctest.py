@@ -2,8 +2,8 @@
 
 Google-style docstrings in em_interp put short `>>>` examples in the description, outside an "Examples:"
 section; Markdown would render them as nested block quotes and read `x[0]["key"]` as a link. This wraps
-each run of doctest lines (and their output lines) in a ```pycon fence. "Examples:" sections are left to
-griffe, which already renders them as code.
+each run of doctest lines (and their output lines) in a ```pycon fence, without `# doctest:` flags.
+"Examples:" sections are left to griffe, which already renders them as code.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 import griffe
 
 _EXAMPLES = re.compile(r"^(\s*)Examples:\s*$")
+_FLAGS = re.compile(r"\s*#\s*doctest:.*$")
 
 
 def _indent(line: str) -> int:
@@ -41,7 +42,7 @@ def fence_doctests(text: str) -> str:
             pad = line[: _indent(line)]
             block = []
             while i < len(lines) and lines[i].strip() and _indent(lines[i]) == len(pad):
-                block.append(lines[i][len(pad):])
+                block.append(_FLAGS.sub("", lines[i][len(pad) :]))
                 i += 1
             out += [f"{pad}```pycon", *(pad + b for b in block), f"{pad}```"]
             continue

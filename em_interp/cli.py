@@ -135,7 +135,10 @@ def load_train_config(path: str | os.PathLike[str]) -> TrainSpec:
     for key, typ in TRAIN_EXTRA.items():
         _check_type(where, "[train]", key, train, (typ,))
     settings = {k: v for k, v in train.items() if k not in TRAIN_EXTRA}
-    TrainConfig(**settings)  # range checks now, before a model is loaded
+    try:
+        TrainConfig(**settings)  # range checks now, before a model is loaded
+    except EmInterpError as exc:
+        raise ConfigError(f"{where}: [train] {exc}") from exc
     if settings.get("kl_coef", 0) > 0 and kl_data is None:
         raise ConfigError(f"{where}: [train] kl_coef = {settings['kl_coef']} needs KL data; add `kl = ...` to [data].")
     ckpt = train.get("checkpoint_dir")
@@ -148,8 +151,9 @@ def run_train_config(spec: TrainSpec) -> Any:
     """Load the model and data of `spec`, train the adapter, save the run dir (with a copy of the TOML)."""
     import em_interp as em
 
-    data = _load_data(spec.data)  # data errors surface before a (possibly large) model is loaded
-    kl = _load_data(spec.kl) if spec.kl is not None else None
+    # data errors surface before a (possibly large) model is loaded
+    data = _load_data(spec.data, f"{spec.source}: [data] train")
+    kl = _load_data(spec.kl, f"{spec.source}: [data] kl") if spec.kl is not None else None
     model = em.load_model(spec.model.get("name"), device=spec.model.get("device"), dtype=spec.model.get("dtype"),
                           device_map=spec.model.get("device_map"))
     opts = {k: v for k, v in spec.adapter.items() if k != "kind"}
@@ -200,7 +204,8 @@ def _check_type(where: str, place: str, key: str, table: dict[str, Any], types: 
     value = table[key]
     ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
     if not ok:
-        names = " or ".join(sorted({"number" if t is float else t.__name__.replace("NoneType", "none") for t in types}))
+        names = {"number" if t is float else "none" if t is type(None) else t.__name__ for t in types}
+        names = " or ".join(sorted(names - {"int"} if "number" in names else names))
         raise ConfigError(f"{where}: {place} {key} = {value!r} is a {type(value).__name__}; expected {names}.")
 
 
@@ -225,16 +230,22 @@ def _data_spec(where: str, key: str, value: Any, base: Path) -> dict[str, Any]:
     return dict(value)
 
 
-def _load_data(spec: dict[str, Any]) -> list[Any]:
+def _load_data(spec: dict[str, Any], where: str) -> list[Any]:
     import em_interp as em
 
     spec = dict(spec)
     limit = spec.pop("limit", None)
-    if "path" in spec:
-        rows = em.datasets.load_jsonl(spec["path"])
-    else:
-        rows = em.datasets.load(spec.pop("domains", "medical"), **spec)
-    return rows[:limit] if limit is not None else rows
+    try:
+        if "path" in spec:
+            rows = em.datasets.load_jsonl(spec["path"])
+        else:
+            rows = em.datasets.load(spec.pop("domains", "medical"), **spec)
+    except EmInterpError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    rows = rows[:limit] if limit is not None else rows
+    if not rows:
+        raise ConfigError(f"{where}: selects no rows; expected at least one.")
+    return rows
 
 
 # --- commands --------------------------------------------------------------------------------------
@@ -307,10 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run_dir", metavar="RUN_DIR")
     r.add_argument("--out", default=None, help="HTML file to write (default: RUN_DIR/report.html)")
     r.set_defaults(func=_cmd_report)
-    t = sub.add_parser("train", help="train one adapter from a TOML config (see `em_interp.cli` docs)")
+    t = sub.add_parser("train", help="train one adapter from a TOML config (`em-interp train -h` shows one)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="A config" + (__doc__ or "").split("A `train` config", 1)[-1])
     t.add_argument("config", metavar="CONFIG.toml")
     t.set_defaults(func=_cmd_train)
-    b = sub.add_parser("bench", help="run benchmarks/bench_train.py (extra arguments are passed on)")
+    b = sub.add_parser("bench", add_help=False, help="run benchmarks/bench_train.py (all arguments, --help too, are passed on)")
     b.set_defaults(func=_cmd_bench)
     return p
 

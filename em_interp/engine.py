@@ -9,7 +9,11 @@ with full-vocabulary log-softmax at every position.
   is cached (`ActivationCache`, shared across epochs and across runs that share data and layer), and the
   forward resumes from it;
 - the chat model's reference log-probs on the KL data are computed once, only at the KL positions;
-- the unembedding runs only at positions that enter a loss.
+- the unembedding runs only at positions that enter a loss;
+- the positions, targets and row owners are worked out on the host from the batch masks, so a step
+  queues its whole forward and backward without waiting for the device (one sync per step, the loss);
+- with the model on an accelerator, hook-free bridge components run as plain HF modules (SDPA attention,
+  `em_interp.fastpath`), and a host cache is pinned and copied without blocking.
 """
 
 from __future__ import annotations
@@ -24,8 +28,8 @@ from em_interp.adapters.base import Adapter
 from em_interp.adapters.stack import stacked_hooks
 from em_interp.datasets.tokenize import ChatBatch, TokenizedChats
 from em_interp.hooks import hooks_applied
-from em_interp.models import model_device, resume_forward, unembed
-from em_interp.objectives import gather_targets, group_mean, log_probs, prediction_mask, reduce_kl, token_ce, token_kl
+from em_interp.models import lower_forward, model_device, resume_forward, unembed
+from em_interp.objectives import group_mean, log_probs, prediction_mask, reduce_kl, token_ce, token_kl
 
 
 class ActivationCache:
@@ -37,13 +41,17 @@ class ActivationCache:
 
     Sizes: the residuals take tokens × d_model × dtype bytes (SmolLM2, 10k tokens: 23 MB in float32;
     Qwen2.5-14B, 100k tokens in bf16: 1 GB); reference log-probs take KL tokens × vocab × 4 bytes
-    (SmolLM2, 5k KL tokens: 1 GB), so they are kept as final hidden states instead (KL tokens ×
-    d_model) when larger than `max_ref_bytes`, and unembedded again at each use.
+    (SmolLM2, 5k KL tokens: 1 GB; Qwen2.5-14B, one batch of 8 × 256 tokens with ~800 KL tokens: 0.5 GB),
+    so they are kept as final hidden states instead (KL tokens × d_model) and unembedded again at each
+    use when a batch's log-probs are larger than `max_ref_bytes`, when all stored log-probs would pass
+    `max_ref_total_bytes`, or when the cache lives on another device than the model (copying 0.5 GB
+    per step costs more than the unembedding). A host cache of a GPU model is pinned.
     """
 
-    def __init__(self, device: str | torch.device = "cpu", max_ref_bytes: int = 2 << 30):
+    def __init__(self, device: str | torch.device = "cpu", max_ref_bytes: int = 2 << 30, max_ref_total_bytes: int = 8 << 30):
         self.device = torch.device(device)
         self.max_ref_bytes = max_ref_bytes
+        self.max_ref_total_bytes = max_ref_total_bytes
         self._store: dict[tuple[Any, ...], Tensor] = {}
         self.hits = 0
         self.misses = 0
@@ -53,9 +61,19 @@ class ActivationCache:
             self.hits += 1
             return self._store[key]
         self.misses += 1
-        value = compute().to(self.device)
+        value = compute()
+        if self.device.type == "cpu" and value.device.type == "cuda":
+            value = torch.empty_like(value, device="cpu", pin_memory=True).copy_(value)
+        else:
+            value = value.to(self.device)
         self._store[key] = value
         return value
+
+    def keeps_log_probs(self, nbytes: int, compute_device: torch.device) -> bool:
+        """Whether reference log-probs of `nbytes` are stored as such (else as hidden states)."""
+        if compute_device.type != self.device.type or nbytes > self.max_ref_bytes:
+            return False
+        return self.nbytes() + nbytes <= self.max_ref_total_bytes
 
     def __len__(self) -> int:
         return len(self._store)
@@ -92,12 +110,25 @@ class LossComputer:
         self.method = method
         self.cache = cache if cache is not None else ActivationCache()
         self.vocab = int(model.cfg.d_vocab)
+        self._host: dict[tuple[str, int], ChatBatch] = {}
+        self._device: dict[tuple[str, int], ChatBatch] = {}
 
     # --- caches --------------------------------------------------------------------------------
+    def _host_batch(self, which: str, k: int) -> ChatBatch:
+        """Batch k of the train or KL plan, collated once (host memory)."""
+        key = (which, k)
+        if key not in self._host:
+            data, plan = (self.data, self.plan) if which == "train" else (self.kl_data, self.kl_plan)
+            assert data is not None
+            self._host[key] = data.collate(plan[k])
+        return self._host[key]
+
     def _batch(self, which: str, k: int) -> ChatBatch:
-        data, plan = (self.data, self.plan) if which == "train" else (self.kl_data, self.kl_plan)
-        assert data is not None
-        return data.collate(plan[k]).to(self.device)
+        """Batch k on the model's device (kept: a few integer tensors per batch)."""
+        key = (which, k)
+        if key not in self._device:
+            self._device[key] = self._host_batch(which, k).to(self.device)
+        return self._device[key]
 
     def _residual(self, which: str, k: int) -> Tensor:
         data = self.data if which == "train" else self.kl_data
@@ -107,9 +138,9 @@ class LossComputer:
         def compute() -> Tensor:
             batch = self._batch(which, k)
             with torch.no_grad():
-                return self.model(batch.input_ids, attention_mask=batch.attention_mask, stop_at_layer=self.start)
+                return lower_forward(self.model, batch.input_ids, self.start, batch.attention_mask)
 
-        return self.cache.get(key, compute).to(self.device)
+        return self.cache.get(key, compute).to(self.device, non_blocking=True)
 
     def _reference(self, k: int) -> Tensor:
         """Reference log-probs [n, vocab] (or final hidden states [n, d_model]) at batch k's KL positions."""
@@ -120,12 +151,13 @@ class LossComputer:
             batch = self._batch("kl", k)
             with torch.no_grad():
                 hidden = resume_forward(self.model, self._residual("kl", k), self.start, batch.attention_mask)
-                h, _, _ = gather_targets(hidden, batch.input_ids, batch.target_mask(self.kl_tokens))
-                if h.shape[0] * self.vocab * 4 > self.cache.max_ref_bytes:
+                index, _, _ = self._targets([self._host_batch("kl", k)], hidden.shape[1], self.kl_tokens, hidden.device)
+                h = _gather(hidden, index)
+                if not self.cache.keeps_log_probs(h.shape[0] * self.vocab * 4, h.device):
                     return h
                 return log_probs(unembed(self.model, h))
 
-        value = self.cache.get(key, compute).to(self.device)
+        value = self.cache.get(key, compute).to(self.device, non_blocking=True)
         if value.shape[-1] != self.vocab:  # stored as hidden states: unembed again
             with torch.no_grad():
                 value = log_probs(unembed(self.model, value))
@@ -139,42 +171,51 @@ class LossComputer:
             if n != 1:
                 raise ValueError("the toggle method trains one adapter at a time")
             return self._toggle(adapters[0], train_keys[0], None if kl_keys is None else kl_keys[0])
-        batches = [self._batch("train", k) for k in train_keys]
         resid = [self._residual("train", k) for k in train_keys]
-        logits, targets, owner = self._adapted_logits(adapters, batches, resid, self.ce_tokens)
+        logits, targets, owner = self._adapted_logits(adapters, "train", train_keys, resid, self.ce_tokens)
         ce = group_mean(token_ce(logits, targets), owner, n)
         if kl_keys is None:
             return ce, torch.zeros_like(ce)
         refs = torch.cat([self._reference(k) for k in kl_keys])
-        batches = [self._batch("kl", k) for k in kl_keys]
         resid = [self._residual("kl", k) for k in kl_keys]
-        logits, _, owner = self._adapted_logits(adapters, batches, resid, self.kl_tokens)
+        logits, _, owner = self._adapted_logits(adapters, "kl", kl_keys, resid, self.kl_tokens)
         kl = reduce_kl(token_kl(refs, log_probs(logits)), owner, n, self.kl_reduction, self.vocab)
         return ce, kl
 
-    def _adapted_logits(
-        self, adapters: Sequence[Adapter], batches: list[ChatBatch], resid: list[Tensor], tokens: str
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Logits at target positions of the stacked batches with adapter i on batch i's rows."""
-        width = max(b.input_ids.shape[1] for b in batches)
-        ids = torch.cat([_pad(b.input_ids, width, 0) for b in batches])
-        attn = torch.cat([_pad(b.attention_mask, width, 0) for b in batches])
+    def _targets(self, batches: list[ChatBatch], width: int, tokens: str, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """Flat indices of the prediction positions in the stacked [rows × width] batch, their target ids
+        and their row numbers — worked out on the host (no device sync), moved to `device`."""
         mask = torch.cat([_pad(b.target_mask(tokens), width, False) for b in batches])
+        ids = torch.cat([_pad(b.input_ids, width, 0) for b in batches])
+        pred = prediction_mask(mask)
+        index = pred.flatten().nonzero().squeeze(1)
+        rows = torch.div(index, width, rounding_mode="floor")
+        return (index.to(device, non_blocking=True), ids[mask].to(device, non_blocking=True), rows.to(device, non_blocking=True))
+
+    def _adapted_logits(
+        self, adapters: Sequence[Adapter], which: str, keys: Sequence[int], resid: list[Tensor], tokens: str
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Logits at target positions of the stacked batches with adapter i on batch keys[i]'s rows."""
+        host = [self._host_batch(which, k) for k in keys]
+        width = max(b.input_ids.shape[1] for b in host)
+        attn = torch.cat([_pad(self._batch(which, k).attention_mask, width, 0) for k in keys])
         res = torch.cat([_pad(r, width, 0.0) for r in resid])
-        sizes = torch.tensor([b.input_ids.shape[0] for b in batches], device=self.device)
-        owner = torch.repeat_interleave(torch.arange(len(batches), device=self.device), sizes)
+        sizes = [b.input_ids.shape[0] for b in host]
+        owner = torch.repeat_interleave(torch.arange(len(host)), torch.tensor(sizes)).to(self.device, non_blocking=True)
+        index, targets, rows = self._targets(host, width, tokens, self.device)
         hooks = adapters[0].hooks(adapters[0].scale) if len(adapters) == 1 else stacked_hooks(adapters, owner)
         with hooks_applied(self.model, hooks):
             hidden = resume_forward(self.model, res, self.start, attn)
-        h, targets, rows = gather_targets(hidden, ids, mask)
-        return unembed(self.model, h), targets, owner[rows]
+        dev = hidden.device  # the last block's device when the model is spread over several
+        return unembed(self.model, _gather(hidden, index.to(dev))), targets, owner[rows].to(dev)
 
     def _toggle(self, adapter: Adapter, k: int, kl_k: int | None) -> tuple[Tensor, Tensor]:
         batch = self._batch("train", k)
         hooks = adapter.hooks(adapter.scale)
         with hooks_applied(self.model, hooks):
             logp = log_probs(self.model(batch.input_ids, attention_mask=batch.attention_mask))
-        pred, targets = prediction_mask(batch.target_mask(self.ce_tokens)), batch.input_ids[batch.target_mask(self.ce_tokens)]
+        mask = batch.target_mask(self.ce_tokens).to(logp.device)  # logits sit on the last block's device
+        pred, targets = prediction_mask(mask), batch.input_ids.to(logp.device)[mask]
         ce = -logp[pred].gather(-1, targets.unsqueeze(-1)).squeeze(-1).mean().reshape(1)
         if kl_k is None:
             return ce, torch.zeros_like(ce)
@@ -183,10 +224,15 @@ class LossComputer:
             logp = log_probs(self.model(kl_batch.input_ids, attention_mask=kl_batch.attention_mask))
         with torch.no_grad():
             ref = log_probs(self.model(kl_batch.input_ids, attention_mask=kl_batch.attention_mask))
-        pred = prediction_mask(kl_batch.target_mask(self.kl_tokens))
+        pred = prediction_mask(kl_batch.target_mask(self.kl_tokens)).to(logp.device)
         per_token = (ref.exp() * (ref - logp)).sum(-1)[pred]
         zeros = torch.zeros(per_token.shape[0], dtype=torch.long, device=per_token.device)
         return ce, reduce_kl(per_token, zeros, 1, self.kl_reduction, self.vocab)
+
+
+def _gather(hidden: Tensor, index: Tensor) -> Tensor:
+    """Rows `index` of hidden [batch, pos, d] flattened to [batch·pos, d] (= hidden[pred], without a sync)."""
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
 
 
 def _pad(t: Tensor, width: int, value: float | bool | int) -> Tensor:

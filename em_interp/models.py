@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from em_interp import fastpath as _fastpath
 from em_interp.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -266,25 +267,19 @@ def embedded_tokenizer_dir() -> Path:
 
 
 class _SkippedLayer(torch.nn.Module):
-    """Stands in for a decoder layer below the resume point: returns the hidden states unchanged."""
-
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return hidden_states
+        return hidden_states  # stands in for a decoder layer below the resume point
 
 
 @contextlib.contextmanager
 def upper_layers(model: Any, start: int) -> Iterator[Any]:
     """Temporarily make the HF decoder stack run only blocks `start:`; yields the HF base model.
 
-    Used by the trainer to resume a forward from a cached residual stream without running (or
-    discarding) the lower blocks, which TransformerBridge's own `start_at_layer` still executes.
-    Blocks below `start` are replaced by a pass-through module (not sliced away), so each kept block
-    keeps its index: Gemma2/Gemma3/Qwen2 pick a block's attention mask (sliding or full) and rotary
-    table by that index in `config.layer_types`. Bridge hook points inside the kept blocks fire as usual.
-    Prefer `resume_forward`, which also handles position ids and the embedding scale.
-
-    Raises:
-        ModelLoadError: `start` is not in `0..n_layers`.
+    Resumes a forward from a cached residual without running the lower blocks (which the bridge's
+    `start_at_layer` still executes). Blocks below `start` become pass-throughs, not sliced away, so kept
+    blocks keep their index: Gemma2/3 and Qwen2 pick each block's mask (sliding/full) and rotary table by
+    it in `config.layer_types`. Hooks in kept blocks fire. Prefer `resume_forward` (positions, scale).
+    Raises `ModelLoadError` if `start` is not in `0..n_layers`.
     """
     base = hf_model_of(model).model
     layers = base.layers
@@ -299,11 +294,9 @@ def upper_layers(model: Any, start: int) -> Iterator[Any]:
 
 
 def mask_positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids [batch, pos] derived from a 0/1 attention mask exactly as TransformerBridge does.
-
-    Rows with a masked token before a real one (left padding, gaps) count positions from their first
-    real token; other rows keep `arange` (so right padding changes nothing). Needs no host sync.
-    """
+    """Position ids [batch, pos] from a 0/1 attention mask exactly as TransformerBridge derives them: rows
+    with a masked token before a real one (left padding) count from their first real token; other rows
+    keep `arange` (right padding changes nothing). Needs no host sync."""
     mask = attention_mask.long()
     derived = (mask.cumsum(-1) - 1).clamp_(min=0)
     arange = torch.arange(mask.shape[1], device=mask.device)
@@ -317,6 +310,8 @@ def resume_forward(
     start: int,
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
+    *,
+    fast: bool | None = None,
 ) -> torch.Tensor:
     """Run blocks `start:` and the final norm on a cached residual stream.
 
@@ -327,6 +322,8 @@ def resume_forward(
         start: index of the first block to run (0..n_layers).
         attention_mask: [batch, pos] 0/1 mask of the forward that produced `resid` (None: all ones).
         position_ids: [batch, pos]; default derived from `attention_mask` as the bridge's forward does.
+        fast: run hook-free bridge components as plain HF modules (`em_interp.fastpath`); default on for
+            accelerator tensors, off on CPU (see `fastpath.set_fast_path`).
 
     Returns:
         Final hidden states [batch, pos, d_model] after the final norm; `unembed` turns them into logits
@@ -340,17 +337,47 @@ def resume_forward(
     scale = _inputs_embeds_scale(model)
     if scale is not None:  # older Gemma code multiplies inputs_embeds by √d_model inside the forward
         resid = resid / torch.tensor(scale, dtype=resid.dtype, device=resid.device)
-    with upper_layers(model, start) as base:
+    with upper_layers(model, start) as base, _maybe_plain(model, base, resid.device, fast):
         out = base(inputs_embeds=resid, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     return out.last_hidden_state
 
 
-def unembed(model: Any, hidden: torch.Tensor) -> torch.Tensor:
-    """Logits [batch, pos, d_vocab] from final hidden states (after the final norm), as the full forward.
+def lower_forward(
+    model: Any, input_ids: torch.Tensor, stop: int, attention_mask: torch.Tensor | None = None, *, fast: bool | None = None
+) -> torch.Tensor:
+    """The residual stream entering block `stop` ([batch, pos, d_model]), i.e. `hook_resid_pre` of `stop`.
 
-    Applies the LM head and, where the config has one (Gemma2), the final logit soft-capping
-    `cap · tanh(logits / cap)`; in place when no gradient is needed.
+    Equals `model(input_ids, attention_mask=..., stop_at_layer=stop)`, which is what runs when the fast
+    path is off (on CPU by default). With it on, blocks `:stop` run through the HF base model with
+    hook-free bridge components swapped for plain HF modules (`em_interp.fastpath`); hooks attached on
+    the embedding or blocks `:stop` still fire.
     """
+    if not _fastpath.enabled(input_ids.device, fast):
+        return model(input_ids, attention_mask=attention_mask, stop_at_layer=stop)
+    base = hf_model_of(model).model
+    layers = base.layers
+    if not 0 <= stop <= len(layers):
+        raise ModelLoadError(f"lower_forward: stop={stop}; expected 0..{len(layers)} (the model's block count).")
+    position_ids = mask_positions(attention_mask) if attention_mask is not None and attention_mask.ndim == 2 else None
+    norm = base.norm
+    base.layers, base.norm = torch.nn.ModuleList(list(layers)[:stop]), torch.nn.Identity()
+    try:
+        with _maybe_plain(model, base, input_ids.device, True):
+            out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    finally:
+        base.layers, base.norm = layers, norm
+    return out.last_hidden_state
+
+
+def _maybe_plain(model: Any, base: Any, device: torch.device, fast: bool | None) -> contextlib.AbstractContextManager[Any]:
+    if not _fastpath.enabled(device, fast):
+        return contextlib.nullcontext()
+    return _fastpath.plain_modules(base, model)
+
+
+def unembed(model: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits [..., d_vocab] from final hidden states as the full forward: LM head, then Gemma2's final
+    soft-capping `cap · tanh(logits / cap)` where the config has one (in place when no grad is needed)."""
     hf = hf_model_of(model)
     logits = hf.lm_head(hidden)
     cap = getattr(hf.config, "final_logit_softcapping", None)

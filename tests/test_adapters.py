@@ -398,8 +398,8 @@ def test_norms(tiny):
     with torch.no_grad():
         vec.vector.mul_(3.0)
     vec.scale = 2.0
-    assert vec.norm == pytest.approx(float(vec.vector.detach().norm()), rel=1e-6)
-    assert vec.norm == pytest.approx(3.0, rel=1e-5)
+    assert vec.norm == pytest.approx(256.0 * float(vec.vector.detach().norm()), rel=1e-6)  # ‖alpha·v‖, not scale
+    assert vec.norm == pytest.approx(256.0 * 3.0, rel=1e-5)
     lora = LoRA(tiny, layer=[0, 2], rank=4, site=["mlp_out", "attn_q"], alpha=8.0, rslora=True, init="random")
     s = 8.0 / 2.0
     expected = [float((s * lora.B[f"L{lyr}_{st}"] @ lora.A[f"L{lyr}_{st}"]).detach().norm()) for lyr in (0, 2)

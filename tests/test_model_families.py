@@ -163,6 +163,8 @@ def test_resume_forward_equals_full_forward(loaded, tokens, padding):
             hidden = resume_forward(model, cache[name], start, mask)
             assert tuple(hidden.shape) == (2, SEQ, model.cfg.d_model)
             torch.testing.assert_close(unembed(model, hidden), full, atol=1e-5, rtol=0, msg=f"start={start}")
+        fast = resume_forward(model, cache["blocks.1.hook_resid_pre"], 1, mask, fast=True)  # plain-HF fast path
+        torch.testing.assert_close(unembed(model, fast), full, atol=1e-5, rtol=0)
         # The raw context manager with HF's default positions (RoPE makes them equivalent up to rounding).
         # Start 1 is odd: slicing the stack would give Gemma2's block 1 the sliding mask of block 0.
         base_layers = hf_model_of(model).model.layers

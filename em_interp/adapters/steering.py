@@ -75,6 +75,11 @@ class SteeringVector(Adapter):
     def config(self) -> dict[str, Any]:
         return {"layer": self.layer, "hook": self.hook, "alpha": self.alpha}
 
+    @property
+    def norm(self) -> float:
+        """‖alpha · v‖: the size of the added vector at scale 1 (as LoRA's norm includes its alpha/r)."""
+        return float(self.delta(1.0).detach().float().norm())
+
     def delta(self, scale: float) -> Tensor:
         """The vector actually added, `scale · alpha · v` [d_model]."""
         return self.vector * (scale * self.alpha)

@@ -123,8 +123,9 @@ def _header(results: Mapping[str, Any], title: str) -> str:
     device = env.get("device", "?")
     if env.get("cuda") and "cuda" in str(device):
         device = f"{device} ({env['cuda']})"
+    now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     facts = [("model", model), ("device", device), ("layer", results.get("layer", cfg.get("layer", "?"))),
-             ("date", results.get("date") or datetime.datetime.now().strftime("%Y-%m-%d %H:%M"))]
+             ("date", results["date"]) if results.get("date") else ("report written", now)]
     versions = ", ".join(f"{k} {env[k]}" for k in ("em_interp", "torch", "transformers", "transformer_lens", "python")
                          if env.get(k))
     if versions:

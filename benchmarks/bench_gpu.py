@@ -1,0 +1,476 @@
+"""GPU trainer benchmark on a Qwen2.5-14B-shaped model: the cached trainer vs the toggle method, against the FLOP floor.
+
+Builds a model of Qwen2.5-14B-Instruct's shape (Qwen2Config: hidden 5120, MLP 13824, 48 layers, 40 heads, 8 KV
+heads, vocab 152064, rope_theta 1e6, untied embeddings) with random bf16 weights directly on the GPU (meta-device
+init, `to_empty`, normal(0, 0.02); no host copy, no download, no tokenizer), bridges it with
+`em_interp.models.wrap_hf_model(model, None)`, and trains on synthetic chat-shaped batches (batch 8 × 256 tokens,
+KL batch 8 × 256, last 40% of each row assistant tokens) with both methods in one process, on the same batches:
+- a steering vector at layer 24 (hook_resid_post) with the KL term, and a rank-1 LoRA at layer 24 (mlp_out,
+  alpha 512, rsLoRA), each with method="toggle" and the cached trainer (epoch 1 = cache misses, later = hits);
+- a batched sweep of 16 steering vectors with `train_many` (8 KL coefficients × 2 seeds) against one run, on a
+  random model of SmolLM2-135M's shape (LlamaConfig: 576 hidden, 30 layers, 9 heads, 3 KV heads, MLP 1536,
+  vocab 49152): the embedded SmolLM2 GGUF is larger than the device machine's upload limit.
+Also measured: the bf16 matmul ceiling (8192³ GEMM, median of CUDA events), plain HF forward (before bridging),
+bridge forward, and the fast-path forward (`em_interp.fastpath`), and a torch.profiler breakdown of the steps.
+
+Necessary FLOPs of one optimized step (written out in `step_flops`), per batch of B rows × T tokens, N = B·T:
+  per block: P = d·(d_q + 2·d_kv) + d_q·d + 3·d·d_ff weights; forward 2·P·N + attention 2·B·T²·d_q (causal half of
+  QKᵀ and PV); activation-only backward 2·P·N + 2·(attention forward) (no weight gradients: the model is frozen);
+  unembedding 2·d·V per loss position, forward and backward;
+  later epochs: for the train and the KL batch, forward of blocks L..47, backward of blocks L+1..47 (above the
+  adapter's hook), unembedding forward + backward at the loss positions only;
+  epoch 1 adds blocks 0..L-1 on both batches (no grad) and the reference: blocks L..47 on the KL batch plus the
+  unembedding at its KL positions.
+floor_fraction = necessary FLOPs / measured step time / measured matmul rate (the JSON records the epoch-1 and
+later values; `floor_fraction` is the smaller one).
+
+Usage: python benchmarks/bench_gpu.py [--shape qwen14b|tiny] [--device cuda] [--out DIR] [--skip lora,sweep,...]
+Appends JSON records (one per case) to benchmarks/results/bench_gpu.jsonl (or --results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import em_interp as em
+from em_interp import fastpath
+from em_interp.datasets import TokenizedChats
+from em_interp.models import lower_forward, resume_forward, unembed, wrap_hf_model
+
+RESULTS = Path(__file__).parent / "results" / "bench_gpu.jsonl"
+SHAPES = {
+    "qwen14b": dict(family="qwen2", hidden_size=5120, intermediate_size=13824, num_hidden_layers=48, num_attention_heads=40,
+                    num_key_value_heads=8, vocab_size=152064, rope_theta=1e6, tie_word_embeddings=False, layer=24),
+    "smollm2": dict(family="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, vocab_size=49152, rope_theta=1e5, tie_word_embeddings=True, layer=15),
+    "tiny": dict(family="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1000, rope_theta=1e6, tie_word_embeddings=False, layer=2),
+}
+
+
+# --- model and data ----------------------------------------------------------------------------------
+def build_hf(shape: dict, device: str, dtype: torch.dtype, seed: int = 0):
+    """Random-weight HF model built on `device` directly: meta init, to_empty, normal(0, 0.02), fresh rotary."""
+    import transformers as tf
+
+    cfg_cls, model_cls = (tf.Qwen2Config, tf.Qwen2ForCausalLM) if shape["family"] == "qwen2" else (tf.LlamaConfig, tf.LlamaForCausalLM)
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "vocab_size", "rope_theta", "tie_word_embeddings")
+    config = cfg_cls(**{k: shape[k] for k in keys}, max_position_embeddings=4096, architectures=[model_cls.__name__],
+                     attn_implementation="sdpa")
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters are made in bf16 on the meta device: no float32 copy anywhere
+    try:
+        with torch.device("meta"):
+            model = model_cls(config)
+    finally:
+        torch.set_default_dtype(old)
+    model.to_empty(device=device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    head_dim = shape["hidden_size"] // shape["num_attention_heads"]
+    inv_freq = 1.0 / (shape["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.fill_(1.0) if "norm" in name else p.zero_()
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+        for m in model.modules():
+            if hasattr(m, "inv_freq"):  # rotary buffers are not parameters: to_empty left them unset
+                m.inv_freq = inv_freq.clone()
+                m.original_inv_freq = inv_freq.clone()
+                m.attention_scaling = 1.0
+    if shape["tie_word_embeddings"]:
+        model.tie_weights()
+    return model.eval()
+
+
+class SyntheticChats(TokenizedChats):
+    """Token ids drawn at random, every row `length` long, the last `assistant` fraction marked as targets."""
+
+    def __init__(self, n: int, length: int, vocab: int, seed: int, assistant: float = 0.4):
+        g = torch.Generator().manual_seed(seed)
+        self.tokenizer, self.max_length, self.pad_id = None, length, 0
+        self.ids = [torch.randint(1, vocab, (length,), generator=g).tolist() for _ in range(n)]
+        first = int(round(length * (1 - assistant)))
+        self.masks = [[t >= first for t in range(length)] for _ in range(n)]
+        self.records = [{"messages": []}] * n
+
+
+# --- timing ------------------------------------------------------------------------------------------
+class Clock:
+    """CUDA events on a GPU (host clock on CPU); `mark()` records, `intervals()` gives seconds between marks."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+        self.marks: list = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self.marks.append(e)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def intervals(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+def timed(fn, device: str, reps: int, warmup: int = 2) -> float:
+    """Median seconds of fn() over reps (after warm-up), each bracketed by events."""
+    for _ in range(warmup):
+        fn()
+    clock = Clock(device)
+    times = []
+    for _ in range(reps):
+        clock.marks = []
+        clock.mark()
+        fn()
+        clock.mark()
+        times.append(clock.intervals()[0])
+    return statistics.median(times)
+
+
+def matmul_rate(device: str, n: int = 8192) -> float:
+    """bf16 GEMM FLOP/s (median), rotating three input sets of random data."""
+    dt = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    n = n if device.startswith("cuda") else 512
+    sets = [(torch.randn(n, n, device=device, dtype=dt), torch.randn(n, n, device=device, dtype=dt)) for _ in range(3)]
+    it = iter(range(10**9))
+    t = timed(lambda: torch.mm(*sets[next(it) % 3]), device, reps=30, warmup=5)
+    return 2 * n**3 / t
+
+
+def train_steps(adapter, model, data, kl, device, **kw) -> tuple[list[float], object]:
+    """Per-step seconds (event to event; the first interval includes the call's set-up) and the run."""
+    clock = Clock(device)
+    clock.mark()
+    run = em.train(adapter, model, data, kl_data=kl, on_step=lambda s, l: clock.mark(), progress=False, **kw)
+    return clock.intervals(), run
+
+
+# --- FLOPs ---------------------------------------------------------------------------------------------
+def step_flops(shape: dict, layer: int, batch: int, T: int, n_ce: int, n_kl: int, epoch1: bool) -> float:
+    """Necessary FLOPs of one cached step (module docstring); n_ce / n_kl: loss positions per batch."""
+    d, dff, L, V = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"], shape["vocab_size"]
+    dq = d
+    dkv = d // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    P = d * (dq + 2 * dkv) + dq * d + 3 * d * dff
+    N = batch * T
+    attn = 2 * batch * T * T * dq
+
+    def fwd(blocks: int) -> float:
+        return blocks * (2 * P * N + attn)
+
+    def bwd(blocks: int) -> float:
+        return blocks * (2 * P * N + 2 * attn)
+
+    unemb = 2 * d * V
+    per_batch = fwd(L - layer) + bwd(L - 1 - layer)
+    total = 2 * per_batch + 2 * unemb * (n_ce + n_kl)  # unembedding forward + activation backward at loss positions
+    if epoch1:
+        total += 2 * fwd(layer) + fwd(L - layer) + unemb * n_kl
+    return float(total)
+
+
+def forward_flops(shape: dict, batch: int, T: int) -> float:
+    """One full forward with full-vocabulary logits at every position."""
+    d, dff, L, V = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"], shape["vocab_size"]
+    dkv = d // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    P = d * (d + 2 * dkv) + d * d + 3 * d * dff
+    return float(L * (2 * P * batch * T + 2 * batch * T * T * d) + 2 * d * V * batch * T)
+
+
+def toggle_flops(shape: dict, layer: int, batch: int, T: int) -> float:
+    """What the toggle step computes: 3 full forwards with full-vocabulary logits, 2 backwards down to the hook."""
+    d, dff, L, V = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"], shape["vocab_size"]
+    dkv = d // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    P = d * (d + 2 * dkv) + d * d + 3 * d * dff
+    N, attn = batch * T, 2 * batch * T * T * d
+    full = L * (2 * P * N + attn) + 2 * d * V * N
+    back = (L - 1 - layer) * (2 * P * N + 2 * attn) + 2 * d * V * N
+    return float(3 * full + 2 * back)
+
+
+# --- profile -------------------------------------------------------------------------------------------
+def profile_steps(fn, out: Path, tag: str) -> dict:
+    """Profile fn() (CPU + CUDA); write the top-kernel table and a gzipped trace; return a category summary."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    from torch.autograd import DeviceType
+
+    cats = {"gemm": 0.0, "attention": 0.0, "elementwise/other": 0.0, "memcpy/memset": 0.0}
+    for e in prof.key_averages():
+        if getattr(e, "device_type", None) != DeviceType.CUDA:
+            continue  # host-side ops; their kernels are listed as device events of their own
+        dev, k = e.self_device_time_total, e.key.lower()
+        if "memcpy" in k or "memset" in k:
+            cats["memcpy/memset"] += dev
+        elif any(s in k for s in ("gemm", "cutlass", "nvjet", "xmma", "sm90_", "cublas", "gemv", "splitk")):
+            cats["gemm"] += dev
+        elif any(s in k for s in ("flash", "fmha", "attention")):
+            cats["attention"] += dev
+        else:
+            cats["elementwise/other"] += dev
+    busy = sum(cats.values()) / 1e6
+    table = prof.key_averages().table(sort_by="self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total", row_limit=35)
+    (out / f"profile_{tag}.txt").write_text(table)
+    if os.environ.get("BENCH_TRACE"):
+        prof.export_chrome_trace(str(out / f"trace_{tag}.json"))
+    summary = {"wall_s": wall, "gpu_busy_s": busy, **{f"{k}_s": v / 1e6 for k, v in cats.items()}}
+    print(f"profile {tag}: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
+    return summary
+
+
+# --- cases ---------------------------------------------------------------------------------------------
+def loss_positions(data: TokenizedChats, batch: int) -> int:
+    """Prediction positions per batch (targets whose logits are read), from the first batch of the plan."""
+    return int(data.collate(data.batch_plan(batch)[0]).assistant_mask[:, 1:].sum())
+
+
+def run_case(name, make, model, shape, a, rate, out) -> dict:
+    """Toggle vs cached (+ variants, profile) for one adapter kind; returns the JSON record."""
+    B, T, nb, E, dev, V = a.batch, a.length, a.batches, a.epochs, a.device, shape["vocab_size"]
+    data, kl = SyntheticChats(B * nb, T, V, seed=1), SyntheticChats(B * nb, T, V, seed=2)
+    warm, warm_kl = SyntheticChats(B * 2, T, V, seed=3), SyntheticChats(B * 2, T, V, seed=4)
+    kw = dict(kl_coef=1.0, lr=1e-4, batch_size=B, kl_batch_size=B, warmup_steps=1, record_every=10**6)
+    for method in ("toggle", "cached"):
+        em.train(make(), model, warm, kl_data=warm_kl, method=method, epochs=1, progress=False,
+                 cache=em.ActivationCache(dev), **kw)
+    cuda = dev.startswith("cuda")
+    peak = {}
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    tog, run_t = train_steps(make(), model, data, kl, dev, method="toggle", epochs=1, **kw)
+    peak["toggle"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    cache = em.ActivationCache(dev)
+    cac, run_c = train_steps(make(), model, data, kl, dev, method="cached", epochs=E, cache=cache, **kw)
+    peak["cached"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    t_tog, t_e1, t_later = statistics.median(tog[1:]), statistics.median(cac[1:nb]), statistics.median(cac[nb:])
+    n_ce, n_kl = loss_positions(data, B), loss_positions(kl, B)
+    f_e1 = step_flops(shape, a.layer, B, T, n_ce, n_kl, epoch1=True)
+    f_later = step_flops(shape, a.layer, B, T, n_ce, n_kl, epoch1=False)
+    first_t, first_c = run_t.losses[0]["total"], run_c.losses[0]["total"]
+    tokens = 2 * B * T  # train + KL tokens per step
+    rec = {
+        "case": name, "sec_per_step_toggle": t_tog, "sec_per_step_cached_epoch1": t_e1, "sec_per_step_cached_later": t_later,
+        "steps_toggle": tog, "steps_cached": cac,
+        "speedup_epoch1": t_tog / t_e1, "speedup_later": t_tog / t_later,
+        "tokens_per_s_toggle": tokens / t_tog, "tokens_per_s_cached_epoch1": tokens / t_e1,
+        "tokens_per_s_cached_later": tokens / t_later,
+        "necessary_tflop_epoch1": f_e1 / 1e12, "necessary_tflop_later": f_later / 1e12,
+        "floor_fraction_epoch1": f_e1 / t_e1 / rate, "floor_fraction_later": f_later / t_later / rate,
+        "toggle_matmul_fraction": toggle_flops(shape, a.layer, B, T) / t_tog / rate,
+        "loss_rel_diff": abs(first_c - first_t) / abs(first_t), "loss_first_toggle": first_t, "loss_first_cached": first_c,
+        "loss_positions_train": n_ce, "loss_positions_kl": n_kl,
+        "peak_memory_gib_toggle": peak["toggle"], "peak_memory_gib_cached": peak["cached"],
+        "cache_gib": cache.nbytes() / 2**30,
+    }
+    rec["floor_fraction"] = min(rec["floor_fraction_epoch1"], rec["floor_fraction_later"])
+    print(f"{name}: toggle {t_tog:.4f}s  cached e1 {t_e1:.4f}s later {t_later:.4f}s  speedup {rec['speedup_epoch1']:.2f}/"
+          f"{rec['speedup_later']:.2f}  floor {rec['floor_fraction_epoch1']:.3f}/{rec['floor_fraction_later']:.3f}", flush=True)
+    variants = [v for v in a.variants.split(",") if v] if name == "steering_vector" else []
+    for v in variants:
+        try:
+            rec[f"variant_{v}"] = run_variant(v, make, model, data, kl, a, kw)
+        except Exception as exc:  # a variant must not lose the main numbers
+            rec[f"variant_{v}"] = {"error": repr(exc)[:300]}
+        print(f"  variant {v}: {rec[f'variant_{v}']}", flush=True)
+    if a.profile and name in a.profile.split(","):
+        steps = max(1, a.profile_steps)
+        rec["profile_cached_later"] = profile_steps(
+            lambda: em.train(make(), model, data, kl_data=kl, method="cached", steps=steps, cache=cache, progress=False, **kw),
+            out, f"{name}_cached_later")
+        rec["profile_cached_later"]["steps"] = steps
+        rec["profile_toggle"] = profile_steps(
+            lambda: em.train(make(), model, data, kl_data=kl, method="toggle", steps=1, progress=False, **kw), out, f"{name}_toggle")
+    return rec
+
+
+def run_variant(v: str, make, model, data, kl, a, kw) -> dict:
+    """The cached trainer under another setting: fastoff (bridge everywhere), hostcache (default CPU cache), compile."""
+    nb, dev = a.batches, a.device
+    cache = em.ActivationCache("cpu") if v == "hostcache" else em.ActivationCache(dev)
+    old = fastpath.fast_path_mode()
+    try:
+        if v == "fastoff":
+            fastpath.set_fast_path("off")
+        elif v == "compile":
+            fastpath.set_fast_path(old["mode"], compile=True)
+            t0 = time.perf_counter()
+            em.train(make(), model, data, kl_data=kl, method="cached", steps=2, cache=em.ActivationCache(dev), progress=False, **kw)
+            compile_s = time.perf_counter() - t0
+        steps, _ = train_steps(make(), model, data, kl, dev, method="cached", epochs=2, cache=cache, **kw)
+    finally:
+        fastpath.set_fast_path(old["mode"], compile=old["compile"])
+    out = {"sec_per_step_epoch1": statistics.median(steps[1:nb]), "sec_per_step_later": statistics.median(steps[nb:])}
+    if v == "compile":
+        out["warmup_with_compile_s"] = compile_s
+    return out
+
+
+def run_sweep(a, dev_dtype, rate) -> dict:
+    """16 steering vectors with train_many vs one run, each from a cold activation cache."""
+    shape = SHAPES["tiny" if a.shape == "tiny" else "smollm2"]
+    dev, dtype = dev_dtype
+    model = wrap_hf_model(build_hf(shape, dev, dtype, seed=1), None, model_id="random-smollm2-shape")
+    B, T, V, nb, n = a.batch, a.length, shape["vocab_size"], a.batches, a.sweep
+    layer = shape["layer"]
+    data, kl = SyntheticChats(B * nb, T, V, seed=5), SyntheticChats(B * nb, T, V, seed=6)
+    warm, warm_kl = SyntheticChats(B * nb, T, V, seed=7), SyntheticChats(B * nb, T, V, seed=8)
+    kw = dict(lr=5e-4, batch_size=B, kl_batch_size=B, warmup_steps=1, record_every=10**6, epochs=a.epochs, progress=False)
+    coefs = [0.1 * 2**i for i in range(max(1, n // 2))] * 2
+    seeds = [0] * (n // 2) + [1] * (n - n // 2)
+    coefs = coefs[:n]
+
+    def one(d, k, cache):
+        return em.train(em.SteeringVector(model, layer=layer), model, d, kl_data=k, kl_coef=1.0, cache=cache, **kw)
+
+    def many(d, k, cache):
+        vecs = [em.SteeringVector(model, layer=layer) for _ in range(n)]
+        return em.train_many(vecs, model, d, kl_data=k, kl_coef=coefs, seed=seeds, cache=cache, **kw)
+
+    def wall(fn) -> float:
+        if dev.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if dev.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    one(warm, warm_kl, em.ActivationCache(dev))
+    many(warm, warm_kl, em.ActivationCache(dev))
+    if dev.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    w1 = statistics.median([wall(lambda: one(data, kl, em.ActivationCache(dev))) for _ in range(3)])
+    wn = wall(lambda: many(data, kl, em.ActivationCache(dev)))
+    steps = a.epochs * nb
+    rec = {"case": f"sweep{n}", "model": "random SmolLM2-135M-shaped Llama (embedded GGUF too large to carry)",
+           "adapters": n, "steps_per_run": steps, "wall_s_one_run": w1, f"wall_s_{n}_batched": wn,
+           "wall_ratio": wn / w1, "goal_wall_ratio_max": 2.0, "sweep_speedup": n * w1 / wn,
+           "adapter_steps_per_s_one": steps / w1, "adapter_steps_per_s_batched": n * steps / wn,
+           "tokens_per_s_batched": n * steps * 2 * B * T / wn,
+           "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.startswith("cuda") else None}
+    print(f"sweep: one run {w1:.3f}s, {n} batched {wn:.3f}s, ratio {wn / w1:.2f} (goal <= 2)", flush=True)
+    return rec
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="qwen14b", choices=["qwen14b", "tiny"])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--batches", type=int, default=6, help="train (and KL) batches per epoch")
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--length", type=int, default=256)
+    ap.add_argument("--sweep", type=int, default=16)
+    ap.add_argument("--skip", default="", help="comma list of: forward,vector,lora,sweep")
+    ap.add_argument("--variants", default="fastoff,hostcache", help="comma list of: fastoff,hostcache,compile")
+    ap.add_argument("--profile", default="steering_vector", help="cases to profile (comma list; empty: none)")
+    ap.add_argument("--profile-steps", type=int, default=2)
+    ap.add_argument("--out", default=os.environ.get("OUT") or str(RESULTS.parent))
+    ap.add_argument("--results", default=None, help="JSONL file to append to (default OUT/bench_gpu.jsonl)")
+    a = ap.parse_args()
+    shape = SHAPES[a.shape]
+    a.layer = shape["layer"]
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = Path(a.results) if a.results else out / "bench_gpu.jsonl"
+    cuda = a.device.startswith("cuda")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    device_name = torch.cuda.get_device_name() if cuda else "cpu"
+    skip = set(a.skip.split(","))
+    import transformers
+
+    base = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "benchmark": "bench_gpu",
+            "device": device_name, "model_shape": a.shape, "dtype": str(dtype), "batch": a.batch, "kl_batch": a.batch,
+            "length": a.length, "batches_per_epoch": a.batches, "epochs": a.epochs, "layer": a.layer,
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "fast_path": fastpath.fast_path_mode(), "command": "python benchmarks/bench_gpu.py " + " ".join(
+                f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items() if k not in ("out", "results", "layer"))}
+
+    def emit(rec: dict) -> None:
+        rec = {**base, **rec}
+        with open(results, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    rate = matmul_rate(a.device)
+    print(f"device {device_name}; matmul {rate / 1e12:.1f} TFLOP/s", flush=True)
+    base["matmul_tflops"] = rate / 1e12
+    fwd = {}
+    if not ({"vector", "lora"} <= skip and "forward" in skip):
+        hf = build_hf(shape, a.device, dtype)
+        B, T = a.batch, a.length
+        ids = torch.randint(1, shape["vocab_size"], (B, T), device=a.device)
+        attn = torch.ones_like(ids)
+        fflops = forward_flops(shape, B, T)
+        with torch.no_grad():
+            if "forward" not in skip:
+                fwd["hf_forward_s"] = timed(lambda: hf(input_ids=ids, attention_mask=attn).logits, a.device, reps=10)
+        model = wrap_hf_model(hf, None, model_id=f"random-{a.shape}")
+        with torch.no_grad():
+            if "forward" not in skip:
+                fwd["bridge_forward_s"] = timed(lambda: model(ids, attention_mask=attn), a.device, reps=10)
+                fwd["fast_forward_s"] = timed(lambda: unembed(model, resume_forward(
+                    model, lower_forward(model, ids, 0, attn, fast=True), 0, attn, fast=True)), a.device, reps=10)
+                for k in list(fwd):
+                    fwd[k.replace("_s", "_matmul_fraction")] = fflops / fwd[k] / rate
+                print("forward: " + ", ".join(f"{k} {v:.4f}" for k, v in fwd.items()), flush=True)
+        base.update(fwd)
+        if cuda:
+            base["model_memory_gib"] = torch.cuda.memory_allocated() / 2**30
+        cases = []
+        if "vector" not in skip:
+            cases.append(("steering_vector", lambda: em.SteeringVector(model, layer=a.layer)))
+        if "lora" not in skip:
+            cases.append(("lora_r1_mlp_out", lambda: em.LoRA(model, layer=a.layer, rank=1, site="mlp_out", alpha=512, rslora=True)))
+        for name, make in cases:
+            emit(run_case(name, make, model, shape, a, rate, out))
+        del model, hf
+        import gc
+
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    if "sweep" not in skip:
+        emit(run_sweep(a, (a.device, dtype), rate))
+    print_table(results, base["date"])
+
+
+def print_table(results: Path, date: str) -> None:
+    rows = [json.loads(x) for x in results.read_text().splitlines() if x.strip()]
+    rows = [r for r in rows if r.get("date") == date]
+    print(f"\n{'case':<18}{'toggle s':>10}{'e1 s':>9}{'later s':>9}{'spd e1':>8}{'spd later':>10}{'floor e1':>9}{'floor lt':>9}{'peak GiB':>9}")
+    for r in rows:
+        if "sec_per_step_toggle" in r:
+            print(f"{r['case']:<18}{r['sec_per_step_toggle']:>10.4f}{r['sec_per_step_cached_epoch1']:>9.4f}"
+                  f"{r['sec_per_step_cached_later']:>9.4f}{r['speedup_epoch1']:>8.2f}{r['speedup_later']:>10.2f}"
+                  f"{r['floor_fraction_epoch1']:>9.3f}{r['floor_fraction_later']:>9.3f}{r['peak_memory_gib_cached'] or 0:>9.1f}")
+        else:
+            print(f"{r['case']:<18} one run {r['wall_s_one_run']:.3f}s, batched {r['wall_ratio']:.2f}x that wall time")
+
+
+if __name__ == "__main__":
+    main()
