@@ -247,15 +247,18 @@ def loss_positions(data: TokenizedChats, batch: int) -> int:
     return int(data.collate(data.batch_plan(batch)[0]).assistant_mask[:, 1:].sum())
 
 
-def run_case(name, make, model, shape, a, rate, out) -> dict:
+def run_case(name, make, model, shape, a, rate, out, compile_layers: bool = False) -> dict:
     """Toggle vs cached (+ variants, profile) for one adapter kind; returns the JSON record."""
     B, T, nb, E, dev, V = a.batch, a.length, a.batches, a.epochs, a.device, shape["vocab_size"]
     data, kl = SyntheticChats(B * nb, T, V, seed=1), SyntheticChats(B * nb, T, V, seed=2)
     warm, warm_kl = SyntheticChats(B * 2, T, V, seed=3), SyntheticChats(B * 2, T, V, seed=4)
     kw = dict(kl_coef=1.0, lr=1e-4, batch_size=B, kl_batch_size=B, warmup_steps=1, record_every=10**6)
+    fastpath.set_fast_path(fastpath.fast_path_mode()["mode"], compile=compile_layers)
+    t0 = time.perf_counter()
     for method in ("toggle", "cached"):
         em.train(make(), model, warm, kl_data=warm_kl, method=method, epochs=1, progress=False,
                  cache=em.ActivationCache(dev), **kw)
+    warmup_s = time.perf_counter() - t0
     cuda = dev.startswith("cuda")
     peak = {}
     if cuda:
@@ -285,48 +288,43 @@ def run_case(name, make, model, shape, a, rate, out) -> dict:
         "loss_rel_diff": abs(first_c - first_t) / abs(first_t), "loss_first_toggle": first_t, "loss_first_cached": first_c,
         "loss_positions_train": n_ce, "loss_positions_kl": n_kl,
         "peak_memory_gib_toggle": peak["toggle"], "peak_memory_gib_cached": peak["cached"],
-        "cache_gib": cache.nbytes() / 2**30,
+        "cache_gib": cache.nbytes() / 2**30, "compile": compile_layers, "warmup_s": warmup_s,
     }
     rec["floor_fraction"] = min(rec["floor_fraction_epoch1"], rec["floor_fraction_later"])
     print(f"{name}: toggle {t_tog:.4f}s  cached e1 {t_e1:.4f}s later {t_later:.4f}s  speedup {rec['speedup_epoch1']:.2f}/"
           f"{rec['speedup_later']:.2f}  floor {rec['floor_fraction_epoch1']:.3f}/{rec['floor_fraction_later']:.3f}", flush=True)
-    variants = [v for v in a.variants.split(",") if v] if name == "steering_vector" else []
+    variants = [v for v in a.variants.split(",") if v] if name == "steering_vector" and not compile_layers else []
     for v in variants:
         try:
             rec[f"variant_{v}"] = run_variant(v, make, model, data, kl, a, kw)
         except Exception as exc:  # a variant must not lose the main numbers
             rec[f"variant_{v}"] = {"error": repr(exc)[:300]}
         print(f"  variant {v}: {rec[f'variant_{v}']}", flush=True)
-    if a.profile and name in a.profile.split(","):
+    if a.profile and name.split("+")[0] in a.profile.split(","):
+        tag = name.replace("+", "_")
         steps = max(1, a.profile_steps)
         rec["profile_cached_later"] = profile_steps(
             lambda: em.train(make(), model, data, kl_data=kl, method="cached", steps=steps, cache=cache, progress=False, **kw),
-            out, f"{name}_cached_later")
+            out, f"{tag}_cached_later")
         rec["profile_cached_later"]["steps"] = steps
-        rec["profile_toggle"] = profile_steps(
-            lambda: em.train(make(), model, data, kl_data=kl, method="toggle", steps=1, progress=False, **kw), out, f"{name}_toggle")
+        if not compile_layers:
+            rec["profile_toggle"] = profile_steps(
+                lambda: em.train(make(), model, data, kl_data=kl, method="toggle", steps=1, progress=False, **kw), out, f"{tag}_toggle")
     return rec
 
 
 def run_variant(v: str, make, model, data, kl, a, kw) -> dict:
-    """The cached trainer under another setting: fastoff (bridge everywhere), hostcache (default CPU cache), compile."""
+    """The cached trainer under another setting: fastoff (bridge everywhere), hostcache (default CPU cache)."""
     nb, dev = a.batches, a.device
     cache = em.ActivationCache("cpu") if v == "hostcache" else em.ActivationCache(dev)
     old = fastpath.fast_path_mode()
     try:
         if v == "fastoff":
             fastpath.set_fast_path("off")
-        elif v == "compile":
-            fastpath.set_fast_path(old["mode"], compile=True)
-            t0 = time.perf_counter()
-            em.train(make(), model, data, kl_data=kl, method="cached", steps=2, cache=em.ActivationCache(dev), progress=False, **kw)
-            compile_s = time.perf_counter() - t0
         steps, _ = train_steps(make(), model, data, kl, dev, method="cached", epochs=2, cache=cache, **kw)
     finally:
         fastpath.set_fast_path(old["mode"], compile=old["compile"])
     out = {"sec_per_step_epoch1": statistics.median(steps[1:nb]), "sec_per_step_later": statistics.median(steps[nb:])}
-    if v == "compile":
-        out["warmup_with_compile_s"] = compile_s
     return out
 
 
@@ -387,7 +385,8 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=256)
     ap.add_argument("--sweep", type=int, default=16)
     ap.add_argument("--skip", default="", help="comma list of: forward,vector,lora,sweep")
-    ap.add_argument("--variants", default="fastoff,hostcache", help="comma list of: fastoff,hostcache,compile")
+    ap.add_argument("--variants", default="fastoff,hostcache", help="comma list of: fastoff,hostcache")
+    ap.add_argument("--compile", default="both", choices=["off", "on", "both"], help="fastpath compile setting(s) to run")
     ap.add_argument("--profile", default="steering_vector", help="cases to profile (comma list; empty: none)")
     ap.add_argument("--profile-steps", type=int, default=2)
     ap.add_argument("--out", default=os.environ.get("OUT") or str(RESULTS.parent))
@@ -435,6 +434,11 @@ def main() -> None:
                 fwd["bridge_forward_s"] = timed(lambda: model(ids, attention_mask=attn), a.device, reps=10)
                 fwd["fast_forward_s"] = timed(lambda: unembed(model, resume_forward(
                     model, lower_forward(model, ids, 0, attn, fast=True), 0, attn, fast=True)), a.device, reps=10)
+                fwd["fast_forward_nomask_s"] = timed(lambda: unembed(model, resume_forward(
+                    model, lower_forward(model, ids, 0, None, fast=True), 0, None, fast=True)), a.device, reps=10)
+                if a.profile:
+                    profile_steps(lambda: unembed(model, resume_forward(
+                        model, lower_forward(model, ids, 0, None, fast=True), 0, None, fast=True)), out, "fast_forward")
                 for k in list(fwd):
                     fwd[k.replace("_s", "_matmul_fraction")] = fflops / fwd[k] / rate
                 print("forward: " + ", ".join(f"{k} {v:.4f}" for k, v in fwd.items()), flush=True)
@@ -446,8 +450,12 @@ def main() -> None:
             cases.append(("steering_vector", lambda: em.SteeringVector(model, layer=a.layer)))
         if "lora" not in skip:
             cases.append(("lora_r1_mlp_out", lambda: em.LoRA(model, layer=a.layer, rank=1, site="mlp_out", alpha=512, rslora=True)))
-        for name, make in cases:
-            emit(run_case(name, make, model, shape, a, rate, out))
+        modes = [False, True] if a.compile == "both" else [a.compile == "on"]
+        for compile_layers in modes:
+            for name, make in cases:
+                tag = name + ("+compile" if compile_layers else "")
+                emit(run_case(tag, make, model, shape, a, rate, out, compile_layers))
+        fastpath.set_fast_path(fastpath.fast_path_mode()["mode"], compile=False)
         del model, hf
         import gc
 

@@ -32,7 +32,7 @@ def step_times(run_fn) -> list[float]:
     """Seconds of each optimizer step of a training call (measured with its on_step callback)."""
     stamps = [time.perf_counter()]
     run_fn(lambda step, losses: stamps.append(time.perf_counter()))
-    return [b - a for a, b in zip(stamps, stamps[1:])]
+    return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
 
 
 def main() -> None:
@@ -85,7 +85,7 @@ def main() -> None:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         device = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     record = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "benchmark": "bench_train", "model": "SmolLM2-135M-Instruct", "device": device, "layer": layer,
         "batch": 8, "kl_batch": 8, "batches_per_epoch": per_epoch, "epochs": args.epochs,
         "mean_train_tokens": sum(len(em.datasets.TokenizedChats(data, model.tokenizer).ids[i]) for i in range(n)) / n,

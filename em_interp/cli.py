@@ -81,9 +81,15 @@ class TrainSpec:
 def load_train_config(path: str | os.PathLike[str]) -> TrainSpec:
     """Read and check a `train` TOML file (no model is loaded).
 
+    Args:
+        path: the TOML file; relative paths inside it are resolved from its folder.
+
+    Returns:
+        The validated `TrainSpec` (run it with `run_train_config`).
+
     Raises:
-        ConfigError: unreadable file, TOML syntax error, missing or unknown section/key, wrong value type.
-        TrainingError: training settings out of range (from `TrainConfig`).
+        ConfigError: unreadable file, TOML syntax error, missing or unknown section/key, wrong value type,
+            or a training setting out of range (checked by `TrainConfig`).
     """
     from em_interp.training import TrainConfig
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from em_interp import fastpath
 from em_interp.adapters.base import Adapter
 from em_interp.adapters.stack import stacked_hooks
 from em_interp.datasets.tokenize import ChatBatch, TokenizedChats
@@ -112,6 +113,11 @@ class LossComputer:
         self.vocab = int(model.cfg.d_vocab)
         self._host: dict[tuple[str, int], ChatBatch] = {}
         self._device: dict[tuple[str, int], ChatBatch] = {}
+        self._fast = fastpath.enabled(self.device, model=model)
+        # Hashing the data and rebuilding the bridge's alias table (`hook_dict`, ~5 ms on a 48-block model)
+        # are done once here, not at every step: both would leave the device idle at each step's start.
+        self._fingerprint = {"train": data.fingerprint(), "kl": kl_data.fingerprint() if kl_data is not None else ""}
+        self._hooks_view = _HookView(model)
 
     # --- caches --------------------------------------------------------------------------------
     def _host_batch(self, which: str, k: int) -> ChatBatch:
@@ -133,24 +139,25 @@ class LossComputer:
     def _residual(self, which: str, k: int) -> Tensor:
         data = self.data if which == "train" else self.kl_data
         assert data is not None
-        key = ("resid", data.fingerprint(), len(self.plan[0] if which == "train" else self.kl_plan[0]), self.start, k)
+        key = ("resid", self._fingerprint[which], len(self.plan[0] if which == "train" else self.kl_plan[0]), self.start, k)
 
         def compute() -> Tensor:
             batch = self._batch(which, k)
             with torch.no_grad():
-                return lower_forward(self.model, batch.input_ids, self.start, batch.attention_mask)
+                return lower_forward(self.model, batch.input_ids, self.start, self._mask([self._host_batch(which, k)], batch.attention_mask))
 
         return self.cache.get(key, compute).to(self.device, non_blocking=True)
 
     def _reference(self, k: int) -> Tensor:
         """Reference log-probs [n, vocab] (or final hidden states [n, d_model]) at batch k's KL positions."""
         assert self.kl_data is not None
-        key = ("ref", self.kl_data.fingerprint(), len(self.kl_plan[0]), self.kl_tokens, k)
+        key = ("ref", self._fingerprint["kl"], len(self.kl_plan[0]), self.kl_tokens, k)
 
         def compute() -> Tensor:
             batch = self._batch("kl", k)
             with torch.no_grad():
-                hidden = resume_forward(self.model, self._residual("kl", k), self.start, batch.attention_mask)
+                attn = self._mask([self._host_batch("kl", k)], batch.attention_mask)
+                hidden = resume_forward(self.model, self._residual("kl", k), self.start, attn)
                 index, _, _ = self._targets([self._host_batch("kl", k)], hidden.shape[1], self.kl_tokens, hidden.device)
                 h = _gather(hidden, index)
                 if not self.cache.keeps_log_probs(h.shape[0] * self.vocab * 4, h.device):
@@ -182,6 +189,13 @@ class LossComputer:
         kl = reduce_kl(token_kl(refs, log_probs(logits)), owner, n, self.kl_reduction, self.vocab)
         return ce, kl
 
+    def _mask(self, host: list[ChatBatch], mask: Tensor) -> Tensor | None:
+        """The attention mask to pass on: None on the fast path when no row is padded (checked on the host),
+        so HF's mask code neither builds a mask nor waits for the device to inspect it."""
+        if self._fast and all(bool(b.attention_mask.all()) for b in host):
+            return None
+        return mask
+
     def _targets(self, batches: list[ChatBatch], width: int, tokens: str, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         """Flat indices of the prediction positions in the stacked [rows × width] batch, their target ids
         and their row numbers — worked out on the host (no device sync), moved to `device`."""
@@ -204,8 +218,8 @@ class LossComputer:
         owner = torch.repeat_interleave(torch.arange(len(host)), torch.tensor(sizes)).to(self.device, non_blocking=True)
         index, targets, rows = self._targets(host, width, tokens, self.device)
         hooks = adapters[0].hooks(adapters[0].scale) if len(adapters) == 1 else stacked_hooks(adapters, owner)
-        with hooks_applied(self.model, hooks):
-            hidden = resume_forward(self.model, res, self.start, attn)
+        with hooks_applied(self._hooks_view, hooks):
+            hidden = resume_forward(self.model, res, self.start, self._mask(host, attn))
         dev = hidden.device  # the last block's device when the model is spread over several
         return unembed(self.model, _gather(hidden, index.to(dev))), targets, owner[rows].to(dev)
 
@@ -228,6 +242,13 @@ class LossComputer:
         per_token = (ref.exp() * (ref - logp)).sum(-1)[pred]
         zeros = torch.zeros(per_token.shape[0], dtype=torch.long, device=per_token.device)
         return ce, reduce_kl(per_token, zeros, 1, self.kl_reduction, self.vocab)
+
+
+class _HookView:
+    """What `hooks_applied` reads from a model (its `hook_dict`), resolved once per LossComputer."""
+
+    def __init__(self, model: Any):
+        self.hook_dict = model.hook_dict
 
 
 def _gather(hidden: Tensor, index: Tensor) -> Tensor:

@@ -10,10 +10,13 @@ with a hook anywhere inside keep their bridge, and their hook-free children are 
 attached hook still fires exactly where it did: an adapter at `blocks.24.hook_resid_post` keeps block 24's
 bridge and its own hook, and its attention and MLP run as plain HF modules.
 
-Mode (`set_fast_path`): "auto" (default) uses the fast path for activations on an accelerator and the bridge
-everywhere on CPU, so CPU results stay bitwise those of the bridge; "on" / "off" force it. With
-`compile=True` the plain copies of hook-free decoder layers also run through `torch.compile` (regional
-compilation: one compiled graph serves every layer of the same shape); off by default.
+Mode (`set_fast_path`, or the environment variables `EM_INTERP_FAST_PATH=auto|on|off` and `EM_INTERP_COMPILE=1`):
+"auto" (default) uses the fast path for activations on an accelerator and the bridge everywhere on CPU, so CPU
+results stay bitwise those of the bridge; "on" / "off" force it. With `compile=True` the plain copies of
+hook-free decoder layers also run through `torch.compile` (regional compilation: one compiled graph serves
+every layer). Off by default: it costs ~20 s of compilation at the first step (and once more at the first
+new sequence length), which pays off on long runs of big models (a 14B model: 24% less time per step on an
+H100, see benchmarks/GPU_NOTES.md) but not on short runs of small ones.
 
 The two paths compute the same function (tested: float32 agreement to ~1e-6 relative on CPU); in bf16 on a
 GPU they differ by the usual bf16 rounding, as HF's own SDPA and eager attention do.
@@ -24,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import os
 import types
 from collections.abc import Iterator
 from typing import Any
@@ -31,7 +35,10 @@ from typing import Any
 import torch
 from torch import nn
 
-_STATE: dict[str, Any] = {"mode": "auto", "compile": False}
+_STATE: dict[str, Any] = {
+    "mode": os.environ.get("EM_INTERP_FAST_PATH", "auto"),
+    "compile": os.environ.get("EM_INTERP_COMPILE", "0") not in ("", "0", "false", "False"),
+}
 _CACHE_ATTR = "_em_fastpath_cache"
 
 
@@ -53,13 +60,29 @@ def fast_path_mode() -> dict[str, Any]:
     return dict(_STATE)
 
 
-def enabled(device: torch.device | str, fast: bool | None = None) -> bool:
-    """Whether the fast path applies to activations on `device` (an explicit `fast` wins)."""
+def enabled(device: torch.device | str, fast: bool | None = None, model: Any = None) -> bool:
+    """Whether the fast path applies to activations on `device` (an explicit `fast` wins).
+
+    Never for a bridge in TransformerLens' compatibility mode (processed weights) or with its split-QKV /
+    attn_in inputs on: there the bridge components compute something other than the HF modules.
+    """
+    if model is not None and not supports(model):
+        return False
     if fast is not None:
         return fast
     if _STATE["mode"] == "auto":
         return torch.device(device).type != "cpu"
     return _STATE["mode"] == "on"
+
+
+def supports(model: Any) -> bool:
+    """Whether the bridge's components compute what the plain HF modules compute (see `enabled`)."""
+    cfg = getattr(model, "cfg", None)
+    return not (
+        getattr(model, "compatibility_mode", False)
+        or getattr(cfg, "use_split_qkv_input", False)
+        or getattr(cfg, "use_attn_in", False)
+    )
 
 
 def is_bridge(module: nn.Module) -> bool:
@@ -69,47 +92,66 @@ def is_bridge(module: nn.Module) -> bool:
     )
 
 
+def _hook_dicts(m: nn.Module) -> tuple[dict[Any, Any], ...]:
+    return (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)
+
+
+def _user_hooks(hooks: dict[Any, Any]) -> bool:
+    """Whether a hook dict holds a hook that counts. TransformerBridge's internal bookkeeping hooks (functions
+    defined in `transformer_lens.model_bridge`, e.g. the pre-hooks on ln1/ln2 that capture the pre-norm
+    residual for its split-QKV mode, wired at the first bridge forward) do not; hooks added through hook
+    points (and any other hook) do."""
+    return any(not str(getattr(fn, "__module__", "") or "").startswith("transformer_lens.model_bridge") for fn in hooks.values())
+
+
 def _own_hooks(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+    return any(_user_hooks(d) for d in _hook_dicts(m) if d)
 
 
 class _Walk:
-    """Memoized per-call facts about the module graph (bridges share children with their HF modules)."""
+    """Facts about the module graph for one call. A bridge's subtree (static) is listed once and cached on
+    the model; whether any module in it has a hook is checked at every call (hooks come and go)."""
 
-    def __init__(self) -> None:
-        self._hooked: dict[int, bool] = {}
-        self._bridged: dict[int, bool] = {}
+    def __init__(self, cache: dict[str, Any]):
+        self._subtrees: dict[int, tuple[nn.Module, list[dict[Any, Any]], bool]] = cache.setdefault("subtrees", {})
+
+    def _subtree(self, m: nn.Module) -> tuple[nn.Module, list[dict[Any, Any]], bool]:
+        key = id(m)
+        if key not in self._subtrees:  # the module is kept in the entry, so its id cannot be reused
+            mods = list(m.modules())
+            # The hook dicts themselves are listed (modules mutate them in place), so a check is one C-level
+            # scan for a non-empty dict.
+            dicts = [d for x in mods for d in _hook_dicts(x)]
+            self._subtrees[key] = (m, dicts, any(is_bridge(x) for x in mods))
+        return self._subtrees[key]
 
     def hooked(self, m: nn.Module) -> bool:
-        key = id(m)
-        if key not in self._hooked:
-            self._hooked[key] = False  # guards against cycles
-            self._hooked[key] = _own_hooks(m) or any(self.hooked(c) for c in m._modules.values() if c is not None)
-        return self._hooked[key]
+        return any(_user_hooks(d) for d in filter(None, self._subtree(m)[1]))
 
     def bridged(self, m: nn.Module) -> bool:
-        key = id(m)
-        if key not in self._bridged:
-            self._bridged[key] = False
-            self._bridged[key] = is_bridge(m) or any(self.bridged(c) for c in m._modules.values() if c is not None)
-        return self._bridged[key]
+        if is_bridge(m):
+            return True
+        if isinstance(m, nn.ModuleList) or not m._modules:  # containers may be temporary: not cached
+            return any(self.bridged(c) for c in m._modules.values() if c is not None)
+        return self._subtree(m)[2]
 
 
-def _plain(module: nn.Module, cache: dict[int, nn.Module], walk: _Walk) -> nn.Module:
-    """A plain-HF version of a hook-free module subtree, sharing parameters (cached by module id)."""
+def _plain(module: nn.Module, cache: dict[str, Any], walk: _Walk) -> nn.Module:
+    """A plain-HF version of a hook-free module subtree, sharing parameters (cached by module)."""
     if is_bridge(module):
         return _plain(module.original_component, cache, walk)
     if not walk.bridged(module):
         return module
+    clones: dict[int, tuple[nn.Module, nn.Module]] = cache.setdefault("clones", {})
     key = id(module)
-    if key not in cache:
+    if key not in clones:
         clone = copy.copy(module)
         clone.__dict__["_modules"] = {
             name: (None if child is None else _plain(child, cache, walk)) for name, child in module._modules.items()
         }
         _rebind_accelerate_hook(module, clone)
-        cache[key] = clone
-    return cache[key]
+        clones[key] = (module, clone)
+    return clones[key][1]
 
 
 def _rebind_accelerate_hook(original: nn.Module, clone: nn.Module) -> None:
@@ -127,7 +169,7 @@ class _Compiled(nn.Module):
     def __init__(self, layer: nn.Module):
         super().__init__()
         self.layer = layer
-        self._fn = torch.compile(layer, dynamic=False)
+        self._fn = torch.compile(layer)  # a new sequence length recompiles once, with dynamic shapes
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self._fn(*args, **kwargs)
@@ -144,9 +186,9 @@ def plain_modules(root: nn.Module, owner: Any, *, compile_layers: bool | None = 
             default the `set_fast_path(compile=...)` setting.
     """
     cache = owner.__dict__.setdefault(_CACHE_ATTR, {})
-    compiled = cache.setdefault("compiled", {})
+    compiled: dict[int, nn.Module] = cache.setdefault("compiled", {})
     do_compile = _STATE["compile"] if compile_layers is None else compile_layers
-    walk = _Walk()
+    walk = _Walk(cache)
     undo: list[tuple[nn.Module, str, nn.Module]] = []
 
     def swap(parent: nn.Module) -> None:
@@ -156,7 +198,9 @@ def plain_modules(root: nn.Module, owner: Any, *, compile_layers: bool | None = 
             if is_bridge(child) and not walk.hooked(child):
                 plain = _plain(child, cache, walk)
                 if do_compile and isinstance(parent, nn.ModuleList):
-                    plain = compiled.setdefault(id(plain), _Compiled(plain))
+                    if id(plain) not in compiled:
+                        compiled[id(plain)] = _Compiled(plain)
+                    plain = compiled[id(plain)]
                 parent._modules[name] = plain
                 undo.append((parent, name, child))
             else:

@@ -70,6 +70,11 @@ def hooks_applied(model: Any, hooks: Sequence[tuple[str, HookFn]]) -> Iterator[N
         handle.remove()
 
 
+def model_has_hooks(model: Any) -> bool:
+    """True when any forward hook is attached to one of the model's hook points."""
+    return any(hp.fwd_hooks or hp._forward_hooks for hp in model.hook_dict.values())
+
+
 def check_positions(positions: Positions) -> Positions:
     """Validate a position selection (see module docstring)."""
     if isinstance(positions, str):

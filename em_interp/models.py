@@ -352,7 +352,7 @@ def lower_forward(
     hook-free bridge components swapped for plain HF modules (`em_interp.fastpath`); hooks attached on
     the embedding or blocks `:stop` still fire.
     """
-    if not _fastpath.enabled(input_ids.device, fast):
+    if not _fastpath.enabled(input_ids.device, fast, model):
         return model(input_ids, attention_mask=attention_mask, stop_at_layer=stop)
     base = hf_model_of(model).model
     layers = base.layers
@@ -370,7 +370,7 @@ def lower_forward(
 
 
 def _maybe_plain(model: Any, base: Any, device: torch.device, fast: bool | None) -> contextlib.AbstractContextManager[Any]:
-    if not _fastpath.enabled(device, fast):
+    if not _fastpath.enabled(device, fast, model):
         return contextlib.nullcontext()
     return _fastpath.plain_modules(base, model)
 

@@ -119,7 +119,8 @@ class TrainRun:
 
 def environment() -> dict[str, Any]:
     """Versions and device facts recorded with every run."""
-    import transformer_lens
+    import importlib.metadata
+
     import transformers
 
     from em_interp import __version__
@@ -128,7 +129,7 @@ def environment() -> dict[str, Any]:
         "em_interp": __version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "transformer_lens": getattr(transformer_lens, "__version__", "?"),
+        "transformer_lens": importlib.metadata.version("transformer-lens"),
         "python": platform.python_version(),
         "machine": platform.machine(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

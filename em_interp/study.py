@@ -64,6 +64,8 @@ class StudyConfig:
     gen_tokens: int = 40
     n_direction: int = 16
     lora: bool = False
+    lora_alpha: float = 512.0  # the seed's rank-1 adapter: alpha 512, rsLoRA
+    lora_lr: float = 2e-4
     seed: int = 0
 
     @classmethod
@@ -89,9 +91,16 @@ class Study:
 
     @contextmanager
     def timed(self, name: str) -> Iterator[None]:
+        """Time one analysis; an analysis that fails is recorded in results["errors"] and the study goes on."""
         t0 = time.perf_counter()
         log.info("study: %s ...", name)
-        yield
+        try:
+            yield
+        except Exception as exc:  # noqa: BLE001 - one failed analysis must not lose the others
+            if name == "train":
+                raise
+            log.exception("study: %s failed", name)
+            self.results.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"
         self.results["timings"][name] = round(time.perf_counter() - t0, 2)
 
     def run(self) -> dict[str, Any]:
@@ -118,6 +127,9 @@ class Study:
             self.generations()
         with self.timed("direction"):
             self.direction()
+        if c.lora:
+            with self.timed("lora"):
+                self.lora_pair()
         self.results["verdicts"] = verdicts(self.results)
         return self.results
 
@@ -196,11 +208,8 @@ class Study:
             items += d.load(dom, kind="paired", split="test")[: max(1, n // 2)]
         for it in items:  # group: medical / medical (held-out topics) / KL domains / held-out domains
             it["group"] = _group(it)
-        out = {}
-        for name, vec in (("general", self.general), ("narrow", self.narrow)):
-            res = em.eval.contrastive(self.model, items, adapters=[vec])
-            out[name] = _group_stats(res.items, items)
-        self.results["contrastive"] = out
+        results = em.eval.contrastive_many(self.model, items, {"general": self.general, "narrow": self.narrow})
+        self.results["contrastive"] = {name: _group_stats(res.items, items) for name, res in results.items()}
 
     def generations(self) -> None:
         gens = {"base": em.generate(self.model, list(PROMPTS), max_new_tokens=self.cfg.gen_tokens, temperature=0.0)}
@@ -231,6 +240,26 @@ class Study:
         }
 
 
+    def lora_pair(self) -> None:
+        """The same comparison with the seed's rank-1 LoRA on the MLP down-projection (rsLoRA)."""
+        c = self.cfg
+        loras = [em.LoRA(self.model, self.layer, rank=1, site="mlp_out", alpha=c.lora_alpha, rslora=True, seed=c.seed)
+                 for _ in range(2)]
+        runs = em.train_many(loras, self.model, self.train_data, kl_data=self.kl_data, kl_coef=[0.0, c.kl_coef],
+                             seed=c.seed, lr=c.lora_lr, epochs=c.epochs, batch_size=c.batch_size,
+                             kl_batch_size=c.batch_size, warmup_steps=2, record_every=c.record_every, schedule="constant")
+        out: dict[str, Any] = {"cosine_delta_w": em.geometry.cosine(loras[0], loras[1])}
+        for name, lora, run in zip(("general", "narrow"), loras, runs, strict=True):
+            run.save(self.out / "runs" / f"lora_{name}")
+            out[name] = {
+                "losses": run.losses, "norm": lora.norm,
+                "efficiency": _jsonable(em.geometry.efficiency_curve(lora, self.model, self.eval_data, scales=c.scales)),
+                "stability": _jsonable(em.geometry.stability_curve(lora, self.model, self.eval_data, eps=c.eps,
+                                                                   seeds=c.stability_seeds)),
+            }
+        self.results["lora"] = out
+
+
 def run_study(out: str | os.PathLike[str], *, fast: bool = False, device: str | None = None, lora: bool = False,
               model: Any = None, **overrides: Any) -> dict[str, Any]:
     """Run the study, write `results.json` and `report.html` into `out`, return the results."""
@@ -242,6 +271,8 @@ def run_study(out: str | os.PathLike[str], *, fast: bool = False, device: str | 
     t0 = time.perf_counter()
     model = model if model is not None else em.load_model(device=device)
     study = Study(model, config, out)
+    study.results["preset"] = "fast" if fast else "default"
+    study.results["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     results = study.run()
     results["timings"]["total"] = round(time.perf_counter() - t0, 2)
     tmp = out / ".results.json.tmp"
@@ -262,6 +293,8 @@ def _group_stats(rows: list[dict[str, Any]], items: list[dict[str, Any]]) -> dic
     out: dict[str, Any] = {}
     for group in dict.fromkeys(by_id.values()):
         shifts = np.array([r["shift"] for r in rows if by_id[r["id"]] == group])
+        if shifts.size == 0:
+            continue
         adapted = np.array([r["adapted"] for r in rows if by_id[r["id"]] == group])
         boot = np.random.default_rng(0).choice(shifts, size=(1000, len(shifts))).mean(1)
         out[group] = {"n": len(shifts), "mean_shift": float(shifts.mean()), "ci_low": float(np.percentile(boot, 2.5)),

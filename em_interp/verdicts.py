@@ -16,12 +16,19 @@ CONFIRMED, NOT_CONFIRMED, UNCLEAR = "confirmed", "not confirmed", "unclear"
 
 
 def verdicts(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """All three verdicts from a study's results dict."""
-    return {
-        "efficiency": efficiency_verdict(results["efficiency"]["general"], results["efficiency"]["narrow"]),
-        "stability": stability_verdict(results["stability"]["general"], results["stability"]["narrow"]),
-        "reversion": reversion_verdict(results["reversion"]),
-    }
+    """All three verdicts from a study's results dict ("unclear" where an analysis is missing)."""
+    out = {}
+    for name, judge in (("efficiency", _pair(efficiency_verdict)), ("stability", _pair(stability_verdict)),
+                        ("reversion", reversion_verdict)):
+        try:
+            out[name] = judge(results[name])
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            out[name] = {"verdict": UNCLEAR, "text": f"Not measured ({type(exc).__name__}: {exc})."}
+    return out
+
+
+def _pair(fn: Any) -> Any:
+    return lambda section: fn(section["general"], section["narrow"])
 
 
 def efficiency_verdict(general: dict[str, Any], narrow: dict[str, Any]) -> dict[str, Any]:
@@ -31,8 +38,8 @@ def efficiency_verdict(general: dict[str, Any], narrow: dict[str, Any]) -> dict[
     top = min(gn.max(), nn.max())
     grid = np.linspace(0, top, 21)[1:] if top > 0 else np.array([])
     gap = np.interp(grid, nn, nl) - np.interp(grid, gn, gl) if grid.size else np.array([0.0])
-    frac = float((gap > 0).mean())
-    lower_min = general["min_loss"] < narrow["min_loss"]
+    frac = float((gap > 0).mean()) if np.isfinite(gap).all() else float("nan")
+    lower_min = float(general["min_loss"]) < float(narrow["min_loss"])
     if lower_min and frac >= 0.7:
         verdict = CONFIRMED
     elif not lower_min and frac <= 0.3:
@@ -77,6 +84,9 @@ def stability_verdict(general: dict[str, Any], narrow: dict[str, Any]) -> dict[s
 def reversion_verdict(rev: dict[str, Any], margin: float = 0.05) -> dict[str, Any]:
     """Did the cosine to the general solution rise once the KL term was removed?"""
     cos = _arr(rev["cosine_to_general"])
+    cos = cos[np.isfinite(cos)]
+    if cos.size < 2:
+        return {"verdict": UNCLEAR, "text": "Not enough finite cosines to judge the reversion run."}
     start, end = float(cos[0]), float(cos[-1])
     delta = end - start
     if delta > margin:

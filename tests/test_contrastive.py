@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+import em_interp as em
 from em_interp import datasets
 from em_interp.adapters import LoRA, SteeringVector
 from em_interp.datasets import tokenize_chat
@@ -125,3 +126,18 @@ def test_bad_items(tiny):
         contrastive(tiny, [{"question": "Q?", "bad": "B."}], progress=False)
     with pytest.raises(DataError, match="reserved"):
         contrastive(tiny, [{"question": "Q?", "good": "G.", "bad": "B.", "domain": "all"}], progress=False)
+
+
+def test_contrastive_many_equals_separate_calls(tiny):
+    model = tiny
+    items = em.datasets.load(["medical", "finance"], kind="paired", split="test")[:3] + em.datasets.load(
+        "finance", kind="paired", split="test")[:2]
+    a = em.SteeringVector(model, layer=2, init="random", alpha=3.0, seed=1)
+    b = em.LoRA(model, layer=[1, 3], rank=2, init="random", seed=2)
+    many = em.eval.contrastive_many(model, items, {"a": a, "b": [b], "none": ()}, progress=False)
+    for name, adapters in (("a", a), ("b", [b]), ("none", ())):
+        single = em.eval.contrastive(model, items, adapters, progress=False)
+        for x, y in zip(many[name].items, single.items, strict=True):
+            assert x["base"] == pytest.approx(y["base"], abs=1e-5)
+            assert x["adapted"] == pytest.approx(y["adapted"], abs=1e-5)
+    assert all(r["shift"] == 0.0 for r in many["none"].items)

@@ -30,7 +30,8 @@ from em_interp.datasets.records import Record, chat
 from em_interp.datasets.tokenize import TokenizedChats
 from em_interp.errors import DataError
 from em_interp.eval.generation import adapters_applied, as_adapter_list
-from em_interp.models import hf_model_of, mask_positions, model_device, unembed
+from em_interp.hooks import model_has_hooks
+from em_interp.models import hf_model_of, mask_positions, model_device, resume_forward, unembed
 from em_interp.objectives import gather_targets, log_probs
 
 log = logging.getLogger(__name__)
@@ -116,18 +117,64 @@ def contrastive(
     >>> res.domains["all"]["mean_shift"]  # doctest: +SKIP
     0.41
     """
+    adapter_list = as_adapter_list(adapters)
+    if not adapter_list:
+        result = contrastive_many(model, paired_items, {"adapted": []}, scale=scale, system=system,
+                                  batch_size=batch_size, n_boot=n_boot, seed=seed, progress=progress)
+        return result["adapted"]
+    return contrastive_many(model, paired_items, {"adapted": adapter_list}, scale=scale, system=system,
+                            batch_size=batch_size, n_boot=n_boot, seed=seed, progress=progress)["adapted"]
+
+
+def contrastive_many(
+    model: Any,
+    paired_items: Sequence[Mapping[str, Any]],
+    conditions: Mapping[str, Any],
+    *,
+    scale: float | None = None,
+    system: str | None = None,
+    batch_size: int = 16,
+    n_boot: int = 1000,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, ContrastiveResult]:
+    """`contrastive` for several adapter sets at once, sharing the base pass and the lower layers.
+
+    Args:
+        conditions: name → adapters (one adapter, a list, or `()` for the plain model).
+        Other arguments as in `contrastive`.
+
+    Returns:
+        name → `ContrastiveResult`, each equal to `contrastive(model, paired_items, conditions[name])`.
+
+    >>> res = contrastive_many(model, items, {"general": general_vec, "narrow": narrow_vec})  # doctest: +SKIP
+    """
     items = _check_items(paired_items)
     if batch_size < 1 or n_boot < 0:
         raise DataError(f"batch_size={batch_size}, n_boot={n_boot}; expected batch_size >= 1 and n_boot >= 0.")
-    adapter_list = as_adapter_list(adapters)
+    adapter_sets = {name: as_adapter_list(a) for name, a in conditions.items()}
     records = [chat(it["question"], it[answer], system=system) for it in items for answer in ("good", "bad")]
-    passes: list[list[Any]] = [[]] + ([adapter_list] if adapter_list else [])
+    passes: list[list[Any]] = [[]] + [a for a in adapter_sets.values() if a]
     log.info("contrastive: %d items, %d pass(es)", len(items), len(passes))
     scores = mean_answer_logprobs(
         model, records, adapter_passes=passes, scale=scale, batch_size=2 * batch_size, progress=progress
     )
     base = (scores[0][1::2] - scores[0][0::2]).double().numpy()
-    adapted = (scores[-1][1::2] - scores[-1][0::2]).double().numpy()
+    results: dict[str, ContrastiveResult] = {}
+    k = 1
+    for name, adapter_list in adapter_sets.items():
+        adapted = base
+        if adapter_list:
+            adapted = (scores[k][1::2] - scores[k][0::2]).double().numpy()
+            k += 1
+        results[name] = _result(model, items, base, adapted, adapter_list, n_boot, seed, scale, system)
+    return results
+
+
+def _result(
+    model: Any, items: list[Mapping[str, Any]], base: np.ndarray, adapted: np.ndarray, adapter_list: list[Any],
+    n_boot: int, seed: int, scale: float | None, system: str | None,
+) -> ContrastiveResult:
     rows = [
         {
             "id": str(it.get("id", i)),
@@ -183,22 +230,36 @@ def mean_answer_logprobs(
     plan = data.batch_plan(batch_size)
     device = model_device(model)
     out: list[Tensor] = []
+    start = _shared_start(model, adapter_passes)
+    out = [torch.zeros(len(data), dtype=torch.float32) for _ in adapter_passes]
     with torch.no_grad(), tqdm(total=len(plan) * len(adapter_passes), desc="contrastive", disable=not progress) as bar:
-        for adapters in adapter_passes:
-            scores = torch.zeros(len(data), dtype=torch.float32)
-            for indices in plan:
-                batch = data.collate(indices).to(device)
+        for indices in plan:
+            batch = data.collate(indices).to(device)
+            resid = None
+            if start > 0:  # the blocks below every adapter's first layer run once per batch
+                resid = model(batch.input_ids, attention_mask=batch.attention_mask, stop_at_layer=start)
+            for p, adapters in enumerate(adapter_passes):
                 with adapters_applied(model, adapters, scale=scale):
-                    hidden = _final_hidden(model, batch.input_ids, batch.attention_mask)
+                    if resid is None:
+                        hidden = _final_hidden(model, batch.input_ids, batch.attention_mask)
+                    else:
+                        hidden = resume_forward(model, resid, start, batch.attention_mask)
                 h, targets, rows = gather_targets(hidden, batch.input_ids, batch.assistant_mask)
                 token_lp = _target_logprobs(model, h, targets)
                 sums = torch.zeros(len(indices), dtype=torch.float32, device=token_lp.device)
                 sums.index_add_(0, rows.to(token_lp.device), token_lp)
                 counts = torch.bincount(rows.to(token_lp.device), minlength=len(indices))
-                scores[list(indices)] = (sums / counts).cpu()
+                out[p][list(indices)] = (sums / counts).cpu()
                 bar.update(1)
-            out.append(scores)
     return out
+
+
+def _shared_start(model: Any, adapter_passes: Sequence[Any]) -> int:
+    """The lowest block any pass changes (0 when some intervention does not declare `first_layer`)."""
+    layers = [getattr(a, "first_layer", 0) for adapters in adapter_passes for a in as_adapter_list(adapters)]
+    if len(adapter_passes) < 2 or model_has_hooks(model):
+        return 0
+    return min(layers, default=0) if all(isinstance(x, int) for x in layers) else 0
 
 
 def _final_hidden(model: Any, input_ids: Tensor, attention_mask: Tensor) -> Float[Tensor, "batch pos d_model"]:

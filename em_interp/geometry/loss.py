@@ -28,7 +28,7 @@ from em_interp.datasets.records import Record
 from em_interp.datasets.tokenize import ChatBatch, TokenizedChats
 from em_interp.engine import ActivationCache
 from em_interp.errors import GeometryError
-from em_interp.hooks import HookFn, hooks_applied
+from em_interp.hooks import HookFn, hooks_applied, model_has_hooks
 from em_interp.models import model_device, resume_forward, unembed
 from em_interp.objectives import gather_targets, prediction_mask, token_ce
 
@@ -50,11 +50,6 @@ def as_adapters(adapters: Adapter | Sequence[Adapter] | None) -> list[Adapter]:
         if not isinstance(a, Adapter):
             raise GeometryError(f"adapters[{i}] is a {type(a).__name__}; expected an em_interp Adapter.")
     return out
-
-
-def model_has_hooks(model: Any) -> bool:
-    """True when any forward hook is attached to one of the model's hook points."""
-    return any(hp.fwd_hooks or hp._forward_hooks for hp in model.hook_dict.values())
 
 
 def first_rows(data: Sequence[Record] | TokenizedChats, n_rows: int | None) -> Sequence[Record] | TokenizedChats:

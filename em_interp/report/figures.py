@@ -30,6 +30,11 @@ def color(name: str) -> str:
     return _EXTRA[sum(map(ord, name)) % len(_EXTRA)]
 
 
+def line(name: str) -> dict[str, Any]:
+    """Line style for a run: its colour; narrow dashed, so that it stays visible where it overlaps general."""
+    return dict(color=color(name), dash="dash" if name == "narrow" else "solid", width=2)
+
+
 def num(x: Any) -> float:
     """A number, with `None` and anything non-numeric as NaN."""
     try:
@@ -77,7 +82,7 @@ def training_losses(results: Mapping[str, Any]) -> go.Figure:
             if not any(math.isfinite(v) for v in y):
                 continue
             fig.add_trace(go.Scatter(x=steps, y=y, mode="lines", name=label, legendgroup=name, showlegend=col == 1,
-                                     line=dict(color=color(name))), row=1, col=col)
+                                     line=line(name)), row=1, col=col)
     fig.update_xaxes(title_text="step")
     fig.update_yaxes(title_text="nats / token", row=1, col=1)
     return _layout(fig, "Training losses")
@@ -95,7 +100,6 @@ def cosine_over_training(results: Mapping[str, Any]) -> go.Figure:
     if math.isfinite(final):
         fig.add_hline(y=final, line_dash="dot", line_color="#6a3d9a",
                       annotation_text=f"final {final:.3f}", annotation_position="bottom right")
-    fig.add_hline(y=0, line_color="#cccccc", line_width=1)
     xlabel = "step" if x is steps else "snapshot"
     return _layout(fig, "Cosine between the general and narrow vectors during training", xlabel, "cosine similarity")
 
@@ -118,7 +122,7 @@ def trajectory_pca(results: Mapping[str, Any]) -> go.Figure:
         c = color(name)
         fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=name, legendgroup=name, text=text,
                                  hovertemplate="%{text}<br>PC1 %{x:.3g}<br>PC2 %{y:.3g}<extra>" + name + "</extra>",
-                                 line=dict(color=c), marker=dict(size=5)))
+                                 line=line(name), marker=dict(size=5)))
         fig.add_trace(go.Scatter(x=x[:1], y=y[:1], mode="markers", name=f"{name} start", legendgroup=name,
                                  showlegend=False, hovertemplate=f"{name} start<extra></extra>",
                                  marker=dict(symbol="circle-open", size=14, color=c, line=dict(width=2))))
@@ -139,7 +143,7 @@ def efficiency(results: Mapping[str, Any]) -> go.Figure:
     for name, curve in _runs(eff):
         c = color(name)
         fig.add_trace(go.Scatter(x=nums(curve.get("norms")), y=nums(curve.get("losses")), mode="lines+markers",
-                                 name=name, legendgroup=name, line=dict(color=c),
+                                 name=name, legendgroup=name, line=line(name),
                                  hovertemplate="norm %{x:.3g}<br>loss %{y:.4f}<extra>" + name + "</extra>"))
         bx, by = num(curve.get("best_norm")), num(curve.get("min_loss"))
         if math.isfinite(bx) and math.isfinite(by):
@@ -161,7 +165,7 @@ def stability(results: Mapping[str, Any]) -> go.Figure:
     for name, curve in _runs(stab):
         fig.add_trace(go.Scatter(
             x=nums(curve.get("eps")), y=nums(curve.get("relative_mean")), mode="lines+markers", name=name,
-            line=dict(color=color(name)),
+            line=line(name),
             error_y=dict(type="data", array=[0.0 if math.isnan(v) else v for v in nums(curve.get("relative_sd"))],
                          visible=True),
             hovertemplate="ε %{x:g}<br>%{y:.1f}%<extra>" + name + "</extra>"))
@@ -198,10 +202,10 @@ def kl_vs_norm(results: Mapping[str, Any]) -> go.Figure:
         sd = [0.0 if math.isnan(v) else v for v in nums(curve.get("kl_random_sd"))]
         fig.add_trace(go.Scatter(x=x, y=nums(curve.get("kl_random_mean")), mode="lines+markers",
                                  name="random directions (mean ± sd)", legendgroup="random", showlegend=col == 1,
-                                 line=dict(color=COLORS["random"], dash="dash"),
+                                 line=dict(color=COLORS["random"], dash="dot"),
                                  error_y=dict(type="data", array=sd, visible=True)), row=1, col=col)
         fig.add_trace(go.Scatter(x=x, y=nums(curve.get("kl")), mode="lines+markers", name=f"{name} direction",
-                                 line=dict(color=color(name))), row=1, col=col)
+                                 line=line(name)), row=1, col=col)
     fig.update_xaxes(title_text="norm of the added vector")
     fig.update_yaxes(title_text="KL per token (nats)", row=1, col=1)
     return _layout(fig, "KL on generic text vs norm: trained direction vs random directions")
