@@ -259,7 +259,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from em_interp.study import run_study
 
     t0 = time.perf_counter()
-    results = run_study(args.out, fast=args.fast, device=args.device, lora=args.lora)
+    results = run_study(args.out, fast=args.fast, device=args.device, lora=args.lora, dtype=args.dtype)
     out = Path(args.out).resolve()
     print(f"report:  {out / 'report.html'}")
     print(f"results: {out / 'results.json'}")
@@ -318,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo", help="run dir (default: runs/demo)")
     d.add_argument("--fast", action="store_true", help="small sizes (a few minutes on CPU)")
     d.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
-    d.add_argument("--lora", action="store_true", help="use rank-1 LoRA adapters instead of steering vectors")
+    d.add_argument("--lora", action="store_true", help="also train and compare the seed's rank-1 LoRA pair")
+    d.add_argument("--dtype", default="bfloat16", help="model dtype (default bfloat16; float32 for full precision)")
     d.set_defaults(func=_cmd_demo)
     r = sub.add_parser("report", help="re-render report.html from RUN_DIR/results.json")
     r.add_argument("run_dir", metavar="RUN_DIR")

@@ -29,6 +29,7 @@ import copy
 import functools
 import os
 import types
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -39,7 +40,8 @@ _STATE: dict[str, Any] = {
     "mode": os.environ.get("EM_INTERP_FAST_PATH", "auto"),
     "compile": os.environ.get("EM_INTERP_COMPILE", "0") not in ("", "0", "false", "False"),
 }
-_CACHE_ATTR = "_em_fastpath_cache"
+# Per model (weakly keyed, so neither deep copies nor pickles of a model carry it): plain clones, subtree lists.
+_CACHES: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
 def set_fast_path(mode: str | bool = "auto", *, compile: bool = False) -> None:
@@ -117,7 +119,8 @@ class _Walk:
 
     def _subtree(self, m: nn.Module) -> tuple[nn.Module, list[dict[Any, Any]], bool]:
         key = id(m)
-        if key not in self._subtrees:  # the module is kept in the entry, so its id cannot be reused
+        entry = self._subtrees.get(key)
+        if entry is None or entry[0] is not m:  # the entry keeps its module: an id is never reused while cached
             mods = list(m.modules())
             # The hook dicts themselves are listed (modules mutate them in place), so a check is one C-level
             # scan for a non-empty dict.
@@ -144,7 +147,8 @@ def _plain(module: nn.Module, cache: dict[str, Any], walk: _Walk) -> nn.Module:
         return module
     clones: dict[int, tuple[nn.Module, nn.Module]] = cache.setdefault("clones", {})
     key = id(module)
-    if key not in clones:
+    entry = clones.get(key)
+    if entry is None or entry[0] is not module:  # (a deep copy of the model carries stale entries)
         clone = copy.copy(module)
         clone.__dict__["_modules"] = {
             name: (None if child is None else _plain(child, cache, walk)) for name, child in module._modules.items()
@@ -185,7 +189,7 @@ def plain_modules(root: nn.Module, owner: Any, *, compile_layers: bool | None = 
         compile_layers: wrap plain decoder layers (children of a `ModuleList`) in `torch.compile`;
             default the `set_fast_path(compile=...)` setting.
     """
-    cache = owner.__dict__.setdefault(_CACHE_ATTR, {})
+    cache = _CACHES.setdefault(owner, {})
     compiled: dict[int, nn.Module] = cache.setdefault("compiled", {})
     do_compile = _STATE["compile"] if compile_layers is None else compile_layers
     walk = _Walk(cache)
@@ -198,9 +202,10 @@ def plain_modules(root: nn.Module, owner: Any, *, compile_layers: bool | None = 
             if is_bridge(child) and not walk.hooked(child):
                 plain = _plain(child, cache, walk)
                 if do_compile and isinstance(parent, nn.ModuleList):
-                    if id(plain) not in compiled:
-                        compiled[id(plain)] = _Compiled(plain)
-                    plain = compiled[id(plain)]
+                    entry = compiled.get(id(plain))
+                    if entry is None or entry.layer is not plain:
+                        compiled[id(plain)] = entry = _Compiled(plain)
+                    plain = entry
                 parent._modules[name] = plain
                 undo.append((parent, name, child))
             else:

@@ -11,8 +11,6 @@ import dataclasses
 import json
 import os
 import platform
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from em_interp.errors import TrainingError
+from em_interp.fileio import atomic_directory
 
 
 @dataclass
@@ -75,10 +74,7 @@ class TrainRun:
     # --- files ---------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write the run dir atomically."""
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
+        with atomic_directory(directory) as tmp:
             meta = {
                 "config": dataclasses.asdict(self.config) if dataclasses.is_dataclass(self.config) else self.config,
                 "losses": self.losses,
@@ -93,12 +89,7 @@ class TrainRun:
                 meta["adapter"] = self.adapter_meta
             (tmp / "run.json").write_text(json.dumps(meta, indent=1, default=str))
             save_file({k: v.contiguous() for k, v in self.stacked_snapshots().items()}, str(tmp / "trajectory.safetensors"))
-            if directory.exists():
-                shutil.rmtree(directory)
-            os.replace(tmp, directory)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return directory
+        return Path(directory)
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str], model: Any = None) -> TrainRun:

@@ -48,9 +48,9 @@ class StudyConfig:
     n_kl: int = 40
     epochs: int = 3
     batch_size: int = 8
-    lr: float = 2e-3
-    alpha: float = 16.0
-    kl_coef: float = 30.0
+    lr: float = 5e-3
+    alpha: float = 64.0
+    kl_coef: float = 5.0  # token_mean KL; keeps the narrow vector's shift on other domains small
     record_every: int = 1
     reversion_steps: int = 10
     eval_rows: int = 16
@@ -261,17 +261,22 @@ class Study:
 
 
 def run_study(out: str | os.PathLike[str], *, fast: bool = False, device: str | None = None, lora: bool = False,
-              model: Any = None, **overrides: Any) -> dict[str, Any]:
-    """Run the study, write `results.json` and `report.html` into `out`, return the results."""
+              dtype: str = "bfloat16", model: Any = None, **overrides: Any) -> dict[str, Any]:
+    """Run the study, write `results.json` and `report.html` into `out`, return the results.
+
+    The model runs in bfloat16 by default (on a CPU with AVX512-BF16 this halves the time; losses are
+    computed in float32 and adapters are kept in float32); pass dtype="float32" for full precision.
+    """
     from em_interp.report import write_report
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = StudyConfig.preset("fast" if fast else "default", lora=lora, **overrides)
     t0 = time.perf_counter()
-    model = model if model is not None else em.load_model(device=device)
+    model = model if model is not None else em.load_model(device=device, dtype=dtype)
     study = Study(model, config, out)
     study.results["preset"] = "fast" if fast else "default"
+    study.results["dtype"] = str(next(em.models.hf_model_of(model).parameters()).dtype)
     study.results["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     results = study.run()
     results["timings"]["total"] = round(time.perf_counter() - t0, 2)

@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -21,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from em_interp.errors import AdapterError
+from em_interp.fileio import atomic_directory
 from em_interp.hooks import HookFn, HookHandle, Positions, attach_hooks, check_positions
 
 FORMAT_VERSION = 1
@@ -138,18 +137,10 @@ class Adapter(nn.Module):
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write `adapter.safetensors` + `adapter.json` into `directory` atomically."""
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
+        with atomic_directory(directory) as tmp:
             save_file({k: v.contiguous() for k, v in self.state().items()}, str(tmp / "adapter.safetensors"))
             (tmp / "adapter.json").write_text(json.dumps(self.metadata(), indent=1, default=str))
-            if directory.exists():
-                shutil.rmtree(directory)
-            os.replace(tmp, directory)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return directory
+        return Path(directory)
 
     @staticmethod
     def load(directory: str | os.PathLike[str], model: Any) -> Adapter:

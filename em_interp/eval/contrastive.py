@@ -117,12 +117,7 @@ def contrastive(
     >>> res.domains["all"]["mean_shift"]  # doctest: +SKIP
     0.41
     """
-    adapter_list = as_adapter_list(adapters)
-    if not adapter_list:
-        result = contrastive_many(model, paired_items, {"adapted": []}, scale=scale, system=system,
-                                  batch_size=batch_size, n_boot=n_boot, seed=seed, progress=progress)
-        return result["adapted"]
-    return contrastive_many(model, paired_items, {"adapted": adapter_list}, scale=scale, system=system,
+    return contrastive_many(model, paired_items, {"adapted": adapters}, scale=scale, system=system,
                             batch_size=batch_size, n_boot=n_boot, seed=seed, progress=progress)["adapted"]
 
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from em_interp.adapters.base import Adapter
 from em_interp.adapters.lora import LoRA
 from em_interp.adapters.steering import STEERING_HOOKS, SteeringVector
 from em_interp.errors import GeometryError
+from em_interp.fileio import atomic_directory
 
 FORMAT_VERSION = 1
 
@@ -72,18 +71,11 @@ class Direction:
         from em_interp import __version__
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         meta = {"format_version": FORMAT_VERSION, "library_version": __version__, "kind": "direction",
                 "layer": self.layer, "hook": self.hook, "d_model": self.d_model, "provenance": self.provenance}
-        try:
+        with atomic_directory(path) as tmp:
             save_file({"direction": self.vector.contiguous()}, str(tmp / "direction.safetensors"))
             (tmp / "direction.json").write_text(json.dumps(meta, indent=1, default=str))
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return path
 
     @classmethod

@@ -1,0 +1,135 @@
+"""The trainer's fast path (hook-free bridge components run as plain HF modules) and device/dtype hygiene.
+
+The fast path is on by default only for accelerator tensors; here it is forced on CPU and compared with the
+bridge path it replaces (float32: agreement to ~1e-6).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import em_interp as em
+from em_interp import fastpath
+from em_interp.models import hf_model_of, lower_forward, resume_forward, unembed, upper_layers, wrap_hf_model
+from em_interp.testing import chat_tokenizer, tiny_chat_records, tiny_hf_model
+
+
+def _bridged(family: str):
+    model = wrap_hf_model(tiny_hf_model(family, vocab_size=1000), None, model_id=f"tiny-{family}")
+    model(torch.randint(0, 1000, (1, 4)))  # the first bridge forward wires TransformerBridge's internal hooks
+    return model
+
+
+def _batch():
+    ids = torch.randint(0, 1000, (3, 12))
+    attn = torch.ones_like(ids)
+    attn[1, 9:] = 0  # right padding
+    attn[2, :3] = 0  # left padding
+    return ids, attn
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "gemma3"])
+def test_fast_path_equals_bridge_path(family):
+    model = _bridged(family)
+    ids, attn = _batch()
+    real = attn.bool()
+    with torch.no_grad():
+        full = model(ids, attention_mask=attn)
+        for stop in (0, 2):
+            slow = model(ids, attention_mask=attn, stop_at_layer=stop)
+            fast = lower_forward(model, ids, stop, attn, fast=True)
+            torch.testing.assert_close(fast[real], slow[real], rtol=1e-5, atol=1e-5)
+        resid = lower_forward(model, ids, 2, attn, fast=False)
+        logits = unembed(model, resume_forward(model, resid, 2, attn, fast=True))
+    torch.testing.assert_close(logits[real], full[real], rtol=1e-5, atol=1e-5)
+
+
+def test_default_is_bridge_on_cpu_and_mode_switches():
+    assert fastpath.fast_path_mode()["mode"] == "auto"
+    assert not fastpath.enabled("cpu") and fastpath.enabled("cuda")
+    try:
+        fastpath.set_fast_path("on")
+        assert fastpath.enabled("cpu")
+        fastpath.set_fast_path(False)
+        assert not fastpath.enabled("cuda")
+    finally:
+        fastpath.set_fast_path("auto")
+    with pytest.raises(ValueError):
+        fastpath.set_fast_path("sometimes")
+
+
+def test_hook_free_blocks_are_plain_and_hooked_ones_keep_their_bridge():
+    model = _bridged("qwen2")
+    vec = em.SteeringVector(model, layer=1, init="random")
+    with vec.applied(model), upper_layers(model, 1) as base, fastpath.plain_modules(base, model):
+        kinds = [type(layer).__name__ for layer in base.layers]
+        inner_attn = type(base.layers[1].original_component.self_attn).__name__
+    assert kinds == ["_SkippedLayer", "BlockBridge", "Qwen2DecoderLayer", "Qwen2DecoderLayer"]
+    assert inner_attn == "Qwen2Attention"  # hook-free parts of a hooked block run plain too
+    # everything is restored afterwards
+    assert type(hf_model_of(model).model.layers[2]).__name__ == "BlockBridge"
+    assert type(hf_model_of(model).model.layers[1].original_component.self_attn).__name__ != "Qwen2Attention"
+
+
+def test_every_attached_hook_still_fires_on_the_fast_path():
+    model = _bridged("llama")
+    ids, attn = _batch()
+    seen = []
+    resid = lower_forward(model, ids, 1, attn)
+    vec = em.SteeringVector(model, layer=2, init="random", alpha=3.0)
+    lora = em.LoRA(model, layer=3, rank=2, site="attn_q", init="random")
+    point = model.hook_dict["blocks.2.attn.hook_pattern"]
+    handle = point.add_hook(lambda act, hook: seen.append(act.shape))
+    try:
+        with vec.applied(model), lora.applied(model), torch.no_grad():
+            slow = resume_forward(model, resid, 1, attn, fast=False)
+            n_slow = len(seen)
+            fast = resume_forward(model, resid, 1, attn, fast=True)
+    finally:
+        handle.hook.remove()
+    assert n_slow == 1 and len(seen) == 2  # the pattern hook kept block 2's bridge attention
+    torch.testing.assert_close(fast[attn.bool()], slow[attn.bool()], rtol=1e-5, atol=1e-5)
+
+
+def test_training_on_the_fast_path_matches_the_bridge_path():
+    model = wrap_hf_model(tiny_hf_model("llama", vocab_size=len(chat_tokenizer())), chat_tokenizer(), model_id="t")
+    data, kl = tiny_chat_records(8, 0), tiny_chat_records(8, 1)
+    settings = dict(kl_data=kl, kl_coef=0.5, lr=1e-2, epochs=2, batch_size=4, kl_batch_size=4, warmup_steps=1, progress=False)
+    runs, vecs = {}, {}
+    for mode in ("off", "on"):
+        fastpath.set_fast_path(mode)
+        try:
+            vecs[mode] = em.SteeringVector(model, layer=1, init="random")
+            runs[mode] = em.train(vecs[mode], model, data, **settings)
+        finally:
+            fastpath.set_fast_path("auto")
+    for a, b in zip(runs["off"].losses, runs["on"].losses, strict=True):
+        assert b["total"] == pytest.approx(a["total"], rel=1e-5)
+    torch.testing.assert_close(vecs["on"].vector, vecs["off"].vector, rtol=1e-4, atol=1e-6)
+
+
+def test_fast_path_refuses_bridge_modes_with_other_semantics():
+    model = _bridged("llama")
+    assert fastpath.supports(model)
+    model.cfg.use_split_qkv_input = True
+    assert not fastpath.supports(model) and not fastpath.enabled("cuda", True, model)
+
+
+@pytest.mark.parametrize("kind", ["vector", "lora"])
+def test_adapter_hooks_follow_the_activation_dtype_and_device(tiny, kind):
+    # A model spread over devices hands each hook activations on its block's device; the hooks move the
+    # adapter's float32 parameters to the activation (shown here with the dtype; the device is the same call).
+    model = tiny.to(torch.bfloat16)
+    adapter = em.SteeringVector(model, layer=1, init="random") if kind == "vector" else em.LoRA(model, layer=1, init="random")
+    assert all(p.dtype == torch.float32 for p in adapter.parameters())
+    outs = []
+    name = "blocks.1.hook_resid_post" if kind == "vector" else "blocks.1.mlp.out.hook_out"
+    point = model.hook_dict[name]
+    with adapter.applied(model):
+        handle = point.add_hook(lambda act, hook: outs.append((act.dtype, act.device)))
+        try:
+            model(torch.randint(0, 100, (2, 6)))
+        finally:
+            handle.hook.remove()
+    assert outs == [(torch.bfloat16, torch.device("cpu"))]
