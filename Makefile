@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/python -m pip
+export NO_MKDOCS_2_WARNING := 1
 
 .PHONY: setup test test-fast demo docs bench lint clean
 

@@ -124,8 +124,8 @@ class Clock:
     def intervals(self) -> list[float]:
         if self.cuda:
             torch.cuda.synchronize()
-            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
-        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:], strict=False)]
+        return [b - a for a, b in zip(self.marks, self.marks[1:], strict=False)]
 
 
 def timed(fn, device: str, reps: int, warmup: int = 2) -> float:
@@ -157,7 +157,7 @@ def train_steps(adapter, model, data, kl, device, **kw) -> tuple[list[float], ob
     """Per-step seconds (event to event; the first interval includes the call's set-up) and the run."""
     clock = Clock(device)
     clock.mark()
-    run = em.train(adapter, model, data, kl_data=kl, on_step=lambda s, l: clock.mark(), progress=False, **kw)
+    run = em.train(adapter, model, data, kl_data=kl, on_step=lambda step, losses: clock.mark(), progress=False, **kw)
     return clock.intervals(), run
 
 
@@ -403,7 +403,7 @@ def main() -> None:
     skip = set(a.skip.split(","))
     import transformers
 
-    base = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "benchmark": "bench_gpu",
+    base = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "benchmark": "bench_gpu",
             "device": device_name, "model_shape": a.shape, "dtype": str(dtype), "batch": a.batch, "kl_batch": a.batch,
             "length": a.length, "batches_per_epoch": a.batches, "epochs": a.epochs, "layer": a.layer,
             "torch": torch.__version__, "transformers": transformers.__version__,

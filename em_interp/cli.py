@@ -1,8 +1,9 @@
-"""The `em-interp` command: `demo`, `report`, `train`, `bench`.
+"""The `em-interp` command: `demo`, `report`, `train`, `sweep`, `bench`.
 
     em-interp demo --out runs/demo [--fast] [--device cuda] [--lora]   # the narrow-vs-general study
     em-interp report runs/demo                                         # re-render report.html from results.json
     em-interp train configs/narrow.toml                                # train one adapter from a TOML file
+    em-interp sweep configs/sweep.toml                                 # a grid of runs (see em_interp.sweep)
     em-interp bench [--device cuda ...]                                # the trainer benchmark (from a checkout)
 
 A `train` config (relative paths are resolved from the TOML file's folder):
@@ -291,6 +292,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from em_interp.sweep import run_sweep
+
+    runs = run_sweep(args.config)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"sweep: {len(runs)} runs")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
     if not script.is_file():
@@ -309,7 +319,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of `em-interp` (subcommands demo, report, train, bench)."""
+    """The argument parser of `em-interp` (subcommands demo, report, train, sweep, bench)."""
     p = argparse.ArgumentParser(prog="em-interp", description="Interpretability tools for emergent misalignment.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
@@ -330,6 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="A config" + (__doc__ or "").split("A `train` config", 1)[-1])
     t.add_argument("config", metavar="CONFIG.toml")
     t.set_defaults(func=_cmd_train)
+    w = sub.add_parser("sweep", help="run a grid of trainings (KL coefficient x seed x adapter kind) from a TOML config; "
+                       "under `python -m torch.distributed.run --nproc_per_node=N` one process per GPU")
+    w.add_argument("config", metavar="CONFIG.toml")
+    w.set_defaults(func=_cmd_sweep)
     b = sub.add_parser("bench", add_help=False, help="run benchmarks/bench_train.py (all arguments, --help too, are passed on)")
     b.set_defaults(func=_cmd_bench)
     return p

@@ -133,3 +133,25 @@ def test_adapter_hooks_follow_the_activation_dtype_and_device(tiny, kind):
         finally:
             handle.hook.remove()
     assert outs == [(torch.bfloat16, torch.device("cpu"))]
+
+
+def test_accelerate_device_hooks_still_run_around_plain_clones():
+    # With device_map, accelerate wraps each decoder layer's forward to move its inputs to the layer's device;
+    # the plain clone must keep that wrapper, bound to the clone (so the clone's plain children run).
+    hooks = pytest.importorskip("accelerate.hooks")
+    calls = []
+
+    class Count(hooks.ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            calls.append(type(module.self_attn).__name__)
+            return args, kwargs
+
+    hf = tiny_hf_model("qwen2", vocab_size=1000)
+    hooks.add_hook_to_module(hf.model.layers[2], Count())
+    model = wrap_hf_model(hf, None, model_id="tiny-qwen2")
+    resid = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        slow = resume_forward(model, resid, 1, fast=False)
+        fast = resume_forward(model, resid, 1, fast=True)
+    assert calls == ["PositionEmbeddingsAttentionBridge", "Qwen2Attention"]
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
