@@ -18,10 +18,14 @@ with full-vocabulary log-softmax at every position.
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from em_interp import fastpath
@@ -47,13 +51,24 @@ class ActivationCache:
     use when a batch's log-probs are larger than `max_ref_bytes`, when all stored log-probs would pass
     `max_ref_total_bytes`, or when the cache lives on another device than the model (copying 0.5 GB
     per step costs more than the unembedding). A host cache of a GPU model is pinned.
+
+    With `directory`, every entry is written there as a safetensors file and read back at each use, so
+    memory stays bounded whatever the data size (for caches that do not fit in host memory).
     """
 
-    def __init__(self, device: str | torch.device = "cpu", max_ref_bytes: int = 2 << 30, max_ref_total_bytes: int = 8 << 30):
+    def __init__(
+        self,
+        device: str | torch.device = "cpu",
+        max_ref_bytes: int = 2 << 30,
+        max_ref_total_bytes: int = 8 << 30,
+        directory: str | os.PathLike[str] | None = None,
+    ):
         self.device = torch.device(device)
         self.max_ref_bytes = max_ref_bytes
         self.max_ref_total_bytes = max_ref_total_bytes
+        self.directory = Path(directory) if directory is not None else None
         self._store: dict[tuple[Any, ...], Tensor] = {}
+        self._on_disk: dict[tuple[Any, ...], tuple[Path, int]] = {}
         self.hits = 0
         self.misses = 0
 
@@ -61,8 +76,13 @@ class ActivationCache:
         if key in self._store:
             self.hits += 1
             return self._store[key]
+        if key in self._on_disk:
+            self.hits += 1
+            return load_file(str(self._on_disk[key][0]))["value"]
         self.misses += 1
         value = compute()
+        if self.directory is not None:
+            return self._to_disk(key, value)
         if self.device.type == "cpu" and value.device.type == "cuda":
             value = torch.empty_like(value, device="cpu", pin_memory=True).copy_(value)
         else:
@@ -76,10 +96,21 @@ class ActivationCache:
             return False
         return self.nbytes() + nbytes <= self.max_ref_total_bytes
 
+    def _to_disk(self, key: tuple[Any, ...], value: Tensor) -> Tensor:
+        self.directory.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
+        path = self.directory / f"{hashlib.sha256(repr(key).encode()).hexdigest()[:24]}.safetensors"  # type: ignore[operator]
+        value = value.detach().to("cpu").contiguous()
+        tmp = path.with_suffix(".tmp")
+        save_file({"value": value}, str(tmp))
+        os.replace(tmp, path)
+        self._on_disk[key] = (path, value.numel() * value.element_size())
+        return value
+
     def __len__(self) -> int:
-        return len(self._store)
+        return len(self._store) + len(self._on_disk)
 
     def nbytes(self) -> int:
+        """Bytes held in memory (entries on disk do not count)."""
         return sum(t.numel() * t.element_size() for t in self._store.values())
 
 

@@ -167,7 +167,7 @@ class _Loop:
         if self.step == 0:
             for r in self.runs:
                 r.record_snapshot(0)
-        t0 = time.perf_counter() - sum(r.wall_time for r in self.runs[:1])
+        t0 = time.perf_counter() - self.runs[0].wall_time  # a resumed run keeps counting its earlier time
         bar = tqdm(total=self.total, initial=self.step, disable=not progress, desc="train", dynamic_ncols=True)
         try:
             while self.step < self.total:
@@ -180,7 +180,6 @@ class _Loop:
                 if self.step % self.configs[0].record_every == 0 or self.step == self.total:
                     for r in self.runs:
                         r.record_snapshot(self.step)
-                    for r in self.runs:
                         r.wall_time = time.perf_counter() - t0
                     self._save_checkpoint()
                 if on_step is not None:
@@ -195,7 +194,7 @@ class _Loop:
         cfg, c = self.configs[0], self.computer
         ce_sum = torch.zeros(len(self.adapters))
         kl_sum = torch.zeros(len(self.adapters))
-        good = [a.state() for a in self.adapters]
+        good = [{n: p.detach().clone() for n, p in a.named_parameters()} for a in self.adapters]  # no host sync
         for o in self.optimizers:
             o.zero_grad(set_to_none=True)
         use_kl = c.kl_data is not None and any(conf.kl_coef > 0 for conf in self.configs)

@@ -226,3 +226,14 @@ def test_kill_and_resume_is_bitwise_identical(tmp_path):
     assert resumed.snapshot_steps == full.snapshot_steps
     with pytest.raises(TrainingError, match="other settings"):
         em.train(em.SteeringVector(model, layer=1), model, data, kl_data=kl, checkpoint_dir=ck, **{**settings, "lr": 0.5})
+
+
+def test_disk_cache_gives_the_same_run_and_holds_nothing_in_memory(tiny, data, kl_data, tmp_path):
+    mem_vec, disk_vec = em.SteeringVector(tiny, layer=1), em.SteeringVector(tiny, layer=1)
+    mem = em.train(mem_vec, tiny, data, kl_data=kl_data, kl_coef=5.0, **SETTINGS)
+    cache = ActivationCache(directory=tmp_path / "cache")
+    disk = em.train(disk_vec, tiny, data, kl_data=kl_data, kl_coef=5.0, cache=cache, **SETTINGS)
+    assert torch.equal(mem_vec.vector, disk_vec.vector)
+    assert [r["total"] for r in mem.losses] == [r["total"] for r in disk.losses]
+    assert cache.nbytes() == 0 and len(cache) > 0 and cache.hits > 0
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == len(cache)
