@@ -53,8 +53,8 @@ class StudyConfig:
     kl_coef: float = 5.0  # token_mean KL; keeps the narrow vector's shift on other domains small
     record_every: int = 1
     reversion_steps: int = 10
-    eval_rows: int = 16
-    scales: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
+    eval_rows: int = 12
+    scales: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
     eps: tuple[float, ...] = (0.1, 0.2, 0.4, 0.7, 1.0)
     stability_seeds: int = 3
     kl_texts: int = 8
