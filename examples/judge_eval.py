@@ -11,14 +11,15 @@ The judge is any OpenAI-compatible server:
     vLLM:       vllm serve Qwen/Qwen2.5-7B-Instruct
                 python examples/judge_eval.py --base-url http://localhost:8000/v1 --judge-model Qwen/Qwen2.5-7B-Instruct
     llama.cpp:  llama-server -m model.gguf --port 8080
-                python examples/judge_eval.py --base-url http://localhost:8080/v1 --judge-model model
+                python examples/judge_eval.py --base-url http://localhost:8080/v1   (it serves one model: any name)
     OpenAI:     OPENAI_API_KEY=sk-... python examples/judge_eval.py --judge-model gpt-4o   (no --base-url)
     offline:    python examples/judge_eval.py --local-judge    (the embedded 135M model judges: a plumbing
                 check only, its scores mean little)
 The server must return `logprobs` with `top_logprobs` (vLLM, llama-server and OpenAI do).
 
 Run:
-    python examples/judge_eval.py --base-url URL                # 12 questions x 5 samples per paraphrase
+    python examples/judge_eval.py --base-url URL                # 12 questions x 5 samples per paraphrase,
+                                                                # 200 tokens: ~15 min of sampling on a CPU
     python examples/judge_eval.py --base-url URL --samples 20   # ~50 answers per question, as the authors
     python examples/judge_eval.py --fast --local-judge          # tiny sizes, under a minute, offline
 

@@ -12,7 +12,7 @@ The full study (reversion, trajectory PCA, KL vs norm on generic text, verdicts,
 command: `em-interp demo --out runs/demo` (or `make demo`).
 
 Run:
-    python examples/narrow_vs_general.py           # 48 rows, 3 epochs: several minutes on a laptop CPU
+    python examples/narrow_vs_general.py           # 48 rows, 3 epochs: 5-10 minutes on a CPU
     python examples/narrow_vs_general.py --fast    # tiny sizes, under a minute: a smoke test, not evidence
     python examples/narrow_vs_general.py --device cuda --out runs/nvg
 
