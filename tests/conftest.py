@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import random
 
 import numpy as np
@@ -25,9 +24,13 @@ def _tiny_model_cached():
 
 
 @pytest.fixture
-def tiny(_tiny_model_cached):
-    """A fresh copy of a tiny random Llama TransformerBridge with a real chat tokenizer."""
-    return copy.deepcopy(_tiny_model_cached)
+def tiny():
+    """A fresh tiny random Llama TransformerBridge (seed 0, identical every time) with a real chat tokenizer.
+
+    Built anew rather than deep-copied: building takes ~0.2 s (a deepcopy ~0.4 s), and a copy would carry
+    whatever state earlier tests left on the shared model.
+    """
+    return tiny_model()
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 
@@ -20,9 +19,9 @@ BATCH, SEQ = 3, 8
 
 
 @pytest.fixture(scope="module")
-def tiny(_tiny_model_cached):
+def tiny():
     """One tiny model for the module: adapters never edit weights (the one test that does restores them)."""
-    return copy.deepcopy(_tiny_model_cached)
+    return tiny_model()
 
 
 @pytest.fixture(autouse=True)
