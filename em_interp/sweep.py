@@ -255,20 +255,20 @@ def _write_summary(spec: SweepSpec, runs: list[dict[str, Any]], world: int) -> N
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m em_interp.sweep CONFIG.toml` (under torch.distributed.run or alone)."""
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1 or args[0].startswith("-"):
-        print("usage: python -m em_interp.sweep CONFIG.toml  (or under python -m torch.distributed.run ...)", file=sys.stderr)
-        return 2
     from em_interp.cli import configure_logging
 
     configure_logging()
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or args[0].startswith("-"):
+        log.error("usage: python -m em_interp.sweep CONFIG.toml  (or under python -m torch.distributed.run ...)")
+        return 2
     try:
         runs = run_sweep(args[0])
     except EmInterpError as exc:
-        print(f"em_interp.sweep: error: {exc}", file=sys.stderr)
+        log.error("em_interp.sweep: error: %s", exc)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"sweep: {len(runs)} runs; summary in {load_sweep_config(args[0]).out / 'summary.json'}")
+        log.info("sweep: %d runs; summary in %s", len(runs), load_sweep_config(args[0]).out / "summary.json")
     return 0
 
 
