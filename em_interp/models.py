@@ -114,6 +114,14 @@ def hf_model_of(model: Any) -> Any:
     return model.original_model
 
 
+def attention_bridges(model: Any) -> list[torch.nn.Module]:
+    """The TransformerLens attention bridges inside `model` (the modules that run attention and update
+    the KV cache themselves)."""
+    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+
+    return [m for m in hf_model_of(model).modules() if isinstance(m, AttentionBridge)]
+
+
 def model_device(model: Any) -> torch.device:
     """Device of the model's input embedding (where token ids must go)."""
     return hf_model_of(model).get_input_embeddings().weight.device

@@ -58,6 +58,35 @@ def test_greedy_matches_naive_loop(model):
     assert len({tuple(g) for g in got}) == len(PROMPTS) and all(len(set(g)) > 1 for g in got)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_greedy_matches_hf_generate(family):
+    """Token for token against transformers' own `generate` on an unbridged copy of the same weights,
+    so a change in the cache API of transformers or TransformerLens fails here."""
+    import copy
+
+    from em_interp.models import wrap_hf_model
+    from em_interp.testing import chat_tokenizer, tiny_hf_model
+
+    tokenizer = chat_tokenizer()
+    hf = tiny_hf_model(family, seed=1, vocab_size=len(tokenizer), initializer_range=0.5)
+    plain = copy.deepcopy(hf)
+    bridged = wrap_hf_model(hf, tokenizer, model_id=f"tiny-{family}")
+    stop = sorted(stop_token_ids(bridged))
+    n_new = 12
+    got = generate_tokens(bridged, PROMPTS, temperature=0, max_new_tokens=n_new, batch_size=1, progress=False)
+    for prompt, ours in zip(PROMPTS, got, strict=True):
+        ids = torch.tensor([_ids(bridged, prompt)])
+        with torch.no_grad():
+            out = plain.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, do_sample=False, eos_token_id=stop,
+                pad_token_id=stop[0],
+            )
+        theirs = out[0, ids.shape[1]:].tolist()
+        theirs = theirs[: next((i for i, t in enumerate(theirs) if t in stop), len(theirs))]
+        assert ours == theirs
+    assert any(len(g) >= 4 for g in got)  # the comparison covers cached steps, not only the first token
+
+
 def _lora(model):
     return LoRA(model, layer=1, rank=2, site=["mlp_out", "attn_q"], alpha=40.0, init="random", seed=2)
 

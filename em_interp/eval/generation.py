@@ -13,6 +13,7 @@ real token, so a prompt generates the same tokens alone or in any batch (up to f
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -21,11 +22,12 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from em_interp.datasets.tokenize import tokenize_chat
 from em_interp.errors import AdapterError, DataError
 from em_interp.hooks import position_offset
-from em_interp.models import hf_model_of, model_device, unembed
+from em_interp.models import attention_bridges, hf_model_of, model_device, unembed
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +171,47 @@ def _check_positions(positions: Any) -> None:
 
 
 # --- the loop ------------------------------------------------------------------------------------
+def _cache_argument(base: Any) -> str:
+    """The keyword under which `base.forward` takes the KV cache: `cache` (transformers >= 5.24) or
+    `past_key_values` (earlier releases)."""
+    params = inspect.signature(base.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+@contextlib.contextmanager
+def _bridge_attention_reads_cache(model: Any) -> Iterator[None]:
+    """Hand the KV cache to TransformerLens's attention bridges under the name they read.
+
+    transformers 5.24 passes the cache to attention modules as `cache=`; TransformerLens 4.3's attention
+    bridges (which re-implement attention) read only `past_key_values=`, so without this their cache stays
+    empty and every decoding step attends to itself alone. A forward pre-hook (public torch API) copies
+    `cache` to `past_key_values` where only the former is given; it is removed on exit.
+    """
+
+    def pass_cache(_module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if kwargs.get("cache") is not None and kwargs.get("past_key_values") is None:
+            return args, {**kwargs, "past_key_values": kwargs["cache"]}
+        return None
+
+    handles = [m.register_forward_pre_hook(pass_cache, with_kwargs=True) for m in attention_bridges(model)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _check_cache_filled(cache: DynamicCache, expected: int) -> None:
+    """Fail loudly when the KV cache did not grow with the sequence (an incompatible transformers /
+    TransformerLens pair would otherwise make generation silently ignore the prompt)."""
+    seen = cache.get_seq_length()
+    if seen != expected:
+        raise RuntimeError(
+            f"KV cache holds {seen} positions after a forward over {expected}: this transformers / "
+            "transformer-lens pair does not fill the cache through the bridge. See docs/compatibility.md."
+        )
+
+
 def _generate_batch(
     model: Any,
     rows: list[list[int]],
@@ -196,16 +239,18 @@ def _generate_batch(
     stop = stop.to(device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
     new: list[Tensor] = []
-    feed, offset, cache = ids, 0, None
-    with adapters_applied(model, adapters, scale=scale, positions=selection):
+    feed, offset = ids, 0
+    cache = DynamicCache(config=hf_model_of(model).config)
+    cache_arg = _cache_argument(base)
+    with adapters_applied(model, adapters, scale=scale, positions=selection), _bridge_attention_reads_cache(model):
         for _ in range(max_new_tokens):
             pos_ids = (attn.cumsum(-1) - 1).clamp(min=0)[:, offset:]
             token = position_offset.set(offset)
             try:
-                out = base(input_ids=feed, attention_mask=attn, position_ids=pos_ids, past_key_values=cache, use_cache=True)
+                out = base(input_ids=feed, attention_mask=attn, position_ids=pos_ids, use_cache=True, **{cache_arg: cache})
             finally:
                 position_offset.reset(token)
-            cache = out.past_key_values
+            _check_cache_filled(cache, offset + feed.shape[1])
             logits = unembed(model, out.last_hidden_state[:, -1:])[:, 0]
             nxt = sample_next(logits, temperature, top_p, generator).to(device)
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
