@@ -24,9 +24,9 @@ from em_interp import checkpoint
 from em_interp.adapters.base import Adapter
 from em_interp.datasets.records import Record
 from em_interp.datasets.tokenize import TokenizedChats
-from em_interp.engine import ActivationCache, LossComputer
+from em_interp.engine import METHODS, LossComputer
 from em_interp.errors import TrainingError
-from em_interp.models import model_device
+from em_interp.forward import ActivationCache, model_device
 from em_interp.objectives import KL_REDUCTIONS
 from em_interp.runs import TrainRun
 
@@ -62,7 +62,7 @@ class TrainConfig:
             "kl_coef": self.kl_coef >= 0, "grad_accum": self.grad_accum >= 1, "warmup_steps": self.warmup_steps >= 0,
             "schedule": self.schedule in ("linear", "cosine", "constant"), "record_every": self.record_every >= 1,
             "ce_tokens": self.ce_tokens in ("assistant", "all"), "kl_tokens": self.kl_tokens in ("assistant", "all"),
-            "kl_reduction": self.kl_reduction in KL_REDUCTIONS, "method": self.method in ("cached", "toggle"),
+            "kl_reduction": self.kl_reduction in KL_REDUCTIONS, "method": self.method in METHODS,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -124,8 +124,8 @@ def train_many(
     coefs = _per_adapter(kl_coef, n, "kl_coef")
     seeds = _per_adapter(seed, n, "seed")
     configs = [TrainConfig(**settings, kl_coef=float(c), seed=int(s)) for c, s in zip(coefs, seeds, strict=True)]
-    if n > 1 and configs[0].method == "toggle":
-        raise TrainingError("method='toggle' trains one adapter at a time; use train() per adapter.")
+    if n > 1 and configs[0].method != "cached":
+        raise TrainingError(f"method={configs[0].method!r} trains one adapter at a time; use train() per adapter.")
     dev = model_device(model)
     if device is not None and torch.device(device).type != dev.type:
         raise TrainingError(f"device={device!r} but the model is on {dev}; move the model with load_model(device=...).")
