@@ -408,7 +408,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.tiny:
         a.shape, a.device, a.batches, a.epochs, a.batch, a.length, a.sweep = "tiny", "cpu", 2, 2, 2, 32, 2
-        a.compile, a.profile, a.variants, a.skip = "off", "", "", "forward"
+        a.compile, a.profile, a.variants, a.skip = "off", "", "", ",".join(x for x in (a.skip, "forward") if x)
         a.skip_baselines = ",".join(x for x in (a.skip_baselines, "authors_hf_compiled") if x)
     shape = SHAPES[a.shape]
     a.layer = shape["layer"]
