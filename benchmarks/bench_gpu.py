@@ -25,6 +25,7 @@ floor_fraction = necessary FLOPs / measured step time / measured matmul rate (th
 later values; `floor_fraction` is the smaller one).
 
 Usage: python benchmarks/bench_gpu.py [--shape qwen14b|tiny] [--device cuda] [--out DIR] [--skip lora,sweep,...]
+       python benchmarks/bench_gpu.py --tiny --out DIR   (CPU smoke run of every code path, seconds)
 Appends JSON records (one per case) to benchmarks/results/bench_gpu.jsonl (or --results).
 """
 
@@ -35,6 +36,7 @@ import datetime
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -43,7 +45,11 @@ import torch
 import em_interp as em
 from em_interp import fastpath
 from em_interp.datasets import TokenizedChats
-from em_interp.models import lower_forward, resume_forward, unembed, wrap_hf_model
+from em_interp.forward import lower_forward, resume_forward, unembed
+from em_interp.models import wrap_hf_model
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import BASELINES, Stepper, interleaved, spread, versions  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "bench_gpu.jsonl"
 SHAPES = {
@@ -247,56 +253,61 @@ def loss_positions(data: TokenizedChats, batch: int) -> int:
     return int(data.collate(data.batch_plan(batch)[0]).assistant_mask[:, 1:].sum())
 
 
-def run_case(name, make, model, shape, a, rate, out, compile_layers: bool = False) -> dict:
-    """Toggle vs cached (+ variants, profile) for one adapter kind; returns the JSON record."""
+def run_case(name, make, model, shape, a, rate, out, compile_layers: bool = False) -> list[dict]:
+    """The cached trainer against every baseline (benchmarks/common.py), interleaved step by step on the same
+    batches; returns one record per baseline."""
     B, T, nb, E, dev, V = a.batch, a.length, a.batches, a.epochs, a.device, shape["vocab_size"]
     data, kl = SyntheticChats(B * nb, T, V, seed=1), SyntheticChats(B * nb, T, V, seed=2)
     warm, warm_kl = SyntheticChats(B * 2, T, V, seed=3), SyntheticChats(B * 2, T, V, seed=4)
-    kw = dict(kl_coef=1.0, lr=1e-4, batch_size=B, kl_batch_size=B, warmup_steps=1, record_every=10**6)
-    fastpath.set_fast_path(fastpath.fast_path_mode()["mode"], compile=compile_layers)
-    t0 = time.perf_counter()
-    for method in ("toggle", "cached"):
-        em.train(make(), model, warm, kl_data=warm_kl, method=method, epochs=1, progress=False,
-                 cache=em.ActivationCache(dev), **kw)
-    warmup_s = time.perf_counter() - t0
     cuda = dev.startswith("cuda")
-    peak = {}
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    tog, run_t = train_steps(make(), model, data, kl, dev, method="toggle", epochs=1, **kw)
-    peak["toggle"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
+    baselines = [b for b in BASELINES if b not in a.skip_baselines.split(",")]
+    methods = {"cached": ("cached", "auto", compile_layers)} | {b: BASELINES[b] for b in baselines}
+    kw = dict(batch_size=B, kl_coef=1.0, lr=1e-4)
+    t0 = time.perf_counter()
+    for method, mode, comp in methods.values():  # warm-up (compilation included), throwaway adapters and caches
+        s = Stepper(model, make(), warm, warm_kl, method=method, mode=mode, compile_layers=comp, cache=em.ActivationCache(dev), **kw)
+        for _ in range(2):
+            s.step()
+    warmup_s = time.perf_counter() - t0
     cache = em.ActivationCache(dev)
-    cac, run_c = train_steps(make(), model, data, kl, dev, method="cached", epochs=E, cache=cache, **kw)
-    peak["cached"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-    t_tog, t_e1, t_later = statistics.median(tog[1:]), statistics.median(cac[1:nb]), statistics.median(cac[nb:])
+    steppers = {m: Stepper(model, make(), data, kl, method=method, mode=mode, compile_layers=comp,
+                           cache=cache if m == "cached" else em.ActivationCache(dev), **kw)
+                for m, (method, mode, comp) in methods.items()}
+    peaks: dict[str, float] | None = {} if cuda else None
+    times, losses = interleaved(steppers, nb * E, torch.cuda.synchronize if cuda else (lambda: None), peaks)
+    med = {m: (statistics.median(t[:nb]), statistics.median(t[nb:])) for m, t in times.items()}
     n_ce, n_kl = loss_positions(data, B), loss_positions(kl, B)
     f_e1 = step_flops(shape, a.layer, B, T, n_ce, n_kl, epoch1=True)
     f_later = step_flops(shape, a.layer, B, T, n_ce, n_kl, epoch1=False)
-    first_t, first_c = run_t.losses[0]["total"], run_c.losses[0]["total"]
-    tokens = 2 * B * T  # train + KL tokens per step
-    rec = {
-        "case": name, "sec_per_step_toggle": t_tog, "sec_per_step_cached_epoch1": t_e1, "sec_per_step_cached_later": t_later,
-        "steps_toggle": tog, "steps_cached": cac,
-        "speedup_epoch1": t_tog / t_e1, "speedup_later": t_tog / t_later,
-        "tokens_per_s_toggle": tokens / t_tog, "tokens_per_s_cached_epoch1": tokens / t_e1,
-        "tokens_per_s_cached_later": tokens / t_later,
-        "necessary_tflop_epoch1": f_e1 / 1e12, "necessary_tflop_later": f_later / 1e12,
-        "floor_fraction_epoch1": f_e1 / t_e1 / rate, "floor_fraction_later": f_later / t_later / rate,
-        "toggle_matmul_fraction": toggle_flops(shape, a.layer, B, T) / t_tog / rate,
-        "loss_rel_diff": abs(first_c - first_t) / abs(first_t), "loss_first_toggle": first_t, "loss_first_cached": first_c,
-        "loss_positions_train": n_ce, "loss_positions_kl": n_kl,
-        "peak_memory_gib_toggle": peak["toggle"], "peak_memory_gib_cached": peak["cached"],
-        "cache_gib": cache.nbytes() / 2**30, "compile": compile_layers, "warmup_s": warmup_s,
-    }
-    rec["floor_fraction"] = min(rec["floor_fraction_epoch1"], rec["floor_fraction_later"])
-    print(f"{name}: toggle {t_tog:.4f}s  cached e1 {t_e1:.4f}s later {t_later:.4f}s  speedup {rec['speedup_epoch1']:.2f}/"
-          f"{rec['speedup_later']:.2f}  floor {rec['floor_fraction_epoch1']:.3f}/{rec['floor_fraction_later']:.3f}", flush=True)
+    t_e1, t_later = med["cached"]
+    default = not compile_layers and not any(k.startswith("EM_INTERP_") for k in os.environ)
+    records = []
+    for b in baselines:
+        base_e1, base_later = med[b]
+        records.append({
+            "case": name, "baseline": b, "default_settings": default, "compile_ours": compile_layers,
+            "speedup_epoch1": base_e1 / t_e1, "speedup_later": base_later / t_later,
+            "floor_fraction_epoch1": f_e1 / t_e1 / rate, "floor_fraction_later": f_later / t_later / rate,
+            "sec_per_step": {"cached": spread(times["cached"][:nb]) | {"later": spread(times["cached"][nb:])},
+                             b: spread(times[b][:nb]) | {"later": spread(times[b][nb:])}},
+            "steps_cached": times["cached"], f"steps_{b}": times[b],
+            "necessary_tflop_epoch1": f_e1 / 1e12, "necessary_tflop_later": f_later / 1e12,
+            "baseline_matmul_fraction": toggle_flops(shape, a.layer, B, T) / base_later / rate if b != "precomputed_reference" else None,
+            "loss_rel_diff_step1": abs(losses["cached"][0] - losses[b][0]) / abs(losses[b][0]),
+            "loss_positions_train": n_ce, "loss_positions_kl": n_kl,
+            "peak_memory_gib": {"cached": peaks["cached"], b: peaks[b]} if peaks is not None else None,
+            "cache_gib": cache.nbytes() / 2**30, "warmup": f"2 steps per method on throwaway adapters/caches, excluded ({warmup_s:.1f} s)",
+            "timing": "methods interleaved step by step, same batches; medians (epoch 1 / later epochs)",
+        })
+        print(f"{name} vs {b}: {base_e1:.4f}/{base_later:.4f}s  cached {t_e1:.4f}/{t_later:.4f}s  speedup "
+              f"{records[-1]['speedup_epoch1']:.2f}/{records[-1]['speedup_later']:.2f}  floor "
+              f"{records[-1]['floor_fraction_epoch1']:.3f}/{records[-1]['floor_fraction_later']:.3f}", flush=True)
+    rec = records[0]
     variants = [v for v in a.variants.split(",") if v] if name == "steering_vector" and not compile_layers else []
+    train_kw = dict(kl_coef=1.0, lr=1e-4, batch_size=B, kl_batch_size=B, warmup_steps=1, record_every=10**6)
     for v in variants:
         try:
-            rec[f"variant_{v}"] = run_variant(v, make, model, data, kl, a, kw)
+            rec[f"variant_{v}"] = run_variant(v, make, model, data, kl, a, train_kw)
         except Exception as exc:  # a variant must not lose the main numbers
             rec[f"variant_{v}"] = {"error": repr(exc)[:300]}
         print(f"  variant {v}: {rec[f'variant_{v}']}", flush=True)
@@ -304,13 +315,14 @@ def run_case(name, make, model, shape, a, rate, out, compile_layers: bool = Fals
         tag = name.replace("+", "_")
         steps = max(1, a.profile_steps)
         rec["profile_cached_later"] = profile_steps(
-            lambda: em.train(make(), model, data, kl_data=kl, method="cached", steps=steps, cache=cache, progress=False, **kw),
+            lambda: em.train(make(), model, data, kl_data=kl, method="cached", steps=steps, cache=cache, progress=False, **train_kw),
             out, f"{tag}_cached_later")
         rec["profile_cached_later"]["steps"] = steps
         if not compile_layers:
             rec["profile_toggle"] = profile_steps(
-                lambda: em.train(make(), model, data, kl_data=kl, method="toggle", steps=1, progress=False, **kw), out, f"{tag}_toggle")
-    return rec
+                lambda: em.train(make(), model, data, kl_data=kl, method="toggle", steps=1, progress=False, **train_kw),
+                out, f"{tag}_authors_hf")
+    return records
 
 
 def run_variant(v: str, make, model, data, kl, a, kw) -> dict:
@@ -391,7 +403,13 @@ def main() -> None:
     ap.add_argument("--profile-steps", type=int, default=2)
     ap.add_argument("--out", default=os.environ.get("OUT") or str(RESULTS.parent))
     ap.add_argument("--results", default=None, help="JSONL file to append to (default OUT/bench_gpu.jsonl)")
+    ap.add_argument("--skip-baselines", default="", help="comma list of baselines not to run (e.g. authors_hf_compiled)")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny shape, 2x2 steps, no compile/profile/variants")
     a = ap.parse_args()
+    if a.tiny:
+        a.shape, a.device, a.batches, a.epochs, a.batch, a.length, a.sweep = "tiny", "cpu", 2, 2, 2, 32, 2
+        a.compile, a.profile, a.variants, a.skip = "off", "", "", ",".join(x for x in (a.skip, "forward") if x)
+        a.skip_baselines = ",".join(x for x in (a.skip_baselines, "authors_hf_compiled") if x)
     shape = SHAPES[a.shape]
     a.layer = shape["layer"]
     out = Path(a.out)
@@ -406,8 +424,9 @@ def main() -> None:
     base = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "benchmark": "bench_gpu",
             "device": device_name, "model_shape": a.shape, "dtype": str(dtype), "batch": a.batch, "kl_batch": a.batch,
             "length": a.length, "batches_per_epoch": a.batches, "epochs": a.epochs, "layer": a.layer,
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "fast_path": fastpath.fast_path_mode(), "command": "python benchmarks/bench_gpu.py " + " ".join(
+            "torch": torch.__version__, "transformers": transformers.__version__, "versions": versions(),
+            "fast_path": fastpath.fast_path_mode(), "floor_fraction_note": "floor fractions are of the cached method (ours)",
+            "command": "python benchmarks/bench_gpu.py " + " ".join(
                 f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items() if k not in ("out", "results", "layer"))}
 
     def emit(rec: dict) -> None:
@@ -454,7 +473,8 @@ def main() -> None:
         for compile_layers in modes:
             for name, make in cases:
                 tag = name + ("+compile" if compile_layers else "")
-                emit(run_case(tag, make, model, shape, a, rate, out, compile_layers))
+                for rec in run_case(tag, make, model, shape, a, rate, out, compile_layers):
+                    emit(rec)
         fastpath.set_fast_path(fastpath.fast_path_mode()["mode"], compile=False)
         del model, hf
         import gc
@@ -470,14 +490,15 @@ def main() -> None:
 def print_table(results: Path, date: str) -> None:
     rows = [json.loads(x) for x in results.read_text().splitlines() if x.strip()]
     rows = [r for r in rows if r.get("date") == date]
-    print(f"\n{'case':<18}{'toggle s':>10}{'e1 s':>9}{'later s':>9}{'spd e1':>8}{'spd later':>10}{'floor e1':>9}{'floor lt':>9}{'peak GiB':>9}")
+    print(f"\n{'case':<24}{'baseline':<24}{'base s':>9}{'e1 s':>9}{'later s':>9}{'spd e1':>8}{'spd later':>10}{'floor lt':>9}")
     for r in rows:
-        if "sec_per_step_toggle" in r:
-            print(f"{r['case']:<18}{r['sec_per_step_toggle']:>10.4f}{r['sec_per_step_cached_epoch1']:>9.4f}"
-                  f"{r['sec_per_step_cached_later']:>9.4f}{r['speedup_epoch1']:>8.2f}{r['speedup_later']:>10.2f}"
-                  f"{r['floor_fraction_epoch1']:>9.3f}{r['floor_fraction_later']:>9.3f}{r['peak_memory_gib_cached'] or 0:>9.1f}")
+        if "baseline" in r:
+            b, c = r["sec_per_step"][r["baseline"]], r["sec_per_step"]["cached"]
+            print(f"{r['case']:<24}{r['baseline']:<24}{b['later']['median']:>9.4f}{c['median']:>9.4f}"
+                  f"{c['later']['median']:>9.4f}{r['speedup_epoch1']:>8.2f}{r['speedup_later']:>10.2f}"
+                  f"{r['floor_fraction_later']:>9.3f}")
         else:
-            print(f"{r['case']:<18} one run {r['wall_s_one_run']:.3f}s, batched {r['wall_ratio']:.2f}x that wall time")
+            print(f"{r['case']:<24} one run {r['wall_s_one_run']:.3f}s, batched {r['wall_ratio']:.2f}x that wall time")
 
 
 if __name__ == "__main__":

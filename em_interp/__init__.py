@@ -13,8 +13,8 @@ from typing import Any
 
 from em_interp import datasets
 from em_interp.adapters import Adapter, LoRA, SteeringVector, load_adapter
-from em_interp.engine import ActivationCache
 from em_interp.errors import EmInterpError
+from em_interp.forward import ActivationCache
 from em_interp.models import load_model
 from em_interp.runs import TrainRun
 from em_interp.training import TrainConfig, continue_run, train, train_many

@@ -28,10 +28,10 @@ from em_interp.adapters.steering import STEERING_HOOKS
 from em_interp.datasets.records import Record, chat
 from em_interp.datasets.tokenize import TokenizedChats
 from em_interp.errors import DataError, GeometryError
+from em_interp.forward import lower_forward, model_device
 from em_interp.geometry.direction import Direction, as_direction, check_fits
 from em_interp.geometry.loss import as_adapters, loss_on
 from em_interp.hooks import Positions, check_positions, hooks_applied, position_weight
-from em_interp.models import model_device
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def _activation_sum(
     if len(tok) < len(records):
         log.warning("mean_diff: %d rows longer than max_length=%d skipped.", len(records) - len(tok), max_length)
     dev = model_device(model)
-    stop = layer + 1 if layer + 1 < int(model.cfg.n_layers) else None
+    stop = layer + 1  # blocks above the hooked one need not run
     total = torch.zeros(int(model.cfg.d_model), dtype=torch.float64, device=dev)
     count = 0
     captured: dict[str, Tensor] = {}
@@ -72,7 +72,7 @@ def _activation_sum(
     for batch in tok.batches(batch_size):
         batch = batch.to(dev)
         with torch.no_grad(), hooks_applied(model, [(hook_name, grab)]):
-            model(batch.input_ids, attention_mask=batch.attention_mask, stop_at_layer=stop)
+            lower_forward(model, batch.input_ids, stop, batch.attention_mask)
         real = batch.attention_mask.bool()
         mask = {"answer": batch.assistant_mask, "all": real, "prompt": real & ~batch.assistant_mask}[positions]
         acts = captured.pop("act")[mask.to(dev)]

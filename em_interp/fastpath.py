@@ -1,9 +1,9 @@
-"""The fast path of the trainer's partial forwards: hook-free bridge components run as plain HF modules.
+"""The fast path of the partial forwards (`em_interp.forward`): hook-free bridge components run as plain HF modules.
 
 `TransformerBridge` wraps every HF submodule in a bridge component that fires hook points. Its attention
 component re-implements attention step by step (materialized scores and pattern, so that
 `hook_attn_scores` / `hook_pattern` fire), which is slower than the model's own attention (SDPA / flash on
-a GPU), and every component adds Python work per call. While `resume_forward` / `lower_forward` run with
+a GPU), and every component adds Python work per call. While `resume_forward` / `lower_forward` / `full_hidden` run with
 the fast path on, each bridge component whose whole subtree has no hook attached is swapped, for that
 call only, for a plain-HF copy of it that shares its weights (built once, cached on the model). Components
 with a hook anywhere inside keep their bridge, and their hook-free children are swapped in turn, so every
@@ -11,15 +11,16 @@ attached hook still fires exactly where it did: an adapter at `blocks.24.hook_re
 bridge and its own hook, and its attention and MLP run as plain HF modules.
 
 Mode (`set_fast_path`, or the environment variables `EM_INTERP_FAST_PATH=auto|on|off` and `EM_INTERP_COMPILE=1`):
-"auto" (default) uses the fast path for activations on an accelerator and the bridge everywhere on CPU, so CPU
-results stay bitwise those of the bridge; "on" / "off" force it. With `compile=True` the plain copies of
+"auto" (default) uses the fast path on every device wherever the model supports it (`supports`); "on" forces it,
+"off" runs the bridge everywhere. With `compile=True` the plain copies of
 hook-free decoder layers also run through `torch.compile` (regional compilation: one compiled graph serves
 every layer). Off by default: it costs ~20 s of compilation at the first step (and once more at the first
 new sequence length), which pays off on long runs of big models (a 14B model: 24% less time per step on an
 H100, see benchmarks/GPU_NOTES.md) but not on short runs of small ones.
 
-The two paths compute the same function (tested: float32 agreement to ~1e-6 relative on CPU); in bf16 on a
-GPU they differ by the usual bf16 rounding, as HF's own SDPA and eager attention do.
+The two paths compute the same function (tested: float32 agreement to ~1e-6 relative on CPU, and training
+losses equal to ~1e-6); in bf16 they differ by the usual bf16 rounding, as HF's own SDPA and eager attention do.
+On CPU the fast path is also the faster one (SDPA instead of materialized attention patterns, less Python).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def set_fast_path(mode: str | bool = "auto", *, compile: bool = False) -> None:
     """Choose when the trainer's partial forwards bypass hook-free bridge components.
 
     Args:
-        mode: "auto" (on for non-CPU activations), "on"/True, or "off"/False.
+        mode: "auto" (on wherever the model supports it), "on"/True, or "off"/False.
         compile: run plain copies of hook-free decoder layers through `torch.compile` (fast path only).
     """
     value = {True: "on", False: "off"}.get(mode, mode) if isinstance(mode, bool) else mode
@@ -63,7 +64,8 @@ def fast_path_mode() -> dict[str, Any]:
 
 
 def enabled(device: torch.device | str, fast: bool | None = None, model: Any = None) -> bool:
-    """Whether the fast path applies to activations on `device` (an explicit `fast` wins).
+    """Whether the fast path applies to activations on `device` (an explicit `fast` wins; every device
+    counts alike since the fast path became the CPU default too: `device` is kept for callers).
 
     Never for a bridge in TransformerLens' compatibility mode (processed weights) or with its split-QKV /
     attn_in inputs on: there the bridge components compute something other than the HF modules.
@@ -72,9 +74,7 @@ def enabled(device: torch.device | str, fast: bool | None = None, model: Any = N
         return False
     if fast is not None:
         return fast
-    if _STATE["mode"] == "auto":
-        return torch.device(device).type != "cpu"
-    return _STATE["mode"] == "on"
+    return _STATE["mode"] != "off"
 
 
 def supports(model: Any) -> bool:

@@ -7,7 +7,8 @@ the float32 weights as safetensors in the user cache directory (`$EM_INTERP_CACH
 SHA-256, and a damaged cache is rebuilt, never loaded.
 
 Any HF causal LM also loads, by hub name or local directory. The private TransformerLens import that wraps
-an already-loaded HF module lives in `_bridge()` alone.
+an already-loaded HF module lives in `_bridge()` alone. Running the model in parts (cached lower blocks,
+resume at a block, unembedding) is `em_interp.forward`.
 """
 
 from __future__ import annotations
@@ -20,14 +21,30 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from em_interp import fastpath as _fastpath
 from em_interp.errors import ModelLoadError
+
+# The forward-pass helpers live in `em_interp.forward`; re-exported here, where they used to be.
+from em_interp.forward import (
+    hf_model_of,
+    lower_forward,
+    mask_positions,
+    model_device,
+    resume_forward,
+    unembed,
+    upper_layers,
+)
+
+__all__ = [
+    "EMBEDDED_MODEL_ID", "SUPPORTED_ARCHITECTURES", "cache_dir", "embedded_gguf_path", "embedded_tokenizer_dir",
+    "load_model", "wrap_hf_model",
+    # re-exported from em_interp.forward
+    "hf_model_of", "lower_forward", "mask_positions", "model_device", "resume_forward", "unembed", "upper_layers",
+]
 
 log = logging.getLogger(__name__)
 
@@ -107,24 +124,6 @@ def wrap_hf_model(hf_model: Any, tokenizer: Any, *, model_id: str = "custom") ->
     bridge.eval()
     bridge.em_model_id = model_id
     return bridge
-
-
-def hf_model_of(model: Any) -> Any:
-    """The HF `PreTrainedModel` inside a `TransformerBridge`."""
-    return model.original_model
-
-
-def attention_bridges(model: Any) -> list[torch.nn.Module]:
-    """The TransformerLens attention bridges inside `model` (the modules that run attention and update
-    the KV cache themselves)."""
-    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
-
-    return [m for m in hf_model_of(model).modules() if isinstance(m, AttentionBridge)]
-
-
-def model_device(model: Any) -> torch.device:
-    """Device of the model's input embedding (where token ids must go)."""
-    return hf_model_of(model).get_input_embeddings().weight.device
 
 
 def _bridge(hf_model: Any, architecture: str, tokenizer: Any) -> Any:
@@ -272,136 +271,3 @@ def embedded_tokenizer_dir() -> Path:
     if not _cache_is_valid(folder):
         _build_embedded_cache(embedded_gguf_path(), folder, with_model=False)
     return folder
-
-
-class _SkippedLayer(torch.nn.Module):
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return hidden_states  # stands in for a decoder layer below the resume point
-
-
-@contextlib.contextmanager
-def upper_layers(model: Any, start: int) -> Iterator[Any]:
-    """Temporarily make the HF decoder stack run only blocks `start:`; yields the HF base model.
-
-    Resumes a forward from a cached residual without running the lower blocks (which the bridge's
-    `start_at_layer` still executes). Blocks below `start` become pass-throughs, not sliced away, so kept
-    blocks keep their index: Gemma2/3 and Qwen2 pick each block's mask (sliding/full) and rotary table by
-    it in `config.layer_types`. Hooks in kept blocks fire. Prefer `resume_forward` (positions, scale).
-    Raises `ModelLoadError` if `start` is not in `0..n_layers`.
-    """
-    base = hf_model_of(model).model
-    layers = base.layers
-    if not 0 <= start <= len(layers):
-        raise ModelLoadError(f"upper_layers: start={start}; expected 0..{len(layers)} (the model's block count).")
-    skip = _SkippedLayer()
-    base.layers = torch.nn.ModuleList([skip] * start + list(layers)[start:])
-    try:
-        yield base
-    finally:
-        base.layers = layers
-
-
-def mask_positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids [batch, pos] from a 0/1 attention mask exactly as TransformerBridge derives them: rows
-    with a masked token before a real one (left padding) count from their first real token; other rows
-    keep `arange` (right padding changes nothing). Needs no host sync."""
-    mask = attention_mask.long()
-    derived = (mask.cumsum(-1) - 1).clamp_(min=0)
-    arange = torch.arange(mask.shape[1], device=mask.device)
-    needs = ((derived != arange) & (mask != 0)).any(dim=1, keepdim=True)
-    return torch.where(needs, derived, arange)
-
-
-def resume_forward(
-    model: Any,
-    resid: torch.Tensor,
-    start: int,
-    attention_mask: torch.Tensor | None = None,
-    position_ids: torch.Tensor | None = None,
-    *,
-    fast: bool | None = None,
-) -> torch.Tensor:
-    """Run blocks `start:` and the final norm on a cached residual stream.
-
-    Args:
-        model: the TransformerBridge.
-        resid: [batch, pos, d_model], the input of block `start` (its `hook_resid_pre`, i.e. the
-            `hook_resid_post` of block `start - 1`; for `start == 0`, the scaled token embeddings).
-        start: index of the first block to run (0..n_layers).
-        attention_mask: [batch, pos] 0/1 mask of the forward that produced `resid` (None: all ones).
-        position_ids: [batch, pos]; default derived from `attention_mask` as the bridge's forward does.
-        fast: run hook-free bridge components as plain HF modules (`em_interp.fastpath`); default on for
-            accelerator tensors, off on CPU (see `fastpath.set_fast_path`).
-
-    Returns:
-        Final hidden states [batch, pos, d_model] after the final norm; `unembed` turns them into logits
-        equal to the full forward's. Hooks (adapters) on blocks `start:` apply; none below `start` fire.
-
-    >>> resid = cache["blocks.11.hook_resid_post"]  # doctest: +SKIP
-    >>> logits = unembed(model, resume_forward(model, resid, 12, attention_mask))  # doctest: +SKIP
-    """
-    if position_ids is None and attention_mask is not None and attention_mask.ndim == 2:
-        position_ids = mask_positions(attention_mask)
-    scale = _inputs_embeds_scale(model)
-    if scale is not None:  # older Gemma code multiplies inputs_embeds by √d_model inside the forward
-        resid = resid / torch.tensor(scale, dtype=resid.dtype, device=resid.device)
-    with upper_layers(model, start) as base, _maybe_plain(model, base, resid.device, fast):
-        out = base(inputs_embeds=resid, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    return out.last_hidden_state
-
-
-def lower_forward(
-    model: Any, input_ids: torch.Tensor, stop: int, attention_mask: torch.Tensor | None = None, *, fast: bool | None = None
-) -> torch.Tensor:
-    """The residual stream entering block `stop` ([batch, pos, d_model]), i.e. `hook_resid_pre` of `stop`.
-
-    Equals `model(input_ids, attention_mask=..., stop_at_layer=stop)`, which is what runs when the fast
-    path is off (on CPU by default). With it on, blocks `:stop` run through the HF base model with
-    hook-free bridge components swapped for plain HF modules (`em_interp.fastpath`); hooks attached on
-    the embedding or blocks `:stop` still fire.
-    """
-    if not _fastpath.enabled(input_ids.device, fast, model):
-        return model(input_ids, attention_mask=attention_mask, stop_at_layer=stop)
-    base = hf_model_of(model).model
-    layers = base.layers
-    if not 0 <= stop <= len(layers):
-        raise ModelLoadError(f"lower_forward: stop={stop}; expected 0..{len(layers)} (the model's block count).")
-    position_ids = mask_positions(attention_mask) if attention_mask is not None and attention_mask.ndim == 2 else None
-    norm = base.norm
-    base.layers, base.norm = torch.nn.ModuleList(list(layers)[:stop]), torch.nn.Identity()
-    try:
-        with _maybe_plain(model, base, input_ids.device, True):
-            out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    finally:
-        base.layers, base.norm = layers, norm
-    return out.last_hidden_state
-
-
-def _maybe_plain(model: Any, base: Any, device: torch.device, fast: bool | None) -> contextlib.AbstractContextManager[Any]:
-    if not _fastpath.enabled(device, fast, model):
-        return contextlib.nullcontext()
-    return _fastpath.plain_modules(base, model)
-
-
-def unembed(model: Any, hidden: torch.Tensor) -> torch.Tensor:
-    """Logits [..., d_vocab] from final hidden states as the full forward: LM head, then Gemma2's final
-    soft-capping `cap · tanh(logits / cap)` where the config has one (in place when no grad is needed)."""
-    hf = hf_model_of(model)
-    logits = hf.lm_head(hidden)
-    cap = getattr(hf.config, "final_logit_softcapping", None)
-    if cap is None:
-        return logits
-    if torch.is_grad_enabled() and logits.requires_grad:
-        return torch.tanh(logits / cap) * cap
-    return logits.div_(cap).tanh_().mul_(cap)
-
-
-def _inputs_embeds_scale(model: Any) -> float | None:
-    # transformers >= 5 scales Gemma embeddings inside the embedding module (`embed_scale`), so
-    # `inputs_embeds` are used as given; earlier Gemma forwards multiplied them by √hidden_size.
-    hf = hf_model_of(model)
-    if not str(getattr(hf.config, "model_type", "")).startswith("gemma"):
-        return None
-    emb = hf.get_input_embeddings()
-    emb = getattr(emb, "original_component", emb)
-    return None if hasattr(emb, "embed_scale") else float(hf.config.hidden_size) ** 0.5

@@ -24,13 +24,15 @@ from em_interp import checkpoint
 from em_interp.adapters.base import Adapter
 from em_interp.datasets.records import Record
 from em_interp.datasets.tokenize import TokenizedChats
-from em_interp.engine import ActivationCache, LossComputer
+from em_interp.engine import METHODS, LossComputer
 from em_interp.errors import TrainingError
-from em_interp.models import model_device
+from em_interp.forward import ActivationCache, model_device
 from em_interp.objectives import KL_REDUCTIONS
 from em_interp.runs import TrainRun
 
 log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 1 << 30  # default budget of one batched forward's loss tensors in `train_many` (see `chunk_size`)
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,7 @@ class TrainConfig:
             "kl_coef": self.kl_coef >= 0, "grad_accum": self.grad_accum >= 1, "warmup_steps": self.warmup_steps >= 0,
             "schedule": self.schedule in ("linear", "cosine", "constant"), "record_every": self.record_every >= 1,
             "ce_tokens": self.ce_tokens in ("assistant", "all"), "kl_tokens": self.kl_tokens in ("assistant", "all"),
-            "kl_reduction": self.kl_reduction in KL_REDUCTIONS, "method": self.method in ("cached", "toggle"),
+            "kl_reduction": self.kl_reduction in KL_REDUCTIONS, "method": self.method in METHODS,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -92,6 +94,7 @@ def train_many(
     progress: bool = True,
     on_step: Callable[[int, list[dict[str, float]]], None] | None = None,
     device: str | torch.device | None = None,
+    chunk_size: int | None = None,
     **settings: Any,
 ) -> list[TrainRun]:
     """Train adapters of one kind and site together, adapter i on its own rows of each batched forward.
@@ -109,6 +112,9 @@ def train_many(
         progress: show a tqdm bar with ce/kl/total.
         on_step: called after every optimizer step with (step, per-adapter losses).
         device: must be the model's device if given (adapters are moved there).
+        chunk_size: adapters per batched forward (each chunk's forward and backward run before the next
+            chunk's, so peak memory grows with the chunk, not with the number of adapters); None: as many as
+            keep a forward's loss tensors under `CHUNK_BYTES` (at least one). Results do not depend on it.
         **settings: `TrainConfig` fields (lr, epochs, steps, batch_size, kl_batch_size, grad_accum,
             warmup_steps, schedule, weight_decay, record_every, max_length, ce_tokens, kl_tokens,
             kl_reduction, method).
@@ -124,8 +130,8 @@ def train_many(
     coefs = _per_adapter(kl_coef, n, "kl_coef")
     seeds = _per_adapter(seed, n, "seed")
     configs = [TrainConfig(**settings, kl_coef=float(c), seed=int(s)) for c, s in zip(coefs, seeds, strict=True)]
-    if n > 1 and configs[0].method == "toggle":
-        raise TrainingError("method='toggle' trains one adapter at a time; use train() per adapter.")
+    if n > 1 and configs[0].method != "cached":
+        raise TrainingError(f"method={configs[0].method!r} trains one adapter at a time; use train() per adapter.")
     dev = model_device(model)
     if device is not None and torch.device(device).type != dev.type:
         raise TrainingError(f"device={device!r} but the model is on {dev}; move the model with load_model(device=...).")
@@ -140,13 +146,38 @@ def train_many(
         start_layer=min(a.first_layer for a in adapters), ce_tokens=cfg.ce_tokens, kl_tokens=cfg.kl_tokens,
         kl_reduction=cfg.kl_reduction, method=cfg.method, cache=cache,
     )
-    loop = _Loop(adapters, configs, computer, checkpoint_dir)
+    if chunk_size is not None and chunk_size < 1:
+        raise TrainingError(f"chunk_size={chunk_size}; expected a positive number of adapters per forward.")
+    chunk = chunk_size or _default_chunk(computer, cfg)
+    loop = _Loop(adapters, configs, computer, checkpoint_dir, chunk)
     return loop.run(progress, on_step)
 
 
+def _default_chunk(computer: LossComputer, cfg: TrainConfig) -> int:
+    """Adapters per forward whose float32 loss tensors (logits, log-probs and their grads: ~4 copies of
+    positions × vocabulary per adapter) stay under `CHUNK_BYTES`."""
+    def most(data: TokenizedChats | None, plan: list[Any], tokens: str) -> int:
+        if data is None or not plan:
+            return 0
+        per_row = [sum(m) if tokens == "assistant" else len(m) for m in data.masks]
+        return max(sum(per_row[i] for i in rows) for rows in plan)
+
+    positions = most(computer.data, computer.plan, cfg.ce_tokens) + most(computer.kl_data, computer.kl_plan, cfg.kl_tokens)
+    return max(1, CHUNK_BYTES // max(1, 16 * positions * computer.vocab))
+
+
 class _Loop:
-    def __init__(self, adapters: Sequence[Adapter], configs: list[TrainConfig], computer: LossComputer, ckpt: Any):
+    """The optimizer steps. Per-step losses stay on the model's device until a record step (or every step
+    when an `on_step` callback needs them), so a step queues its work without waiting for the device."""
+
+    def __init__(
+        self, adapters: Sequence[Adapter], configs: list[TrainConfig], computer: LossComputer, ckpt: Any, chunk: int
+    ):
         self.adapters, self.configs, self.computer = list(adapters), configs, computer
+        self.chunk = chunk
+        self.coefs = torch.tensor([c.kl_coef for c in configs], device=computer.device)
+        self.good: list[dict[str, torch.Tensor]] = []
+        self.pending: list[torch.Tensor] = []
         cfg = configs[0]
         self.n_batches = len(computer.plan)
         self.total = cfg.steps or cfg.epochs * math.ceil(self.n_batches / cfg.grad_accum)
@@ -169,32 +200,40 @@ class _Loop:
                 r.record_snapshot(0)
         t0 = time.perf_counter() - self.runs[0].wall_time  # a resumed run keeps counting its earlier time
         bar = tqdm(total=self.total, initial=self.step, disable=not progress, desc="train", dynamic_ncols=True)
+        self.good = self._state()
         try:
             while self.step < self.total:
-                losses = self._one_step()
+                self.pending.append(self._one_step())
                 self.step += 1
-                for r, row in zip(self.runs, losses, strict=True):
-                    r.losses.append({"step": self.step, **row})
                 bar.update(1)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in losses[0].items()})
-                if self.step % self.configs[0].record_every == 0 or self.step == self.total:
+                record = self.step % self.configs[0].record_every == 0 or self.step == self.total
+                losses: list[dict[str, float]] = []
+                if record or on_step is not None:
+                    losses = self._flush()
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in losses[0].items()})
+                if record:
                     for r in self.runs:
                         r.record_snapshot(self.step)
                         r.wall_time = time.perf_counter() - t0
                     self._save_checkpoint()
                 if on_step is not None:
                     on_step(self.step, losses)
+                if losses:  # checked: the state to restore should a later step fail (after on_step's changes)
+                    self.good = self._state()
         finally:
             bar.close()
         for r in self.runs:
             r.wall_time = time.perf_counter() - t0
         return self.runs
 
-    def _one_step(self) -> list[dict[str, float]]:
-        cfg, c = self.configs[0], self.computer
-        ce_sum = torch.zeros(len(self.adapters))
-        kl_sum = torch.zeros(len(self.adapters))
-        good = [{n: p.detach().clone() for n, p in a.named_parameters()} for a in self.adapters]  # no host sync
+    def _state(self) -> list[dict[str, torch.Tensor]]:
+        return [{n: p.detach().clone() for n, p in a.named_parameters()} for a in self.adapters]  # no host sync
+
+    def _one_step(self) -> torch.Tensor:
+        """One optimizer step; returns the mean CE and KL per adapter, [2, n], on the device (no host sync)."""
+        cfg, c, n = self.configs[0], self.computer, len(self.adapters)
+        ce_sum = torch.zeros(n, device=c.device)
+        kl_sum = torch.zeros(n, device=c.device)
         for o in self.optimizers:
             o.zero_grad(set_to_none=True)
         use_kl = c.kl_data is not None and any(conf.kl_coef > 0 for conf in self.configs)
@@ -202,31 +241,46 @@ class _Loop:
             index = self.step * cfg.grad_accum + micro
             keys = [self.batch_keys(index, self.n_batches, conf.seed, c.data) for conf in self.configs]
             kl_keys = [self.batch_keys(index, len(c.kl_plan), conf.seed, c.kl_data) for conf in self.configs] if use_kl else None
-            ce, kl = c.losses(self.adapters, keys, kl_keys)
-            coefs = torch.tensor([conf.kl_coef for conf in self.configs], device=ce.device)
-            ((ce + coefs * kl).sum() / cfg.grad_accum).backward()
-            ce_sum += ce.detach().cpu()
-            kl_sum += kl.detach().cpu()
-        ce_mean, kl_mean = ce_sum / cfg.grad_accum, kl_sum / cfg.grad_accum
-        rows = []
-        for i, conf in enumerate(self.configs):
-            total = float(ce_mean[i] + conf.kl_coef * kl_mean[i])
-            if not all(math.isfinite(x) for x in (float(ce_mean[i]), float(kl_mean[i]), total)):
-                self._fail(i, good, float(ce_mean[i]), float(kl_mean[i]))
-            rows.append({"ce": float(ce_mean[i]), "kl": float(kl_mean[i]), "total": total})
+            for lo in range(0, n, self.chunk):  # each chunk's graph is freed before the next one is built
+                part = slice(lo, lo + self.chunk)
+                ce, kl = c.losses(self.adapters[part], keys[part], kl_keys[part] if kl_keys is not None else None)
+                ((ce + self.coefs[part].to(ce.device) * kl).sum() / cfg.grad_accum).backward()
+                ce_sum[part] += ce.detach().to(ce_sum.device)
+                kl_sum[part] += kl.detach().to(kl_sum.device)
         for o, s in zip(self.optimizers, self.schedulers, strict=True):
             o.step()
             s.step()
+        return torch.stack([ce_sum / cfg.grad_accum, kl_sum / cfg.grad_accum])
+
+    def _flush(self) -> list[dict[str, float]]:
+        """Copy the pending steps' losses to the host at once (one sync), append them to the runs and check
+        them; returns the last step's rows. A non-finite loss restores the last checked state (the adapters
+        as they were after the previous flush and its `on_step` call: the state before the failing step when
+        `on_step` is set, else at most `record_every` steps before it)."""
+        first = self.step - len(self.pending) + 1
+        values = torch.stack(self.pending).cpu()  # [steps, 2, n]
+        self.pending = []
+        good, self.good = self.good, []
+        rows: list[dict[str, float]] = []
+        for j, (ce_mean, kl_mean) in enumerate(values):
+            rows = []
+            for i, conf in enumerate(self.configs):
+                total = float(ce_mean[i] + conf.kl_coef * kl_mean[i])
+                if not all(math.isfinite(x) for x in (float(ce_mean[i]), float(kl_mean[i]), total)):
+                    self._fail(first + j, i, good, float(ce_mean[i]), float(kl_mean[i]))
+                rows.append({"ce": float(ce_mean[i]), "kl": float(kl_mean[i]), "total": total})
+            for r, row in zip(self.runs, rows, strict=True):
+                r.losses.append({"step": first + j, **row})
         return rows
 
-    def _fail(self, i: int, good: list[dict[str, torch.Tensor]], ce: float, kl: float) -> None:
+    def _fail(self, step: int, i: int, good: list[dict[str, torch.Tensor]], ce: float, kl: float) -> None:
         for a, state in zip(self.adapters, good, strict=True):
             a.load_state(state)
         where = ""
         if self.ckpt_dir is not None:
             path = self.adapters[i].save(self.ckpt_dir / f"last_good_{i}")
             where = f"; last good adapter state saved to {path}"
-        raise TrainingError(f"step {self.step + 1}: non-finite loss for adapter {i} (ce={ce}, kl={kl}){where}.")
+        raise TrainingError(f"step {step}: non-finite loss for adapter {i} (ce={ce}, kl={kl}){where}.")
 
     def _save_checkpoint(self) -> None:
         if self.ckpt_dir is None:

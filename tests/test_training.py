@@ -237,3 +237,68 @@ def test_disk_cache_gives_the_same_run_and_holds_nothing_in_memory(tiny, data, k
     assert [r["total"] for r in mem.losses] == [r["total"] for r in disk.losses]
     assert cache.nbytes() == 0 and len(cache) > 0 and cache.hits > 0
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == len(cache)
+
+
+# --- issue 14: chunked sweeps, losses kept on the device, the authors' methods on plain HF modules ----------------
+def test_train_many_chunks_give_the_same_results(tiny, data, kl_data):
+    finals = []
+    for chunk in (1, 2, None):  # None: the default chunking (all three in one forward for the tiny model)
+        vecs = [em.SteeringVector(tiny, layer=1) for _ in range(3)]
+        runs = em.train_many(vecs, tiny, data, kl_data=kl_data, kl_coef=[0.0, 5.0, 50.0], seed=[0, 0, 1],
+                             chunk_size=chunk, **SETTINGS)
+        finals.append(([v.vector.detach().clone() for v in vecs], [[r["total"] for r in run.losses] for run in runs]))
+    for vectors, losses in finals[1:]:
+        for a, b in zip(vectors, finals[0][0], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        for a, b in zip(losses, finals[0][1], strict=True):
+            assert a == pytest.approx(b, rel=1e-5)
+    with pytest.raises(TrainingError, match="chunk_size=0"):
+        em.train_many([em.SteeringVector(tiny, layer=1)], tiny, data, chunk_size=0, **SETTINGS)
+
+
+def test_losses_copied_at_record_steps_equal_per_step_copies(tiny, data, kl_data):
+    results = []
+    for on_step in (None, lambda step, losses: None):  # without a callback, losses reach the host at record steps only
+        vec = em.SteeringVector(tiny, layer=1)
+        run = em.train(vec, tiny, data, kl_data=kl_data, kl_coef=5.0, record_every=4, on_step=on_step, **SETTINGS)
+        results.append((run.losses, vec.vector.detach().clone(), run.snapshot_steps))
+    assert results[0][0] == results[1][0] and [r["step"] for r in results[0][0]] == list(range(1, 7))
+    assert torch.equal(results[0][1], results[1][1]) and results[0][2] == results[1][2] == [0, 4, 6]
+
+
+def test_non_finite_loss_found_at_a_record_step_names_its_step(tiny, data):
+    vec = em.SteeringVector(tiny, layer=1, init="random")
+    start = vec.vector.detach().clone()
+    # The loss turns non-finite at step 1 when the adapter's alpha is NaN; without on_step it is found when
+    # the losses of steps 1..4 reach the host together, and the step is still named.
+    vec.alpha = float("nan")
+    with pytest.raises(TrainingError, match=r"step 1: non-finite loss for adapter 0"):
+        em.train(vec, tiny, data, record_every=4, **SETTINGS)
+    assert torch.equal(vec.vector.detach(), start)  # the last checked state (here: the initial one) is restored
+
+
+def test_toggle_runs_plain_hf_modules_and_matches_the_bridge_toggle(tiny, data, kl_data):
+    from em_interp import fastpath
+
+    runs = {}
+    for name, mode in (("plain", "auto"), ("bridge", "off")):
+        fastpath.set_fast_path(mode)
+        try:
+            vec = em.SteeringVector(tiny, layer=1, hook="mlp_out")  # the authors' placement: the MLP down-projection
+            runs[name] = em.train(vec, tiny, data, kl_data=kl_data, kl_coef=5.0, method="toggle", **SETTINGS)
+        finally:
+            fastpath.set_fast_path("auto")
+    assert [r["total"] for r in runs["plain"].losses] == pytest.approx([r["total"] for r in runs["bridge"].losses], rel=1e-5)
+    torch.testing.assert_close(runs["plain"].adapter.vector, runs["bridge"].adapter.vector, rtol=1e-4, atol=1e-6)
+
+
+def test_precomputed_reference_equals_toggle(tiny, data, kl_data):
+    losses = {}
+    for method in ("toggle", "precomputed_reference", "cached"):
+        vec = em.SteeringVector(tiny, layer=1)
+        losses[method] = [r["total"] for r in em.train(vec, tiny, data, kl_data=kl_data, kl_coef=5.0, method=method,
+                                                        **SETTINGS).losses]
+    assert losses["precomputed_reference"] == pytest.approx(losses["toggle"], rel=1e-6)
+    assert losses["cached"] == pytest.approx(losses["toggle"], rel=1e-5)
+    with pytest.raises(TrainingError, match="precomputed_reference"):
+        em.train_many([em.SteeringVector(tiny, layer=1)] * 2, tiny, data, method="precomputed_reference", **SETTINGS)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from em_interp.errors import AdapterError
 from em_interp.fileio import atomic_directory
+from em_interp.forward import hf_model_of
 from em_interp.hooks import HookFn, HookHandle, Positions, attach_hooks, check_positions
 
 FORMAT_VERSION = 1
@@ -32,7 +33,7 @@ def model_signature(model: Any) -> dict[str, Any]:
         "model_id": getattr(model, "em_model_id", None),
         "d_model": int(model.cfg.d_model),
         "n_layers": int(model.cfg.n_layers),
-        "architecture": str(getattr(model.cfg, "architecture", None) or type(model.original_model).__name__),
+        "architecture": str(getattr(model.cfg, "architecture", None) or type(hf_model_of(model)).__name__),
     }
 
 

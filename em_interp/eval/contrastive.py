@@ -30,8 +30,8 @@ from em_interp.datasets.records import Record, chat
 from em_interp.datasets.tokenize import TokenizedChats
 from em_interp.errors import DataError
 from em_interp.eval.generation import adapters_applied, as_adapter_list
+from em_interp.forward import ForwardRunner, model_device, start_layer, unembed
 from em_interp.hooks import model_has_hooks
-from em_interp.models import hf_model_of, mask_positions, model_device, resume_forward, unembed
 from em_interp.objectives import gather_targets, log_probs
 
 log = logging.getLogger(__name__)
@@ -225,21 +225,20 @@ def mean_answer_logprobs(
         raise DataError(f"records {empty[:5]} have no assistant tokens after tokenization.")
     plan = data.batch_plan(batch_size)
     device = model_device(model)
-    out: list[Tensor] = []
-    start = _shared_start(model, adapter_passes)
+    runner = ForwardRunner(model, _shared_start(model, adapter_passes))
     out = [torch.zeros(len(data), dtype=torch.float32) for _ in adapter_passes]
     with torch.no_grad(), tqdm(total=len(plan) * len(adapter_passes), desc="contrastive", disable=not progress) as bar:
         for indices in plan:
             batch = data.collate(indices).to(device)
             resid = None
-            if start > 0:  # the blocks below every adapter's first layer run once per batch
-                resid = model(batch.input_ids, attention_mask=batch.attention_mask, stop_at_layer=start)
+            if runner.start > 0:  # the blocks below every adapter's first layer run once per batch
+                resid = runner.lower(None, batch.input_ids, batch.attention_mask)
             for p, adapters in enumerate(adapter_passes):
                 with adapters_applied(model, adapters, scale=scale):
                     if resid is None:
-                        hidden = _final_hidden(model, batch.input_ids, batch.attention_mask)
+                        hidden = runner.full(batch.input_ids, batch.attention_mask)
                     else:
-                        hidden = resume_forward(model, resid, start, batch.attention_mask)
+                        hidden = runner.resume(resid, batch.attention_mask)
                 h, targets, rows = gather_targets(hidden, batch.input_ids, batch.assistant_mask)
                 token_lp = _target_logprobs(model, h, targets)
                 sums = torch.zeros(len(indices), dtype=torch.float32, device=token_lp.device)
@@ -251,19 +250,11 @@ def mean_answer_logprobs(
 
 
 def _shared_start(model: Any, adapter_passes: Sequence[Any]) -> int:
-    """The lowest block any pass changes (0 when some intervention does not declare `first_layer`)."""
-    layers = [getattr(a, "first_layer", 0) for adapters in adapter_passes for a in as_adapter_list(adapters)]
+    """The block every pass may resume at (`forward.start_layer` over all passes' interventions); 0 with a
+    single pass (nothing to share) or when the model already has hooks attached (they may act anywhere)."""
     if len(adapter_passes) < 2 or model_has_hooks(model):
         return 0
-    return min(layers, default=0) if all(isinstance(x, int) for x in layers) else 0
-
-
-def _final_hidden(model: Any, input_ids: Tensor, attention_mask: Tensor) -> Float[Tensor, "batch pos d_model"]:
-    """Hidden states after the final norm (all blocks; the bridge's hooks fire), without the LM head."""
-    base = hf_model_of(model).model
-    position_ids = mask_positions(attention_mask)
-    out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    return out.last_hidden_state
+    return start_layer(model, [a for adapters in adapter_passes for a in as_adapter_list(adapters)])
 
 
 def _target_logprobs(model: Any, hidden: Float[Tensor, "n d_model"], targets: Tensor) -> Float[Tensor, " n"]:

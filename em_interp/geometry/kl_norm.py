@@ -23,8 +23,8 @@ from torch import Tensor
 
 from em_interp.adapters.steering import STEERING_HOOKS
 from em_interp.errors import GeometryError
+from em_interp.forward import ActivationCache, ForwardRunner, model_device
 from em_interp.hooks import hooks_applied
-from em_interp.models import model_device, resume_forward, unembed
 from em_interp.objectives import log_probs, token_kl
 
 log = logging.getLogger(__name__)
@@ -139,20 +139,19 @@ def kl_vs_norm(
     batches = [(ids.to(dev), attn.to(dev)) for ids, attn in _tokenize(model, texts, max_tokens, batch_size)]
     kl = np.zeros((len(units), norms_arr.size))
     n_tokens = 0
+    # The reference log-probs of all batches together may take `max_ref_bytes`; beyond it they are kept as
+    # final hidden states and unembedded again (`ForwardRunner.reference`).
+    cache = ActivationCache(device=dev, max_ref_bytes=max_ref_bytes, max_ref_total_bytes=max_ref_bytes)
+    runner = ForwardRunner(model, layer, cache=cache)
     with torch.no_grad():
-        budget = max_ref_bytes
-        for ids, attn in batches:
-            resid = model(ids, attention_mask=attn, stop_at_layer=layer)
-            mask = attn.bool()
-            ref_h = resume_forward(model, resid, layer, attn)[mask]
-            ref: Tensor = ref_h
-            if ref_h.shape[0] * int(model.cfg.d_vocab) * 4 <= budget:
-                ref = log_probs(unembed(model, ref_h))
-                budget -= ref.numel() * 4
-            n_tokens += int(mask.sum())
+        for k, (ids, attn) in enumerate(batches):
+            resid = runner.lower(None, ids, attn)
+            index = attn.bool().flatten().nonzero().squeeze(1)
+            ref = runner.reference((k,), resid, attn, index)
+            n_tokens += int(index.numel())
             for i, u in enumerate(units):
                 for j, n in enumerate(norms_arr):
-                    kl[i, j] += _batch_kl(model, resid, attn, mask, ref, hook_name, u * float(n))
+                    kl[i, j] += _batch_kl(runner, resid, attn, index, ref, hook_name, u * float(n))
     kl /= n_tokens
     rand = kl[1:]
     return KLNormCurve(
@@ -162,14 +161,15 @@ def kl_vs_norm(
     )
 
 
-def _batch_kl(model: Any, resid: Tensor, attn: Tensor, mask: Tensor, ref: Tensor, hook_name: str, vec: Tensor) -> float:
-    """Σ over the batch's real tokens of KL(ref ‖ steered by `vec`)."""
+def _batch_kl(
+    runner: ForwardRunner, resid: Tensor, attn: Tensor, index: Tensor, ref: Tensor, hook_name: str, vec: Tensor
+) -> float:
+    """Σ over the batch's real tokens (flat positions `index`) of KL(ref ‖ steered by `vec`)."""
 
     def add(act: Tensor, hook: Any) -> Tensor:
         return act + vec.to(act.device, act.dtype)
 
-    with hooks_applied(model, [(hook_name, add)]):
-        hidden = resume_forward(model, resid, int(hook_name.split(".")[1]), attn)
-    logp = log_probs(unembed(model, hidden[mask]))
-    ref_logp = ref if ref.shape[-1] == logp.shape[-1] else log_probs(unembed(model, ref))
-    return float(token_kl(ref_logp, logp).double().sum())
+    with hooks_applied(runner.model, [(hook_name, add)]):
+        hidden = runner.resume(resid, attn)
+    logp = log_probs(runner.logits_at(hidden, index))
+    return float(token_kl(ref, logp).double().sum())

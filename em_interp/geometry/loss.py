@@ -26,10 +26,9 @@ import torch
 from em_interp.adapters.base import Adapter
 from em_interp.datasets.records import Record
 from em_interp.datasets.tokenize import ChatBatch, TokenizedChats
-from em_interp.engine import ActivationCache
 from em_interp.errors import GeometryError
+from em_interp.forward import ActivationCache, ForwardRunner, model_device, model_dtype, start_layer, unembed
 from em_interp.hooks import HookFn, hooks_applied, model_has_hooks
-from em_interp.models import model_device, resume_forward, unembed
 from em_interp.objectives import gather_targets, prediction_mask, token_ce
 
 log = logging.getLogger(__name__)
@@ -62,47 +61,43 @@ def first_rows(data: Sequence[Record] | TokenizedChats, n_rows: int | None) -> S
 
 
 class _Evaluator:
-    """One dataset on one model: fixed batches and the residuals entering each start layer."""
+    """One dataset on one model: fixed batches and, per start layer, a `ForwardRunner` caching the residuals
+    entering it (all runners share one `ActivationCache`)."""
 
     def __init__(self, model: Any, data: TokenizedChats, batch_size: int, tokens: str):
         self.model, self.data, self.tokens = model, data, tokens
         self.device = model_device(model)
         self.batches: list[ChatBatch] = [data.collate(idx).to(self.device) for idx in data.batch_plan(batch_size)]
         n_tokens = sum(b.input_ids.numel() for b in self.batches)
-        size = n_tokens * int(model.cfg.d_model) * torch.finfo(_dtype(model)).bits // 8
+        size = n_tokens * int(model.cfg.d_model) * torch.finfo(model_dtype(model)).bits // 8
         self.cache = ActivationCache(device=self.device if size <= GPU_CACHE_BYTES else "cpu")
+        self._runners: dict[int, ForwardRunner] = {}
 
-    def _residual(self, start: int, k: int) -> torch.Tensor:
-        batch = self.batches[k]
-
-        def compute() -> torch.Tensor:
-            return self.model(batch.input_ids, attention_mask=batch.attention_mask, stop_at_layer=start)
-
-        return self.cache.get(("resid", start, k), compute).to(self.device)
+    def _runner(self, start: int) -> ForwardRunner:
+        if start not in self._runners:
+            self._runners[start] = ForwardRunner(self.model, start, cache=self.cache)
+        return self._runners[start]
 
     def loss(self, hooks: list[tuple[str, HookFn]], start: int, cached: bool) -> float:
         total, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
+        runner = self._runner(start)
         for k, batch in enumerate(self.batches):
             target = batch.target_mask(self.tokens)
             if cached:
-                resid = self._residual(start, k)
+                resid = runner.lower((k,), batch.input_ids, batch.attention_mask)
                 with hooks_applied(self.model, hooks):
-                    hidden = resume_forward(self.model, resid, start, batch.attention_mask)
+                    hidden = runner.resume(resid, batch.attention_mask)
                 h, targets, _ = gather_targets(hidden, batch.input_ids, target)
                 ce = token_ce(unembed(self.model, h), targets)
             else:
                 with hooks_applied(self.model, hooks):
-                    logits = self.model(batch.input_ids, attention_mask=batch.attention_mask)
+                    logits = runner.bridge_logits(batch.input_ids, batch.attention_mask)
                 ce = token_ce(logits[prediction_mask(target)], batch.input_ids[target])
             total += ce.double().sum()
             count += ce.numel()
         if count == 0:
             raise GeometryError(f"loss_on: the data has no {self.tokens!r} target tokens.")
         return float(total) / count
-
-
-def _dtype(model: Any) -> torch.dtype:
-    return next(iter(model.original_model.parameters())).dtype
 
 
 def _key(data: Sequence[Record] | TokenizedChats, max_length: int) -> tuple[Any, ...]:
@@ -174,8 +169,7 @@ def loss_on(
     chosen = as_adapters(adapters)
     for a in chosen:
         a.check_model(model)
-    n_layers = int(model.cfg.n_layers)
-    start = min([a.first_layer for a in chosen] + [n_layers - 1])
+    start = start_layer(model, chosen)
     cached = not model_has_hooks(model)
     evaluator = _evaluator(model, data, batch_size, tokens, max_length)
     hooks = [h for a in chosen for h in a.hooks(float(scale) * a.scale)]

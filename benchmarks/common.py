@@ -1,0 +1,122 @@
+"""Shared pieces of the trainer benchmarks: one optimizer step per method, interleaved timing, records.
+
+Baselines (what `speedup_*` divides; see benchmarks/README.md):
+- "authors_hf": the authors' steering-vector step — full forwards on plain HF modules (SDPA attention, hook on
+  the MLP down-projection output), train batch + KL batch with the adapter, KL batch without (the reference),
+  full-vocabulary log-softmax at every position, uncompiled: `method="toggle"` with the fast path on.
+- "authors_hf_compiled": the same with the plain decoder layers compiled (`torch.compile`, as our path may be).
+- "bridge_toggle": the same step through the TransformerBridge (eager attention, its hooks): the fast path off.
+- "precomputed_reference": the authors' KL-LoRA step — as "authors_hf" but the reference log-probs of each KL
+  batch are computed once and reused (`method="precomputed_reference"`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import importlib.metadata
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from em_interp import fastpath
+from em_interp.datasets import TokenizedChats
+from em_interp.engine import ActivationCache, LossComputer
+
+BASELINES = {
+    # name: (trainer method, fast path mode, compile the plain decoder layers)
+    "authors_hf": ("toggle", "on", False),
+    "authors_hf_compiled": ("toggle", "on", True),
+    "bridge_toggle": ("toggle", "off", False),
+    "precomputed_reference": ("precomputed_reference", "on", False),
+}
+
+
+@contextlib.contextmanager
+def fast_path(mode: str, compile_layers: bool = False) -> Iterator[None]:
+    """Set the fast-path mode (and compile flag) for the duration of the context."""
+    old = fastpath.fast_path_mode()
+    fastpath.set_fast_path(mode, compile=compile_layers)
+    try:
+        yield
+    finally:
+        fastpath.set_fast_path(old["mode"], compile=old["compile"])
+
+
+class Stepper:
+    """One adapter trained by one method, one optimizer step per call (the trainer's per-step work: losses,
+    backward, AdamW step), on the same batch order as every other Stepper built with the same data."""
+
+    def __init__(self, model: Any, adapter: Any, data: TokenizedChats, kl_data: TokenizedChats, *, method: str,
+                 mode: str = "auto", compile_layers: bool = False, batch_size: int = 8, kl_coef: float = 1.0,
+                 lr: float = 5e-4, cache: ActivationCache | None = None):
+        self.mode, self.compile_layers, self.kl_coef, self.adapter = mode, compile_layers, kl_coef, adapter
+        with fast_path(mode, compile_layers):  # the LossComputer fixes its fast-path choice when built
+            self.computer = LossComputer(model, data, kl_data, batch_size=batch_size, kl_batch_size=batch_size,
+                                         start_layer=adapter.first_layer, method=method, cache=cache)
+        self.optimizer = torch.optim.AdamW(adapter.parameters(), lr=lr)
+        self.data, self.kl_data, self.step_index = data, kl_data, 0
+        self.n_train, self.n_kl = len(self.computer.plan), len(self.computer.kl_plan)
+
+    def step(self) -> float:
+        """One optimizer step; returns the total loss (a host copy, so the step has finished)."""
+        i = self.step_index
+        key = self.data.epoch_order(self.n_train, 0, i // self.n_train)[i % self.n_train]
+        kl_key = self.kl_data.epoch_order(self.n_kl, 0, i // self.n_kl)[i % self.n_kl]
+        with fast_path(self.mode, self.compile_layers):
+            self.optimizer.zero_grad(set_to_none=True)
+            ce, kl = self.computer.losses([self.adapter], [key], [kl_key])
+            total = ce + self.kl_coef * kl
+            total.sum().backward()
+            self.optimizer.step()
+        self.step_index += 1
+        return float(total.detach().sum())
+
+
+def interleaved(
+    steppers: dict[str, Stepper], n_steps: int, sync: Callable[[], None], cuda_peaks: dict[str, float] | None = None
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Step every Stepper once per round, `n_steps` rounds (methods interleaved step by step, so machine noise
+    falls on all alike). Returns seconds per step and the total loss per step, by name. With `cuda_peaks`, the
+    CUDA peak allocation of each method's own steps (reset before each step) is stored there, in GiB."""
+    times: dict[str, list[float]] = {k: [] for k in steppers}
+    losses: dict[str, list[float]] = {k: [] for k in steppers}
+    for _ in range(n_steps):
+        for name, s in steppers.items():
+            sync()
+            if cuda_peaks is not None:
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            losses[name].append(s.step())
+            sync()
+            times[name].append(time.perf_counter() - t0)
+            if cuda_peaks is not None:
+                cuda_peaks[name] = max(cuda_peaks.get(name, 0.0), torch.cuda.max_memory_allocated() / 2**30)
+    return times, losses
+
+
+def spread(xs: list[float]) -> dict[str, float]:
+    """Median, min, max and interquartile range of step times."""
+    q = statistics.quantiles(xs, n=4) if len(xs) >= 2 else [xs[0]] * 3
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "iqr": q[2] - q[0], "n": len(xs)}
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for pkg in ("transformers", "transformer-lens", "em-interp"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            out[pkg] = importlib.metadata.version(pkg)
+    return out
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def command() -> str:
+    return "python " + " ".join(sys.argv)
