@@ -26,8 +26,8 @@ from transformers import DynamicCache
 
 from em_interp.datasets.tokenize import tokenize_chat
 from em_interp.errors import AdapterError, DataError
-from em_interp.hooks import position_offset
 from em_interp.forward import attention_bridges, hf_model_of, model_device, unembed
+from em_interp.hooks import position_offset
 
 log = logging.getLogger(__name__)
 
