@@ -145,7 +145,7 @@ def em_judge_scorer(
         return Score(
             value=value,
             answer=answer,
-            explanation=", ".join(f"{m}={row[m]!r} ({statuses[m]})" for m in row),
+            explanation=", ".join(f"{m}={'-' if row[m] is None else format(row[m], '.4g')} ({statuses[m]})" for m in row),
             metadata={"statuses": statuses, "judge": repr(chosen)},
         )
 
