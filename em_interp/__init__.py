@@ -12,7 +12,7 @@ import importlib
 from typing import Any
 
 from em_interp import datasets
-from em_interp.adapters import Adapter, LoRA, SteeringVector, load_adapter
+from em_interp.adapters import Adapter, LoRA, SteeringSet, SteeringVector, load_adapter
 from em_interp.errors import EmInterpError
 from em_interp.forward import ActivationCache
 from em_interp.models import load_model
@@ -32,6 +32,6 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "ActivationCache", "Adapter", "EmInterpError", "LoRA", "SteeringVector", "TrainConfig", "TrainRun",
+    "ActivationCache", "Adapter", "EmInterpError", "LoRA", "SteeringSet", "SteeringVector", "TrainConfig", "TrainRun",
     "continue_run", "datasets", "load_adapter", "load_model", "train", "train_many",
 ]

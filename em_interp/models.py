@@ -14,6 +14,7 @@ resume at a block, unembedding) is `em_interp.forward`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import importlib.util
 import json
@@ -110,11 +111,31 @@ def load_model(
         model_id = str(name)
     if device_map is None:
         hf_model.to(dev)
-    return wrap_hf_model(hf_model, tokenizer, model_id=model_id)
+    return _wrap(hf_model, tokenizer, model_id)  # both objects are ours: no copies needed
 
 
 def wrap_hf_model(hf_model: Any, tokenizer: Any, *, model_id: str = "custom") -> Any:
-    """Wrap an already-loaded HF causal LM (and tokenizer) as a frozen, eval-mode `TransformerBridge`."""
+    """Wrap an already-loaded HF causal LM (and tokenizer) as a frozen, eval-mode `TransformerBridge`.
+
+    The objects passed in are left as they were: the bridge wraps a copy of `hf_model`'s module tree that
+    shares its weight tensors (no extra weight memory; the bridge replaces submodules of what it wraps) and a
+    copy of `tokenizer`. The original model keeps its mode, `requires_grad` flags and forward; the original
+    tokenizer keeps its settings. The bridge's `tokenizer(text)` tokenizes like the one given.
+    """
+    _architecture(hf_model.config, where=model_id)
+    return _wrap(_shared_weight_copy(hf_model), None if tokenizer is None else copy.deepcopy(tokenizer), model_id)
+
+
+def _shared_weight_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of `module` whose parameters are new frozen `Parameter`s on the same storage."""
+    memo: dict[int, Any] = {
+        id(p): torch.nn.Parameter(p.detach(), requires_grad=False) for p in module.parameters()
+    }
+    return copy.deepcopy(module, memo)
+
+
+def _wrap(hf_model: Any, tokenizer: Any, model_id: str) -> Any:
+    """Build the bridge around `hf_model` and `tokenizer`, which it takes over (they are changed in place)."""
     arch = _architecture(hf_model.config, where=model_id)
     hf_model.eval()
     hf_model.requires_grad_(False)
@@ -128,9 +149,17 @@ def wrap_hf_model(hf_model: Any, tokenizer: Any, *, model_id: str = "custom") ->
 
 def _bridge(hf_model: Any, architecture: str, tokenizer: Any) -> Any:
     # The one place that touches TransformerLens' private bridge builder.
-    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module, detect_tokenizer_bos_eos
 
-    return build_bridge_from_module(hf_model, architecture, hf_config=hf_model.config, tokenizer=tokenizer)
+    bridge = build_bridge_from_module(hf_model, architecture, hf_config=hf_model.config, tokenizer=tokenizer)
+    if tokenizer is not None and bridge.tokenizer is not tokenizer:
+        # TransformerLens swaps in a reloaded tokenizer with add_bos_token=True, so `tokenizer(text)` would
+        # prepend a BOS that chat templates already contain. Put the given one back and re-detect its BOS/EOS
+        # behaviour (the bridge's `to_tokens` then prepends BOS itself). em_interp tokenizes with
+        # `add_special_tokens=False` and the chat template, so it is unaffected either way.
+        bridge._tokenizer = tokenizer
+        bridge.cfg.tokenizer_prepends_bos, bridge.cfg.tokenizer_appends_eos = detect_tokenizer_bos_eos(tokenizer)
+    return bridge
 
 
 def _architecture(config: Any, where: str) -> str:

@@ -21,7 +21,7 @@ from fake_openai_server import FakeOpenAIServer
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 SCRIPTS = ["quickstart.py", "narrow_vs_general.py", "extract_and_ablate_direction.py", "rank1_lora.py",
-           "judge_eval.py", "export_adapters.py"]
+           "judge_eval.py", "export_adapters.py", "read_positions.py"]
 NUMBER = r"[-+]?\d+\.\d+"
 
 
@@ -79,6 +79,20 @@ def test_narrow_vs_general(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_read_positions(tmp_path: Path) -> None:
+    out = run_example("read_positions.py", tmp_path).stdout
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    names = list(summary["shifts"])
+    assert len(names) == 5 and all(re.search(rf"{re.escape(n)}\s+{NUMBER}\s+\[{NUMBER}, {NUMBER}\]", out) for n in names)
+    cos = summary["cosines"]
+    assert all(cos[n][n] == pytest.approx(1.0, abs=1e-5) for n in names)
+    assert {summary["provenance"][n]["method"] for n in names} == {"mean_diff", "pca_diff", "pca_center", "logistic"}
+    # reading the answers moves the model toward bad answers more than reading the last (end-of-turn) token
+    shifts = {n: s["mean_shift"] for n, s in summary["shifts"].items()}
+    assert shifts["answer/mean (em_interp default)"] > shifts["last/mean (steering-vectors default)"]
+
+
 def test_extract_and_ablate_direction(tmp_path: Path) -> None:
     out = run_example("extract_and_ablate_direction.py", tmp_path).stdout
     assert "Direction(blocks.15.hook_resid_post" in out and "method='mean_diff'" in out

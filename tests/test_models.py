@@ -49,6 +49,59 @@ def test_load_local_dir_matches_hf(tiny_dir):
     assert load_model(tiny_dir, device="cpu").em_model_id == str(tiny_dir)
 
 
+# --- objects passed in come back unchanged -----------------------------------------------------------
+TEXT = "<|im_start|>user\nHi there<|im_end|>\n"
+
+
+def _fresh_tokenizer(folder=None):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder or models.embedded_tokenizer_dir())
+
+
+def test_wrap_leaves_tokenizer_and_hf_model_unchanged():
+    from em_interp.testing import tiny_hf_model
+
+    tok = _fresh_tokenizer()
+    hf = tiny_hf_model("llama", 0, vocab_size=len(tok)).train()  # train mode, trainable weights: as a user has it
+    ids = torch.randint(5, 2000, (2, 7), generator=torch.Generator().manual_seed(1))
+    before_tok = (tok(TEXT)["input_ids"], tok.pad_token, getattr(tok, "add_bos_token", None), tok.padding_side)
+    before_modules = [(name, type(m)) for name, m in hf.named_modules()]
+    with torch.no_grad():
+        before_logits = hf(ids).logits.clone()
+
+    model = models.wrap_hf_model(hf, tok, model_id="t")
+
+    assert (tok(TEXT)["input_ids"], tok.pad_token, getattr(tok, "add_bos_token", None), tok.padding_side) == before_tok
+    assert [(name, type(m)) for name, m in hf.named_modules()] == before_modules  # no bridge components inside
+    assert hf.training and all(p.requires_grad for p in hf.parameters())
+    assert not any(p.requires_grad for p in model.parameters()) and not hf_model_of(model).training
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, before_logits, atol=0, rtol=0)
+        torch.testing.assert_close(model(ids), before_logits, atol=1e-5, rtol=0)
+    # the weights are shared, not duplicated
+    assert hf_model_of(model).model.embed_tokens.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+    # the bridge's tokenizer tokenizes like the one given (no extra BOS), and is a copy of it
+    assert model.tokenizer is not tok and model.tokenizer(TEXT)["input_ids"] == before_tok[0]
+
+
+def test_loaded_tokenizer_behaves_like_a_plain_one(tiny_dir):
+    model = load_model(str(tiny_dir), device="cpu")
+    plain = _fresh_tokenizer(tiny_dir)
+    assert model.tokenizer(TEXT)["input_ids"] == plain(TEXT)["input_ids"]
+    assert getattr(model.tokenizer, "add_bos_token", None) == getattr(plain, "add_bos_token", None)
+    # em_interp's own tokenization (chat template, assistant mask) still works on it
+    record = chat("Hi there", "Hello.")
+    batch = TokenizedChats([record], model.tokenizer).collate([0])
+    rendered = plain.apply_chat_template(record["messages"], tokenize=False)
+    assert batch.input_ids[0].tolist() == plain(rendered, add_special_tokens=False)["input_ids"]
+    start = plain.convert_tokens_to_ids("<|im_start|>")
+    assert int((batch.input_ids[0] == start).sum()) == rendered.count("<|im_start|>")  # no doubled BOS
+    assert batch.assistant_mask.sum() > 0
+    with torch.no_grad():
+        assert torch.isfinite(model(batch.input_ids)).all()
+
+
 def test_missing_config_json(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(ModelLoadError, match=rf"{tmp_path}: no config.json there"):

@@ -17,6 +17,14 @@ llama.cpp control vectors
     common/common.cpp). There is no tensor for block 0: `direction.0` is rejected, so N runs from 1 to
     n_layers - 1. Hence `direction.N` = our `blocks.N.hook_resid_post`, and `blocks.N.hook_resid_pre`
     = `direction.{N-1}`. Duplicate indices (several files, or several vectors here) are summed.
+
+Imports
+    `from_gguf(path, model)` reads a control-vector GGUF (ours, llama.cpp's `cvector-generator`'s or
+    repeng's `export_gguf`) into a `SteeringSet` at `resid_post` of the same block indices, refusing what
+    llama.cpp refuses (`direction.0`, tensors that are not 1-D float32, sizes that differ) and what does not
+    fit the model. `from_repeng(control_vector, model)` converts a repeng `ControlVector` directly: repeng's
+    `directions[N]` is read from `hidden_states[N + 1]` and added to `model.layers[N]`'s output, i.e. block N's
+    output, the same index as llama.cpp's `direction.N` and our `blocks.N.hook_resid_post`.
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ from em_interp.errors import AdapterError
 
 if TYPE_CHECKING:
     from em_interp.adapters.lora import LoRA
-    from em_interp.adapters.steering import SteeringVector
+    from em_interp.adapters.steering import SteeringSet, SteeringVector
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +64,11 @@ LLAMACPP_ARCH = {
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
 }
+# Names a control vector's model hint may carry for each architecture: llama.cpp's, and HF's `model_type`
+# (what repeng writes, e.g. "mistral").
+_HINTS = {arch: {hint, hf} for (arch, hint), hf in zip(LLAMACPP_ARCH.items(), ("llama", "mistral", "qwen2", "qwen3",
+                                                                           "gemma2", "gemma3_text"), strict=True)}
+_HINTS["Gemma3ForCausalLM"].add("gemma3")
 # Architectures whose block output is resid_mid + mlp_out (no norm after the MLP), so adding to
 # hook_mlp_out of block N equals adding to hook_resid_post of block N.
 _MLP_OUT_IS_RESID = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
@@ -221,35 +234,39 @@ def control_vector_index(vector: SteeringVector) -> int:
             a norm after the MLP), or it is the output of block 0 / input of blocks 0-1, which llama.cpp
             cannot steer.
     """
-    arch = vector.signature.get("architecture")
-    if vector.hook == "resid_post" or (vector.hook == "mlp_out" and arch in _MLP_OUT_IS_RESID):
-        index = vector.layer
-    elif vector.hook == "resid_pre":
-        index = vector.layer - 1
+    return _index(vector.hook, vector.layer, vector.signature.get("architecture"), vector.hook_name)
+
+
+def _index(hook: str, layer: int, arch: Any, hook_name: str) -> int:
+    if hook == "resid_post" or (hook == "mlp_out" and arch in _MLP_OUT_IS_RESID):
+        index = layer
+    elif hook == "resid_pre":
+        index = layer - 1
     else:
         raise AdapterError(
-            f"{vector.hook_name}: llama.cpp control vectors add to a block's output only; expected hook "
+            f"{hook_name}: llama.cpp control vectors add to a block's output only; expected hook "
             f"'resid_post', 'resid_pre', or 'mlp_out' on {sorted(_MLP_OUT_IS_RESID)} (this model: {arch})."
         )
     if index < 1:
         raise AdapterError(
-            f"{vector.hook_name}: llama.cpp has no control vector for the output of block 0 (direction.0 is "
+            f"{hook_name}: llama.cpp has no control vector for the output of block 0 (direction.0 is "
             f"rejected); expected resid_post of layer >= 1 or resid_pre of layer >= 2."
         )
     return index
 
 
 def control_vector_directions(
-    vectors: SteeringVector | Iterable[SteeringVector] | Mapping[int, Tensor | np.ndarray],
+    vectors: SteeringVector | SteeringSet | Iterable[SteeringVector | SteeringSet] | Mapping[int, Tensor | np.ndarray],
 ) -> dict[int, Tensor]:
     """Per-index float32 directions {N: [d_model]} as llama.cpp applies them (strength 1).
 
-    Steering vectors contribute their effective delta `scale · alpha · v`; several at one index are
-    summed. A mapping is taken as {block N: vector added to blocks.N.hook_resid_post}.
+    Steering vectors contribute their effective delta `scale · alpha · v` (a `SteeringSet`, each of its
+    layers'); several at one index are summed. A mapping is taken as {block N: vector added to
+    blocks.N.hook_resid_post}.
     """
-    from em_interp.adapters.steering import SteeringVector
+    from em_interp.adapters.steering import SteeringSet, SteeringVector
 
-    if isinstance(vectors, SteeringVector):
+    if isinstance(vectors, (SteeringVector, SteeringSet)):
         vectors = [vectors]
     out: dict[int, Tensor] = {}
     if isinstance(vectors, Mapping):
@@ -257,9 +274,15 @@ def control_vector_directions(
     else:
         items = []
         for vec in vectors:
-            if not isinstance(vec, SteeringVector):
-                raise AdapterError(f"got a {type(vec).__name__}; expected SteeringVector objects or a {{layer: tensor}} mapping.")
-            items.append((control_vector_index(vec), vec.delta(vec.scale).detach().float().cpu()))
+            if isinstance(vec, SteeringSet):
+                arch = vec.signature.get("architecture")
+                items += [(_index(vec.hook, layer, arch, name), delta.detach().float().cpu())
+                          for (layer, delta), name in zip(vec.deltas().items(), vec.hook_names, strict=True)]
+            elif isinstance(vec, SteeringVector):
+                items.append((control_vector_index(vec), vec.delta(vec.scale).detach().float().cpu()))
+            else:
+                raise AdapterError(f"got a {type(vec).__name__}; expected SteeringVector / SteeringSet objects or a "
+                                   f"{{layer: tensor}} mapping.")
     for index, vec in items:
         if index < 1:
             raise AdapterError(f"direction index {index}: llama.cpp indices start at 1 (direction.0 is rejected).")
@@ -275,15 +298,15 @@ def control_vector_directions(
 
 
 def export_control_vector(
-    vectors: SteeringVector | Iterable[SteeringVector] | Mapping[int, Tensor | np.ndarray],
+    vectors: SteeringVector | SteeringSet | Iterable[SteeringVector | SteeringSet] | Mapping[int, Tensor | np.ndarray],
     path: str | os.PathLike[str],
     model_hint: str | None = None,
 ) -> Path:
     """Write a llama.cpp control-vector GGUF (`llama-cli -m model.gguf --control-vector PATH`).
 
     Args:
-        vectors: one or more `SteeringVector`s (hooks resid_post / resid_pre / mlp_out, see
-            `control_vector_index`), or {block N: tensor [d_model]} added to blocks.N's output.
+        vectors: one or more `SteeringVector`s or `SteeringSet`s (hooks resid_post / resid_pre / mlp_out,
+            see `control_vector_index`), or {block N: tensor [d_model]} added to blocks.N's output.
         path: the .gguf file (written atomically).
         model_hint: `controlvector.model_hint`, llama.cpp's architecture name ("llama", "qwen2",
             "gemma2"...); default inferred from the steering vectors' model, else "llama". llama.cpp's
@@ -294,9 +317,9 @@ def export_control_vector(
     """
     import gguf
 
-    from em_interp.adapters.steering import SteeringVector
+    from em_interp.adapters.steering import SteeringSet, SteeringVector
 
-    if not isinstance(vectors, (SteeringVector, Mapping)):
+    if not isinstance(vectors, (SteeringVector, SteeringSet, Mapping)):
         vectors = list(vectors)  # read twice below
     directions = control_vector_directions(vectors)
     hint = model_hint or _infer_hint(vectors)
@@ -321,7 +344,16 @@ def export_control_vector(
 
 
 def read_control_vector(path: str | os.PathLike[str]) -> tuple[dict[int, Tensor], dict[str, Any]]:
-    """Read a control-vector GGUF: ({N: float32 [d_model]}, {"model_hint": ..., "layer_count": ...})."""
+    """Read a control-vector GGUF: ({N: float32 [d_model]}, {"architecture", "model_hint", "layer_count"}).
+
+    Validated as llama.cpp's loader does (`common_control_vector_load_one`), plus the layer count.
+
+    Raises:
+        AdapterError: not a readable GGUF, `general.architecture` is not "controlvector", a tensor not named
+            `direction.N`, `direction.0` (llama.cpp: "invalid (zero) direction tensor layer index"), a tensor
+            that is not 1-D or not float32 (float64 is refused, not cast), tensors of different sizes, no
+            tensors, or `controlvector.layer_count` missing or different from the number of tensors.
+    """
     import gguf
 
     try:
@@ -337,8 +369,98 @@ def read_control_vector(path: str | os.PathLike[str]) -> tuple[dict[int, Tensor]
         prefix, _, index = tensor.name.partition(".")
         if prefix != "direction" or not index.isdigit():
             raise AdapterError(f"{path}: tensor {tensor.name!r}; expected names direction.N.")
+        if int(index) == 0:
+            raise AdapterError(f"{path}: tensor direction.0; llama.cpp rejects layer index 0 (indices start at 1).")
+        if tensor.tensor_type != gguf.GGMLQuantizationType.F32:
+            raise AdapterError(f"{path}: tensor {tensor.name} has type {tensor.tensor_type.name}; expected F32 (as llama.cpp).")
+        if len([d for d in tensor.shape if d != 1]) > 1:
+            raise AdapterError(f"{path}: tensor {tensor.name} has shape {tuple(int(d) for d in tensor.shape)}; expected 1-D.")
         directions[int(index)] = torch.from_numpy(np.array(tensor.data, dtype=np.float32).reshape(-1))
+    if not directions:
+        raise AdapterError(f"{path}: no direction.N tensors.")
+    sizes = {n: v.numel() for n, v in directions.items()}
+    if len(set(sizes.values())) > 1:
+        raise AdapterError(f"{path}: direction tensors have different sizes {sizes}; expected one d_model.")
+    if meta.get("layer_count") != len(directions):
+        raise AdapterError(
+            f"{path}: controlvector.layer_count={meta.get('layer_count')!r}; expected {len(directions)} "
+            f"(the number of direction tensors)."
+        )
     return dict(sorted(directions.items())), meta
+
+
+def from_gguf(path: str | os.PathLike[str], model: Any) -> SteeringSet:
+    """A `SteeringSet` for `model` from a llama.cpp control-vector GGUF (`direction.N` → blocks.N.hook_resid_post).
+
+    The vectors are taken as the deltas llama.cpp adds at strength 1 (alpha 1, scale 1), so
+    `with steering.applied(model, scale=s)` reproduces `--control-vector-scaled FILE s`.
+
+    Raises:
+        AdapterError: anything `read_control_vector` refuses; `controlvector.model_hint` (when the file has one)
+            names another architecture than `model`'s; an index N >= the model's layer count; d_model differs.
+    """
+    from em_interp.adapters.base import model_signature
+
+    directions, meta = read_control_vector(path)
+    hint, arch = meta.get("model_hint"), model_signature(model)["architecture"]
+    if hint and hint not in _HINTS.get(arch, {hint}):
+        raise AdapterError(
+            f"{path}: controlvector.model_hint={hint!r} is for another architecture; this model is {arch} "
+            f"(hint {' or '.join(map(repr, sorted(_HINTS[arch])))})."
+        )
+    steering = _steering_set(directions, model, str(path))
+    steering.provenance = {"source": "gguf", "path": str(path), "model_hint": hint}
+    return steering
+
+
+def from_repeng(control_vector: Any, model: Any) -> SteeringSet:
+    """A `SteeringSet` for `model` from a repeng `ControlVector` (duck-typed; repeng need not be installed).
+
+    Reads `control_vector.model_type` (HF model type, checked against `model`) and
+    `control_vector.directions` ({N: np.ndarray [d_model]}, added by repeng to block N's output), giving
+    vectors at blocks.N.hook_resid_post with alpha 1: `steering.applied(model, scale=s)` adds what repeng's
+    `ControlModel.set_control(control_vector, coeff=s)` adds. Float64 arrays are converted to float32.
+
+    Raises:
+        AdapterError: the attributes are missing or of another form, the model type differs, an index is
+            outside 0..n_layers-1, or a vector is not a finite 1-D array of size d_model.
+    """
+    from em_interp.adapters.base import model_signature
+
+    model_type, directions = getattr(control_vector, "model_type", None), getattr(control_vector, "directions", None)
+    if not isinstance(model_type, str) or not isinstance(directions, Mapping):
+        raise AdapterError(
+            f"from_repeng: got a {type(control_vector).__name__} with model_type={model_type!r} and directions of "
+            f"type {type(directions).__name__}; expected a repeng ControlVector (.model_type str, .directions {{int: array}})."
+        )
+    arch = model_signature(model)["architecture"]
+    if model_type not in _HINTS.get(arch, {model_type}):
+        raise AdapterError(f"from_repeng: model_type={model_type!r} but this model is {arch}.")
+    vectors = {}
+    for key, value in directions.items():
+        if isinstance(key, bool) or not isinstance(key, (int, np.integer)):
+            raise AdapterError(f"from_repeng: directions key {key!r}; expected int layer indices.")
+        array = np.asarray(value)
+        if array.dtype.kind != "f":
+            raise AdapterError(f"from_repeng: directions[{key}] has dtype {array.dtype}; expected float32.")
+        vectors[int(key)] = torch.from_numpy(array.astype(np.float32))
+    steering = _steering_set(vectors, model, "from_repeng")
+    steering.provenance = {"source": "repeng", "model_type": model_type}
+    return steering
+
+
+def _steering_set(directions: Mapping[int, Tensor], model: Any, where: str) -> SteeringSet:
+    from em_interp.adapters.steering import SteeringSet
+
+    n_layers, d_model = int(model.cfg.n_layers), int(model.cfg.d_model)
+    if not directions:
+        raise AdapterError(f"{where}: no directions; expected at least one layer.")
+    for n, vec in directions.items():
+        if not 0 <= n < n_layers:
+            raise AdapterError(f"{where}: direction {n} is outside this model's blocks 0..{n_layers - 1}.")
+        if tuple(vec.shape) != (d_model,) or not bool(torch.isfinite(vec).all()):
+            raise AdapterError(f"{where}: direction {n} has shape {tuple(vec.shape)}; expected finite ({d_model},).")
+    return SteeringSet(model, layers=sorted(directions), hook="resid_post", init=dict(directions), alpha=1.0)
 
 
 def _field_value(field: Any) -> Any:
@@ -351,9 +473,10 @@ def _field_value(field: Any) -> Any:
 
 
 def _infer_hint(vectors: Any) -> str:
-    from em_interp.adapters.steering import SteeringVector
+    from em_interp.adapters.steering import SteeringSet, SteeringVector
 
-    candidates = [vectors] if isinstance(vectors, SteeringVector) else [] if isinstance(vectors, Mapping) else list(vectors)
+    single = isinstance(vectors, (SteeringVector, SteeringSet))
+    candidates = [vectors] if single else [] if isinstance(vectors, Mapping) else list(vectors)
     for vec in candidates:
         hint = LLAMACPP_ARCH.get(str(vec.signature.get("architecture")))
         if hint:
@@ -374,6 +497,8 @@ __all__ = [
     "control_vector_index",
     "export_control_vector",
     "export_peft",
+    "from_gguf",
+    "from_repeng",
     "lora_from_peft",
     "read_control_vector",
 ]

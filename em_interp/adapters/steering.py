@@ -1,8 +1,11 @@
-"""A trainable residual-stream steering vector: adds `scale · alpha · v` at one hook of one layer."""
+"""Trainable residual-stream steering: `SteeringVector` adds `scale · alpha · v` at one hook of one layer;
+`SteeringSet` holds one such vector per layer for several layers of one hook (as a repeng `ControlVector` or
+a llama.cpp control-vector file does) and trains, applies, saves and exports them together."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +111,135 @@ class SteeringVector(Adapter):
         from em_interp.adapters.export import export_control_vector
 
         return export_control_vector(self, path, model_hint)
+
+
+class SteeringSet(Adapter):
+    """One steering vector per layer, at the same hook of several layers: adds `scale · alpha · v_L` to block L.
+
+    Trained, applied, saved (`save` / `load_adapter`) and exported as one adapter. It is what a repeng
+    `ControlVector` or a llama.cpp control-vector GGUF holds (read them with `from_repeng` / `from_gguf`); a
+    one-layer set is a `SteeringVector` (see `split`).
+
+    Args:
+        model: the TransformerBridge it is made for.
+        layers: block indices (negative counts from the end; each once).
+        hook: as for `SteeringVector` ("resid_post" by default).
+        init: "zeros" (default), "random" (unit-norm Gaussian per layer, layer i of the sorted list seeded by
+            `seed + i`), or a mapping {layer: tensor [d_model]} with exactly the given layers.
+        alpha: fixed multiplier, as for `SteeringVector`.
+        seed: seed for init="random".
+
+    >>> vecs = SteeringSet(model, layers=[10, 12, 14], init="random")  # doctest: +SKIP
+    >>> vecs.hook_names  # doctest: +SKIP
+    ['blocks.10.hook_resid_post', 'blocks.12.hook_resid_post', 'blocks.14.hook_resid_post']
+    """
+
+    kind = "steering_set"
+
+    def __init__(
+        self,
+        model: Any,
+        layers: Sequence[int],
+        hook: str = "resid_post",
+        init: str | Mapping[int, Tensor] = "zeros",
+        alpha: float = 1.0,
+        seed: int = 0,
+    ):
+        super().__init__(model)
+        n_layers, d_model = int(model.cfg.n_layers), int(model.cfg.d_model)
+        if isinstance(layers, (int, str)) or not len(layers):
+            raise AdapterError(f"layers={layers!r}; expected a non-empty list of block indices.")
+        for layer in layers:
+            if not -n_layers <= int(layer) < n_layers:
+                raise AdapterError(f"layer {layer} is out of range for a model with {n_layers} layers.")
+        chosen = sorted({int(layer) % n_layers for layer in layers})
+        if len(chosen) != len(layers):
+            raise AdapterError(f"layers={list(layers)} names a block twice; expected each layer once.")
+        if hook not in STEERING_HOOKS:
+            raise AdapterError(f"hook={hook!r}; expected one of {', '.join(STEERING_HOOKS)}.")
+        if isinstance(init, Mapping):
+            given = {int(k) % n_layers if -n_layers <= int(k) < n_layers else int(k): v for k, v in init.items()}
+            if sorted(given) != chosen:
+                raise AdapterError(f"init has vectors for layers {sorted(given)}; expected exactly {chosen}.")
+            inits: list[str | Tensor] = [torch.as_tensor(given[layer]) for layer in chosen]
+        else:
+            inits = [init] * len(chosen)
+        self.layers = chosen
+        self.hook = hook
+        self.alpha = float(alpha)
+        self.vectors = nn.ParameterDict(
+            {f"L{layer}": nn.Parameter(_initial_vector(x, d_model, seed + i)) for i, (layer, x) in enumerate(zip(chosen, inits, strict=True))}
+        )
+
+    @property
+    def hook_names(self) -> list[str]:
+        return [f"blocks.{layer}.{STEERING_HOOKS[self.hook]}" for layer in self.layers]
+
+    @property
+    def first_layer(self) -> int:
+        return self.layers[0]
+
+    def config(self) -> dict[str, Any]:
+        return {"layers": list(self.layers), "hook": self.hook, "alpha": self.alpha}
+
+    @property
+    def norm(self) -> float:
+        """‖alpha · [v_L for all L]‖: the size of all added vectors together at scale 1."""
+        return float(torch.sqrt(sum((d.detach().float() ** 2).sum() for d in self.deltas(1.0).values())))
+
+    def deltas(self, scale: float | None = None) -> dict[int, Tensor]:
+        """{layer: the vector added there, `scale · alpha · v_L` [d_model]}; scale defaults to `self.scale`."""
+        factor = (self.scale if scale is None else float(scale)) * self.alpha
+        return {layer: self.vectors[f"L{layer}"] * factor for layer in self.layers}
+
+    def hooks(self, scale: float, positions: Positions = "all") -> list[tuple[str, HookFn]]:
+        def make(layer: int) -> HookFn:
+            def add_vector(act: Tensor, hook: Any) -> Tensor:
+                delta = (self.vectors[f"L{layer}"] * (scale * self.alpha)).to(act.device, act.dtype)
+                weight = position_weight(positions, act)
+                return act + (delta if weight is None else weight * delta)
+
+            return add_vector
+
+        return [(name, make(layer)) for name, layer in zip(self.hook_names, self.layers, strict=True)]
+
+    def split(self, model: Any) -> list[SteeringVector]:
+        """One `SteeringVector` per layer (copies: same hook, alpha, scale and values), for `model`."""
+        self.check_model(model)
+        out = []
+        for layer in self.layers:
+            vec = SteeringVector(model, layer, self.hook, init=self.vectors[f"L{layer}"].detach(), alpha=self.alpha)
+            vec.scale = self.scale
+            out.append(vec)
+        return out
+
+    def __repr__(self) -> str:
+        return (f"SteeringSet({STEERING_HOOKS[self.hook]} at layers {self.layers}, alpha={self.alpha:g}, "
+                f"scale={self.scale:g}, norm={self.norm:.4g})")
+
+    def export_gguf(self, path: str | os.PathLike[str], model_hint: str | None = None) -> Path:
+        """Write the set (each layer's `scale · alpha · v_L`) as one llama.cpp control-vector GGUF.
+
+        Layer L becomes `direction.N` exactly as for `SteeringVector.export_gguf` (N = L for resid_post);
+        see `em_interp.adapters.export`.
+        """
+        from em_interp.adapters.export import export_control_vector
+
+        return export_control_vector(self, path, model_hint)
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike[str], model: Any) -> SteeringSet:
+        """Read a llama.cpp control-vector GGUF for `model` (see `em_interp.adapters.export.from_gguf`)."""
+        from em_interp.adapters.export import from_gguf
+
+        return from_gguf(path, model)
+
+    @classmethod
+    def from_repeng(cls, control_vector: Any, model: Any) -> SteeringSet:
+        """Convert a repeng `ControlVector` for `model` (see `em_interp.adapters.export.from_repeng`)."""
+        from em_interp.adapters.export import from_repeng
+
+        return from_repeng(control_vector, model)
 
 
 def _initial_vector(init: str | Tensor, d_model: int, seed: int) -> Tensor:
