@@ -68,8 +68,8 @@ def test_loss_values_match_direct_computation(tiny, data, kl_data, method, reduc
 
 
 def test_kl_is_zero_without_change_and_float32_in_bf16(tiny, data, kl_data):
-    vec = em.SteeringVector(tiny, layer=2)  # zeros: adapted == chat model
-    run = em.train(vec, tiny, data, kl_data=kl_data, kl_coef=0.0, steps=1, **{**SETTINGS, "epochs": 1})
+    vec = em.SteeringVector(tiny, layer=2)  # zeros: adapted == chat model at the first step's loss
+    run = em.train(vec, tiny, data, kl_data=kl_data, kl_coef=1.0, steps=1, **{**SETTINGS, "epochs": 1})
     assert run.losses[0]["kl"] == pytest.approx(0.0, abs=1e-6)
     model16 = tiny.to(torch.bfloat16)
     vec16 = em.SteeringVector(model16, layer=2, init="random")
@@ -112,7 +112,7 @@ def test_trajectory_snapshots_and_run_dir_roundtrip(tiny, data, tmp_path):
     loaded = em.TrainRun.load(tmp_path / "run")  # no model needed
     assert loaded.adapter is None and loaded.snapshot_steps == run.snapshot_steps
     assert torch.equal(loaded.trajectory, run.trajectory)
-    assert loaded.losses == run.losses and loaded.config["lr"] == SETTINGS["lr"]
+    assert loaded.losses == run.losses and loaded.config == run.config
     with_model = em.TrainRun.load(tmp_path / "run", tiny)
     assert torch.equal(with_model.adapter.vector.detach(), vec.vector.detach())
 
@@ -174,10 +174,13 @@ def test_continue_run_with_kl_zero(tiny, data, kl_data):
     vec = em.SteeringVector(tiny, layer=1)
     run = em.train(vec, tiny, data, kl_data=kl_data, kl_coef=50.0, **SETTINGS)
     start = vec.vector.detach().clone()
-    cont = em.continue_run(run, tiny, data, kl_data=kl_data, kl_coef=0.0)
+    cont = em.continue_run(run, tiny, data, kl_coef=0.0)
     assert cont.config.kl_coef == 0.0 and cont.config.lr == run.config.lr
     assert torch.equal(cont.trajectory[0], start)
-    assert not torch.equal(vec.vector.detach(), start)
+    assert cont.adapter is not vec and not torch.equal(cont.adapter.vector.detach(), start)
+    assert torch.equal(vec.vector.detach(), start)  # the old run's adapter is untouched
+    with pytest.raises(TrainingError, match="kl_coef=50 needs kl_data"):
+        em.continue_run(run, tiny, data)  # the old run's kl_coef, but no KL data
 
 
 def test_grad_accum_averages_micro_batches(tiny, data):
