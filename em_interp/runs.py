@@ -55,7 +55,7 @@ class TrainRun:
         losses = " ".join(f"{k}={last[k]:.4g}" for k in ("ce", "kl", "total") if isinstance(last.get(k), (int, float)))
         sizes = ", ".join(f"{k} {v} rows" for k, v in self.data_sizes.items())
         c = self.config
-        return (f"TrainRun({meta.get('kind', '?')} {where}{'' if self.adapter is not None else ', adapter not loaded'}\n"
+        return (f"TrainRun({meta.get('kind', '?')} {where}{f', norm {self.adapter.norm:.4g}' if self.adapter is not None else ', adapter not loaded'}\n"
                 f"  {len(self.losses)} steps, {len(self.snapshot_steps)} snapshots, {self.wall_time:.1f} s; "
                 f"lr={c.lr:g} kl_coef={c.kl_coef:g} seed={c.seed}\n"
                 f"  final: {losses or 'no steps'}{'; ' + sizes if sizes else ''})")

@@ -10,7 +10,7 @@ the same run alone, see `test_sweep.py`), and writes their run dirs under the on
 are gathered with `all_gather_object`, and rank 0 writes `OUT/summary.json` (runs in grid order) and a copy of
 the config. Without torch.distributed's environment (WORLD_SIZE unset) everything runs in the one process.
 
-A sweep config is a `train` config (see `em_interp.cli`) with the adapter settings given per kind and a [grid]:
+A sweep config (schema in `em_interp.config`) is a `train` config (see `em_interp.cli`) with the adapter settings given per kind and a [grid]:
 
     [model]                         # optional, as for `train`
     name = "Qwen/Qwen2.5-14B-Instruct"
