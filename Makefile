@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PIP := $(BIN)/python -m pip
 export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: setup test test-fast demo docs bench lint clean
+.PHONY: setup test test-fast demo docs bench lint typecheck clean
 
 setup: $(STAMP)
 
@@ -22,7 +22,7 @@ browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
-test: setup browser
+test: setup browser lint typecheck
 	$(BIN)/python -m pytest -q -ra
 	$(BIN)/mkdocs build --strict -q -d site
 
@@ -40,6 +40,9 @@ bench: setup
 
 lint: setup
 	$(BIN)/ruff check em_interp tests examples benchmarks
+
+typecheck: setup
+	$(BIN)/basedpyright --pythonpath $(BIN)/python
 
 clean:
 	rm -rf $(VENV) site runs .pytest_cache

@@ -247,11 +247,12 @@ class _Loop:
         good = [{n: p.detach().clone() for n, p in a.named_parameters()} for a in self.adapters]  # no host sync
         for o in self.optimizers:
             o.zero_grad(set_to_none=True)
-        use_kl = c.kl_data is not None and any(conf.kl_coef > 0 for conf in self.configs)
+        kl_data = c.kl_data  # given only together with some kl_coef > 0 (checked by train_many)
         for micro in range(cfg.grad_accum):
             index = self.step * cfg.grad_accum + micro
             keys = [self.batch_keys(index, self.n_batches, conf.seed, c.data) for conf in self.configs]
-            kl_keys = [self.batch_keys(index, len(c.kl_plan), conf.seed, c.kl_data) for conf in self.configs] if use_kl else None
+            kl_keys = None if kl_data is None else [
+                self.batch_keys(index, len(c.kl_plan), conf.seed, kl_data) for conf in self.configs]
             ce, kl = c.losses(self.adapters, keys, kl_keys)
             coefs = torch.tensor([conf.kl_coef for conf in self.configs], device=ce.device)
             ((ce + coefs * kl).sum() / cfg.grad_accum).backward()
