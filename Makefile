@@ -13,7 +13,7 @@ TORCH_WHEELS ?= /opt/wheels
 UV_VERSION := 0.13.9
 export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: setup test test-fast test-latest lock demo docs bench lint clean
+.PHONY: setup test test-fast test-latest lock demo docs bench lint typecheck clean
 
 setup: $(STAMP)
 
@@ -50,7 +50,7 @@ browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
-test: setup browser
+test: setup browser lint typecheck
 	$(BIN)/python -m pytest -q -ra
 	$(BIN)/mkdocs build --strict -q -d site
 
@@ -68,6 +68,9 @@ bench: setup
 
 lint: setup
 	$(BIN)/ruff check em_interp tests examples benchmarks
+
+typecheck: setup
+	$(BIN)/basedpyright --pythonpath $(BIN)/python
 
 clean:
 	rm -rf $(VENV) .venv-latest .venv-tools site runs .pytest_cache

@@ -6,12 +6,11 @@
 >>> run = em.train(vec, model, em.datasets.load("medical", kind="bad"), lr=5e-4)  # doctest: +SKIP
 """
 
-__version__ = "0.1.0"
-
 import importlib
 from typing import Any
 
 from em_interp import datasets
+from em_interp._version import __version__ as __version__
 from em_interp.adapters import Adapter, LoRA, SteeringSet, SteeringVector, load_adapter
 from em_interp.errors import EmInterpError
 from em_interp.forward import ActivationCache

@@ -30,229 +30,43 @@ A `train` config (relative paths are resolved from the TOML file's folder):
     out = "runs/narrow"
 
 Errors in the config (missing or unknown keys, wrong types) exit with code 2 and a message naming the
-file, section and key, without a traceback.
+file, section and key, without a traceback. The schema (`TrainSpec`, `load_train_config`) lives in
+`em_interp.config`, shared with the Python API and the sweep.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import difflib
 import logging
 import os
 import runpy
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from em_interp.errors import ConfigError, EmInterpError
+from em_interp.config import TrainSpec, load_train_config
+from em_interp.errors import EmInterpError
 
 log = logging.getLogger("em_interp.cli")
-
-ADAPTER_KEYS = {
-    "steering": {"kind", "layer", "hook", "site", "alpha", "init", "seed"},
-    "lora": {"kind", "layer", "rank", "site", "alpha", "rslora", "init", "seed"},
-}
-MODEL_KEYS = {"name", "device", "dtype", "device_map"}
-DATA_SPEC_KEYS = {"domains", "kind", "split", "seed", "system", "limit", "path"}
-TRAIN_EXTRA = {"out": str, "checkpoint_dir": str, "progress": bool}
-_TYPES: dict[str, tuple[type, ...]] = {"float": (int, float), "int": (int,), "str": (str,), "bool": (bool,),
-                                       "None": (type(None),)}
-
-
-# --- train config ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TrainSpec:
-    """A validated `em-interp train` config: what to load, what to build, how to train, where to save."""
-
-    source: Path
-    model: dict[str, Any]
-    adapter: dict[str, Any]
-    data: dict[str, Any]
-    kl: dict[str, Any] | None
-    train: dict[str, Any]
-    out: Path
-    checkpoint_dir: Path | None = None
-    progress: bool = True
-
-
-def load_train_config(path: str | os.PathLike[str]) -> TrainSpec:
-    """Read and check a `train` TOML file (no model is loaded).
-
-    Args:
-        path: the TOML file; relative paths inside it are resolved from its folder.
-
-    Returns:
-        The validated `TrainSpec` (run it with `run_train_config`).
-
-    Raises:
-        ConfigError: unreadable file, TOML syntax error, missing or unknown section/key, wrong value type,
-            or a training setting out of range (checked by `TrainConfig`).
-    """
-    from em_interp.training import TrainConfig
-
-    path = Path(path)
-    raw = _read_toml(path)
-    where = str(path)
-    _check_keys(where, "", raw, {"model", "adapter", "data", "train"})
-    sections = {}
-    for name in ("model", "adapter", "data", "train"):
-        sec = raw.get(name, {})
-        if not isinstance(sec, dict):
-            raise ConfigError(f"{where}: [{name}] must be a table; got {type(sec).__name__}.")
-        sections[name] = dict(sec)
-    model, adapter, data, train = (sections[n] for n in ("model", "adapter", "data", "train"))
-
-    _check_keys(where, "[model]", model, MODEL_KEYS)
-    for key in ("name", "device", "dtype"):
-        _check_type(where, "[model]", key, model, (str,))
-    if isinstance(model.get("name"), str) and (path.parent / model["name"]).is_dir():
-        model["name"] = str(path.parent / model["name"])
-
-    kind = adapter.get("kind", "steering")
-    if kind not in ADAPTER_KEYS:
-        raise ConfigError(f"{where}: [adapter] kind = {kind!r}; expected \"steering\" or \"lora\".")
-    _check_keys(where, f"[adapter] (kind={kind!r})", adapter, ADAPTER_KEYS[kind])
-    _require(where, "adapter", adapter, "layer")
-    multi = (int, list) if kind == "lora" else (int,)
-    _check_type(where, "[adapter]", "layer", adapter, multi)
-    _check_type(where, "[adapter]", "site", adapter, (str, list) if kind == "lora" else (str,))
-    for key, types in (("hook", (str,)), ("alpha", (int, float)), ("rank", (int,)), ("rslora", (bool,)),
-                       ("init", (str,)), ("seed", (int,))):
-        _check_type(where, "[adapter]", key, adapter, types)
-    if kind == "steering" and "site" in adapter:
-        if "hook" in adapter:
-            raise ConfigError(f"{where}: [adapter] has both hook and site; give one (for a steering vector they mean the same).")
-        adapter["hook"] = adapter.pop("site")
-
-    _check_keys(where, "[data]", data, {"train", "kl"})
-    _require(where, "data", data, "train")
-    train_data = _data_spec(where, "train", data["train"], path.parent)
-    kl_data = _data_spec(where, "kl", data["kl"], path.parent) if "kl" in data else None
-
-    fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
-    _check_keys(where, "[train]", train, set(fields) | set(TRAIN_EXTRA))
-    _require(where, "train", train, "out")
-    for key, ann in fields.items():
-        _check_type(where, "[train]", key, train, tuple(t for part in str(ann).split("|")
-                                                       for t in _TYPES.get(part.strip(), (object,))))
-    for key, typ in TRAIN_EXTRA.items():
-        _check_type(where, "[train]", key, train, (typ,))
-    settings = {k: v for k, v in train.items() if k not in TRAIN_EXTRA}
-    try:
-        TrainConfig(**settings)  # range checks now, before a model is loaded
-    except EmInterpError as exc:
-        raise ConfigError(f"{where}: [train] {exc}") from exc
-    if settings.get("kl_coef", 0) > 0 and kl_data is None:
-        raise ConfigError(f"{where}: [train] kl_coef = {settings['kl_coef']} needs KL data; add `kl = ...` to [data].")
-    ckpt = train.get("checkpoint_dir")
-    return TrainSpec(source=path, model=model, adapter=adapter, data=train_data, kl=kl_data, train=settings,
-                     out=path.parent / train["out"], checkpoint_dir=path.parent / ckpt if ckpt else None,
-                     progress=train.get("progress", True))
 
 
 def run_train_config(spec: TrainSpec) -> Any:
     """Load the model and data of `spec`, train the adapter, save the run dir (with a copy of the TOML)."""
-    import em_interp as em
+    from em_interp.training import train
 
     # data errors surface before a (possibly large) model is loaded
-    data = _load_data(spec.data, f"{spec.source}: [data] train")
-    kl = _load_data(spec.kl, f"{spec.source}: [data] kl") if spec.kl is not None else None
-    model = em.load_model(spec.model.get("name"), device=spec.model.get("device"), dtype=spec.model.get("dtype"),
-                          device_map=spec.model.get("device_map"))
-    opts = {k: v for k, v in spec.adapter.items() if k != "kind"}
-    adapter = em.LoRA(model, **opts) if spec.adapter.get("kind") == "lora" else em.SteeringVector(model, **opts)
+    data = spec.data.load(f"{spec.source}: [data] train")
+    kl = spec.kl.load(f"{spec.source}: [data] kl") if spec.kl is not None else None
+    model = spec.model.load()
+    adapter = spec.adapter.build(model)
     log.info("train: %s on %d rows%s", type(adapter).__name__, len(data), f", KL on {len(kl)} rows" if kl else "")
-    run = em.train(adapter, model, data, kl_data=kl, checkpoint_dir=spec.checkpoint_dir, progress=spec.progress,
-                   **spec.train)
+    run = train(adapter, model, data, kl_data=kl, checkpoint_dir=spec.checkpoint_dir, progress=spec.progress,
+                **spec.train.to_dict())
     run.save(spec.out)
     shutil.copyfile(spec.source, spec.out / "config.toml")
     return run
-
-
-def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        try:
-            import tomli as tomllib  # type: ignore[no-redef]
-        except ModuleNotFoundError as exc:
-            raise ConfigError("reading TOML on Python 3.10 needs the `tomli` package (pip install tomli).") from exc
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file.")
-    try:
-        with path.open("rb") as f:
-            return tomllib.load(f)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
-
-
-def _check_keys(where: str, place: str, table: dict[str, Any], allowed: set[str]) -> None:
-    """Raise for a key of `table` not in `allowed` (place: "[adapter]" etc., "" for the top-level sections)."""
-    for key in table:
-        if key not in allowed:
-            close = difflib.get_close_matches(key, sorted(allowed), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            what = f"{place} unknown key" if place else "unknown section"
-            raise ConfigError(f"{where}: {what} {key!r}{hint}; expected one of: {', '.join(sorted(allowed))}.")
-
-
-def _require(where: str, section: str, table: dict[str, Any], key: str) -> None:
-    if key not in table:
-        raise ConfigError(f"{where}: [{section}] is missing the required key {key!r}.")
-
-
-def _check_type(where: str, place: str, key: str, table: dict[str, Any], types: tuple[type, ...]) -> None:
-    if key not in table or object in types:
-        return
-    value = table[key]
-    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
-    if not ok:
-        names = {"number" if t is float else "none" if t is type(None) else t.__name__ for t in types}
-        names = " or ".join(sorted(names - {"int"} if "number" in names else names))
-        raise ConfigError(f"{where}: {place} {key} = {value!r} is a {type(value).__name__}; expected {names}.")
-
-
-def _data_spec(where: str, key: str, value: Any, base: Path) -> dict[str, Any]:
-    if isinstance(value, str):
-        value = {"path": value}
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where}: [data] {key} must be a JSONL path or a table like "
-                          f"{{ domains = [\"medical\"], kind = \"bad\", split = \"train\" }}; got {type(value).__name__}.")
-    _check_keys(where, f"[data] {key}:", value, DATA_SPEC_KEYS)
-    if "path" in value:
-        extra = set(value) - {"path", "limit"}
-        if extra:
-            raise ConfigError(f"{where}: [data] {key}: a JSONL path takes only `limit`; remove {', '.join(sorted(extra))}.")
-        file = base / value["path"]
-        if not file.is_file():
-            raise ConfigError(f"{where}: [data] {key}: no such JSONL file {file}.")
-        value = {**value, "path": str(file)}
-    for k, types in (("kind", (str,)), ("split", (str,)), ("seed", (int,)), ("system", (str,)), ("limit", (int,)),
-                     ("domains", (str, list))):
-        _check_type(where, f"[data] {key}:", k, value, types)
-    return dict(value)
-
-
-def _load_data(spec: dict[str, Any], where: str) -> list[Any]:
-    import em_interp as em
-
-    spec = dict(spec)
-    limit = spec.pop("limit", None)
-    try:
-        if "path" in spec:
-            rows = em.datasets.load_jsonl(spec["path"])
-        else:
-            rows = em.datasets.load(spec.pop("domains", "medical"), **spec)
-    except EmInterpError as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
-    rows = rows[:limit] if limit is not None else rows
-    if not rows:
-        raise ConfigError(f"{where}: selects no rows; expected at least one.")
-    return rows
 
 
 # --- commands --------------------------------------------------------------------------------------

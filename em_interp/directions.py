@@ -391,11 +391,8 @@ class TransferResult:
 
 
 def _contrastive_fn() -> Any:
-    try:
-        from em_interp.eval.contrastive import contrastive
-    except ImportError:
-        log.info("transfer: em_interp.eval.contrastive is not available; the contrastive metric is skipped.")
-        return None
+    from em_interp.eval.contrastive import contrastive
+
     return contrastive
 
 

@@ -12,8 +12,6 @@ KL reductions:
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
@@ -68,10 +66,3 @@ def reduce_kl(per_token: Float[Tensor, " n"], groups: Int[Tensor, " n"], n_group
         raise TrainingError(f"kl_reduction={reduction!r}; expected one of {KL_REDUCTIONS}.")
     mean = group_mean(per_token, groups, n_groups)
     return mean / vocab if reduction == "token_vocab_mean" else mean
-
-
-def check_finite(step: int, **losses: Any) -> None:
-    """Raise `TrainingError` naming the step and the non-finite loss terms."""
-    bad = {k: float(v) for k, v in losses.items() if not torch.isfinite(torch.as_tensor(v)).all()}
-    if bad:
-        raise TrainingError(f"step {step}: non-finite loss ({', '.join(f'{k}={v}' for k, v in bad.items())}).")

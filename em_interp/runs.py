@@ -7,7 +7,6 @@ It loads without a model; the adapter is rebuilt only when a model is given.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import platform
@@ -20,21 +19,52 @@ from jaxtyping import Float
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from em_interp._version import __version__
+from em_interp.config import TrainConfig
 from em_interp.errors import TrainingError
 from em_interp.fileio import atomic_directory
 
 
-@dataclass
+@dataclass(repr=False)
 class TrainRun:
-    """Losses per step ({step, ce, kl, total}), parameter snapshots with their steps, config, wall time."""
+    """Losses per step ({step, ce, kl, total}), parameter snapshots with their steps, config, wall time.
+
+    `data_sizes` holds the number of rows trained on ({"data": n, "kl_data": n_kl}); `repr(run)` is a short
+    summary and `run.plot()` draws the losses.
+    """
 
     adapter: Any
-    config: Any
+    config: TrainConfig
     losses: list[dict[str, float]] = field(default_factory=list)
     snapshot_steps: list[int] = field(default_factory=list)
     snapshots: list[dict[str, Tensor]] = field(default_factory=list)
     wall_time: float = 0.0
     adapter_meta: dict[str, Any] = field(default_factory=dict)
+    data_sizes: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.config, TrainConfig):
+            raise TrainingError(f"TrainRun.config must be a TrainConfig; got {type(self.config).__name__} "
+                                "(convert a dict with TrainConfig.from_dict).")
+
+    def __repr__(self) -> str:
+        meta = self.adapter.metadata() if self.adapter is not None else self.adapter_meta
+        opts = meta.get("config") or {}
+        where = ", ".join(f"{k}={opts[k]}" for k in ("layer", "hook", "site", "rank") if k in opts)
+        last = self.final_losses()
+        losses = " ".join(f"{k}={last[k]:.4g}" for k in ("ce", "kl", "total") if isinstance(last.get(k), (int, float)))
+        sizes = ", ".join(f"{k} {v} rows" for k, v in self.data_sizes.items())
+        c = self.config
+        return (f"TrainRun({meta.get('kind', '?')} {where}{f', norm {self.adapter.norm:.4g}' if self.adapter is not None else ', adapter not loaded'}\n"
+                f"  {len(self.losses)} steps, {len(self.snapshot_steps)} snapshots, {self.wall_time:.1f} s; "
+                f"lr={c.lr:g} kl_coef={c.kl_coef:g} seed={c.seed}\n"
+                f"  final: {losses or 'no steps'}{'; ' + sizes if sizes else ''})")
+
+    def plot(self, name: str = "run") -> Any:
+        """A plotly `Figure` of CE, KL and total loss per step (the report's training-loss figure)."""
+        from em_interp.report.figures import training_losses
+
+        return training_losses({"training": {name: {"losses": self.losses, "kl_coef": self.config.kl_coef}}})
 
     def record_snapshot(self, step: int) -> None:
         if self.snapshot_steps and self.snapshot_steps[-1] == step:
@@ -76,7 +106,8 @@ class TrainRun:
         """Write the run dir atomically."""
         with atomic_directory(directory) as tmp:
             meta = {
-                "config": dataclasses.asdict(self.config) if dataclasses.is_dataclass(self.config) else self.config,
+                "config": self.config.to_dict(),
+                "data_sizes": self.data_sizes,
                 "losses": self.losses,
                 "snapshot_steps": self.snapshot_steps,
                 "wall_time": self.wall_time,
@@ -103,7 +134,9 @@ class TrainRun:
             from em_interp.adapters.base import Adapter
 
             adapter = Adapter.load(directory / "adapter", model)
-        run = cls(adapter=adapter, config=meta["config"], adapter_meta=meta.get("adapter", {}))
+        config = TrainConfig.from_dict(meta["config"], where=f"{directory / 'run.json'}: config")
+        run = cls(adapter=adapter, config=config, adapter_meta=meta.get("adapter", {}),
+                  data_sizes=dict(meta.get("data_sizes") or {}))
         run.restore(meta, load_file(str(directory / "trajectory.safetensors")))
         return run
 
@@ -113,8 +146,6 @@ def environment() -> dict[str, Any]:
     import importlib.metadata
 
     import transformers
-
-    from em_interp import __version__
 
     return {
         "em_interp": __version__,

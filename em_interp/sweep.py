@@ -10,7 +10,7 @@ the same run alone, see `test_sweep.py`), and writes their run dirs under the on
 are gathered with `all_gather_object`, and rank 0 writes `OUT/summary.json` (runs in grid order) and a copy of
 the config. Without torch.distributed's environment (WORLD_SIZE unset) everything runs in the one process.
 
-A sweep config is a `train` config (see `em_interp.cli`) with the adapter settings given per kind and a [grid]:
+A sweep config (schema in `em_interp.config`) is a `train` config (see `em_interp.cli`) with the adapter settings given per kind and a [grid]:
 
     [model]                         # optional, as for `train`
     name = "Qwen/Qwen2.5-14B-Instruct"
@@ -48,7 +48,6 @@ adapter norm, wall time, rank and device.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import logging
@@ -56,99 +55,15 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from em_interp.errors import ConfigError, EmInterpError
+from em_interp.config import SweepSpec, load_sweep_config
+from em_interp.errors import EmInterpError
 
 log = logging.getLogger(__name__)
-GRID_KEYS = {"kl_coef", "seed", "adapter"}
-
-
-@dataclass(frozen=True)
-class SweepSpec:
-    """A validated sweep config (no model loaded)."""
-
-    source: Path
-    model: dict[str, Any]
-    adapters: dict[str, dict[str, Any]]
-    data: dict[str, Any]
-    kl: dict[str, Any] | None
-    train: dict[str, Any]
-    grid: list[dict[str, Any]]
-    out: Path
-    progress: bool = True
-
-
-def load_sweep_config(path: str | os.PathLike[str]) -> SweepSpec:
-    """Read and check a sweep TOML file; raises `ConfigError` naming the file, section and key."""
-    from em_interp import cli
-    from em_interp.training import TrainConfig
-
-    path = Path(path)
-    raw = cli._read_toml(path)
-    where = str(path)
-    cli._check_keys(where, "", raw, {"model", "adapter", "data", "train", "grid"})
-    for name in ("model", "adapter", "data", "train", "grid"):
-        if not isinstance(raw.get(name, {}), dict):
-            raise ConfigError(f"{where}: [{name}] must be a table; got {type(raw[name]).__name__}.")
-    model, data, train, grid = (dict(raw.get(n, {})) for n in ("model", "data", "train", "grid"))
-    cli._check_keys(where, "[model]", model, cli.MODEL_KEYS)
-    if isinstance(model.get("name"), str) and (path.parent / model["name"]).is_dir():
-        model["name"] = str(path.parent / model["name"])
-
-    cli._check_keys(where, "[grid]", grid, GRID_KEYS)
-    axes = {k: (grid[k] if isinstance(grid.get(k), list) else [grid[k]]) for k in grid}
-    axes.setdefault("kl_coef", [0.0])
-    axes.setdefault("seed", [0])
-    axes.setdefault("adapter", ["steering"])
-    for key, values in axes.items():
-        if not values:
-            raise ConfigError(f"{where}: [grid] {key} is empty; expected at least one value.")
-        for v in values:
-            ok = {"kl_coef": isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
-                  "seed": isinstance(v, int) and not isinstance(v, bool),
-                  "adapter": v in cli.ADAPTER_KEYS}[key]
-            if not ok:
-                expected = {"kl_coef": "numbers >= 0", "seed": "integers", "adapter": '"steering" or "lora"'}[key]
-                raise ConfigError(f"{where}: [grid] {key} has {v!r}; expected {expected}.")
-
-    adapters_raw = raw.get("adapter", {})
-    cli._check_keys(where, "[adapter]", adapters_raw, set(cli.ADAPTER_KEYS))
-    adapters: dict[str, dict[str, Any]] = {}
-    for kind in dict.fromkeys(axes["adapter"]):
-        table = adapters_raw.get(kind)
-        if not isinstance(table, dict):
-            raise ConfigError(f"{where}: [grid] adapter names {kind!r} but there is no [adapter.{kind}] table.")
-        table = dict(table)
-        cli._check_keys(where, f"[adapter.{kind}]", table, cli.ADAPTER_KEYS[kind] - {"kind"})
-        cli._require(where, f"adapter.{kind}", table, "layer")
-        if kind == "steering" and "site" in table:
-            table["hook"] = table.pop("site")
-        adapters[kind] = table
-
-    cli._check_keys(where, "[data]", data, {"train", "kl"})
-    cli._require(where, "data", data, "train")
-    train_data = cli._data_spec(where, "train", data["train"], path.parent)
-    kl_data = cli._data_spec(where, "kl", data["kl"], path.parent) if "kl" in data else None
-
-    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"kl_coef", "seed"}
-    cli._check_keys(where, "[train]", train, fields | {"out", "progress"})
-    cli._require(where, "train", train, "out")
-    settings = {k: v for k, v in train.items() if k not in ("out", "progress")}
-    try:
-        TrainConfig(**settings)
-    except (EmInterpError, TypeError) as exc:
-        raise ConfigError(f"{where}: [train] {exc}") from exc
-    if max(axes["kl_coef"]) > 0 and kl_data is None:
-        raise ConfigError(f"{where}: [grid] kl_coef has values > 0 but [data] has no `kl`.")
-    runs = [{"index": i, "kind": kind, "kl_coef": float(c), "seed": int(s), "name": f"{kind}_kl{c:g}_seed{s}"}
-            for i, (kind, c, s) in enumerate(itertools.product(axes["adapter"], axes["kl_coef"], axes["seed"]))]
-    return SweepSpec(source=path, model=model, adapters=adapters, data=train_data, kl=kl_data, train=settings,
-                     grid=runs, out=path.parent / train["out"], progress=bool(train.get("progress", True)))
+__all__ = ["SweepSpec", "load_sweep_config", "main", "run_sweep"]
 
 
 def _dist_setup() -> tuple[int, int, str, bool]:
@@ -176,13 +91,10 @@ def run_sweep(config_path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     Raises:
         ConfigError: a bad config (before any model is loaded).
     """
-    import em_interp as em
-    from em_interp import cli
-
     spec = load_sweep_config(config_path)
     rank, world, device, created = _dist_setup()
     try:
-        return _run(em, cli, spec, rank, world, device)
+        return _run(spec, rank, world, device)
     finally:
         if created:
             import torch.distributed as dist
@@ -190,20 +102,20 @@ def run_sweep(config_path: str | os.PathLike[str]) -> list[dict[str, Any]]:
             dist.destroy_process_group()
 
 
-def _run(em: Any, cli: Any, spec: SweepSpec, rank: int, world: int, device: str) -> list[dict[str, Any]]:
+def _run(spec: SweepSpec, rank: int, world: int, device: str) -> list[dict[str, Any]]:
+    from em_interp.engine import ActivationCache
+
     mine = spec.grid[rank::world]
     log.info("sweep rank %d/%d on %s: %d of %d runs", rank, world, device, len(mine), len(spec.grid))
     summaries: list[dict[str, Any]] = []
     if mine:
-        data = cli._load_data(spec.data, f"{spec.source}: [data] train")
-        kl = cli._load_data(spec.kl, f"{spec.source}: [data] kl") if spec.kl is not None else None
-        model_device = device if world > 1 or "device" not in spec.model else spec.model["device"]
-        model = em.load_model(spec.model.get("name"), device=model_device, dtype=spec.model.get("dtype"),
-                              device_map=spec.model.get("device_map"))
-        cache = em.ActivationCache()
+        data = spec.data.load(f"{spec.source}: [data] train")
+        kl = spec.kl.load(f"{spec.source}: [data] kl") if spec.kl is not None else None
+        model = spec.model.load(device if world > 1 or spec.model.device is None else spec.model.device)
+        cache = ActivationCache()
         for kind, group in itertools.groupby(sorted(mine, key=lambda r: r["index"]), key=lambda r: r["kind"]):
             runs = list(group)
-            summaries += _train_group(em, model, kind, runs, spec, data, kl, cache, rank, world)
+            summaries += _train_group(model, kind, runs, spec, data, kl, cache, rank, world)
     everything = _gather(summaries, world)
     if rank == 0:
         _write_summary(spec, everything, world)
@@ -214,16 +126,17 @@ def _run(em: Any, cli: Any, spec: SweepSpec, rank: int, world: int, device: str)
     return everything
 
 
-def _train_group(em: Any, model: Any, kind: str, runs: list[dict[str, Any]], spec: SweepSpec, data: Any, kl: Any,
+def _train_group(model: Any, kind: str, runs: list[dict[str, Any]], spec: SweepSpec, data: Any, kl: Any,
                  cache: Any, rank: int, world: int) -> list[dict[str, Any]]:
     """All of this rank's runs of one adapter kind, batched with `train_many`; saves each run dir."""
-    opts = spec.adapters[kind]
-    cls = em.LoRA if kind == "lora" else em.SteeringVector
-    adapters = [cls(model, **{"seed": r["seed"], **opts}) for r in runs]
+    from em_interp.training import train_many
+
+    config = spec.adapters[kind]
+    adapters = [config.build(model, seed=config.seed if config.seed is not None else r["seed"]) for r in runs]
     t0 = time.perf_counter()
-    results = em.train_many(adapters, model, data, kl_data=kl, kl_coef=[r["kl_coef"] for r in runs],
-                            seed=[r["seed"] for r in runs], cache=cache, progress=spec.progress and rank == 0,
-                            **spec.train)
+    results = train_many(adapters, model, data, kl_data=kl, kl_coef=[r["kl_coef"] for r in runs],
+                         seed=[r["seed"] for r in runs], cache=cache, progress=spec.progress and rank == 0,
+                         **spec.train_kwargs())
     wall = time.perf_counter() - t0
     out = []
     for r, run in zip(runs, results, strict=True):
@@ -255,9 +168,7 @@ def _write_summary(spec: SweepSpec, runs: list[dict[str, Any]], world: int) -> N
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m em_interp.sweep CONFIG.toml` (under torch.distributed.run or alone)."""
-    from em_interp.cli import configure_logging
-
-    configure_logging()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1 or args[0].startswith("-"):
         log.error("usage: python -m em_interp.sweep CONFIG.toml  (or under python -m torch.distributed.run ...)")

@@ -7,13 +7,13 @@ same result as its own `train()` run. Both resume from `checkpoint_dir` after an
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,63 +22,102 @@ from tqdm.auto import tqdm
 
 from em_interp import checkpoint
 from em_interp.adapters.base import Adapter
+from em_interp.config import TrainConfig
 from em_interp.datasets.records import Record
 from em_interp.datasets.tokenize import TokenizedChats
-from em_interp.engine import METHODS, LossComputer
+from em_interp.engine import LossComputer
 from em_interp.errors import TrainingError
 from em_interp.forward import ActivationCache, model_device
-from em_interp.objectives import KL_REDUCTIONS
 from em_interp.runs import TrainRun
+
+__all__ = ["TrainConfig", "continue_run", "train", "train_many"]
 
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 30  # default budget of one batched forward's loss tensors in `train_many` (see `chunk_size`)
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """Settings of one run (written into its run dir). Defaults follow the authors' steering-vector runs."""
+def train(
+    adapter: Adapter,
+    model: Any,
+    data: Sequence[Record] | TokenizedChats,
+    *,
+    kl_data: Sequence[Record] | TokenizedChats | None = None,
+    kl_coef: float = 0.0,
+    lr: float = 5e-4,
+    epochs: int = 1,
+    steps: int | None = None,
+    batch_size: int = 8,
+    kl_batch_size: int = 8,
+    grad_accum: int = 1,
+    warmup_steps: int = 5,
+    schedule: str = "linear",
+    weight_decay: float = 0.0,
+    record_every: int = 10,
+    seed: int = 0,
+    max_length: int = 256,
+    ce_tokens: str = "assistant",
+    kl_tokens: str = "assistant",
+    kl_reduction: str = "token_mean",
+    method: str = "cached",
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    cache: ActivationCache | None = None,
+    progress: bool = True,
+    on_step: Callable[[int, list[dict[str, float]]], None] | None = None,
+    device: str | torch.device | None = None,
+) -> TrainRun:
+    """Train one adapter on CE over `data` + kl_coef · KL(chat ‖ adapted) over `kl_data`.
 
-    lr: float = 5e-4
-    epochs: int = 1
-    steps: int | None = None
-    batch_size: int = 8
-    kl_batch_size: int = 8
-    kl_coef: float = 0.0
-    grad_accum: int = 1
-    warmup_steps: int = 5
-    schedule: str = "linear"
-    weight_decay: float = 0.0
-    record_every: int = 10
-    seed: int = 0
-    max_length: int = 256
-    ce_tokens: str = "assistant"
-    kl_tokens: str = "assistant"
-    kl_reduction: str = "token_mean"
-    method: str = "cached"
-
-    def __post_init__(self) -> None:
-        checks = {
-            "lr": self.lr > 0, "epochs": self.epochs >= 1, "steps": self.steps is None or self.steps >= 1,
-            "batch_size": self.batch_size >= 1, "kl_batch_size": self.kl_batch_size >= 1,
-            "kl_coef": self.kl_coef >= 0, "grad_accum": self.grad_accum >= 1, "warmup_steps": self.warmup_steps >= 0,
-            "schedule": self.schedule in ("linear", "cosine", "constant"), "record_every": self.record_every >= 1,
-            "ce_tokens": self.ce_tokens in ("assistant", "all"), "kl_tokens": self.kl_tokens in ("assistant", "all"),
-            "kl_reduction": self.kl_reduction in KL_REDUCTIONS, "method": self.method in METHODS,
-        }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise TrainingError(f"invalid training settings: {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}.")
-
-
-def train(adapter: Adapter, model: Any, data: Sequence[Record] | TokenizedChats, **kwargs: Any) -> TrainRun:
-    """Train one adapter; see `train_many` for the arguments. Returns its `TrainRun`.
+    The adapter is trained in place (and is the returned run's `adapter`); the model stays frozen.
 
     >>> run = train(vec, model, data, kl_data=kl_data, kl_coef=1.0, lr=5e-4, epochs=2, seed=0)  # doctest: +SKIP
     >>> run.trajectory.shape  # doctest: +SKIP
     torch.Size([n_snapshots, 576])
+
+    Args:
+        adapter: the adapter to train (a `SteeringVector`, `LoRA`, ...).
+        model: the TransformerBridge (frozen).
+        data: CE data (chat records or `TokenizedChats`).
+        kl_data: data for the KL term; needs `kl_coef > 0` (and `kl_coef > 0` needs it).
+        kl_coef: λ, the weight of the KL term.
+        lr: peak AdamW learning rate.
+        epochs: passes over `data` (ignored when `steps` is given).
+        steps: optimizer steps (None: `epochs` passes).
+        batch_size: CE rows per micro-batch.
+        kl_batch_size: KL rows per micro-batch.
+        grad_accum: micro-batches per optimizer step.
+        warmup_steps: linear warm-up steps; at most half the run's steps are used (logged when clamped).
+        schedule: "linear" (decay to 0), "cosine" or "constant" after warm-up.
+        weight_decay: AdamW weight decay.
+        record_every: steps between trajectory snapshots (and checkpoints).
+        seed: data-order seed.
+        max_length: tokens per row (at most the model's context); longer rows lose the end of their
+            answer (the prompt is kept), with a warning giving the count.
+        ce_tokens: CE on "assistant" tokens or "all" tokens.
+        kl_tokens: KL on "assistant" tokens or "all" tokens.
+        kl_reduction: "token_mean" or "token_vocab_mean" (see `em_interp.objectives`).
+        method: "cached" (lower layers cached, default) or "toggle" (full forwards).
+        checkpoint_dir: save resumable state here every `record_every` steps; an existing checkpoint
+            with the same settings is resumed (logged with its path).
+        cache: an `ActivationCache` to share lower-layer activations and reference log-probs across calls.
+        progress: show a tqdm bar with ce/kl/total.
+        on_step: called after every optimizer step with (step, per-adapter losses).
+        device: must be the model's device if given (the adapter is moved there).
+
+    Returns:
+        The `TrainRun` (losses per step, trajectory snapshots, `TrainConfig`, wall time).
+
+    Raises:
+        TrainingError: bad settings, `kl_data` without `kl_coef` (or the reverse), `max_length` over the
+            model's context, a non-finite loss, or a checkpoint written with other settings.
     """
-    return train_many([adapter], model, data, **kwargs)[0]
+    settings = dict(
+        lr=lr, epochs=epochs, steps=steps, batch_size=batch_size, kl_batch_size=kl_batch_size, grad_accum=grad_accum,
+        warmup_steps=warmup_steps, schedule=schedule, weight_decay=weight_decay, record_every=record_every,
+        max_length=max_length, ce_tokens=ce_tokens, kl_tokens=kl_tokens, kl_reduction=kl_reduction, method=method,
+    )
+    return train_many([adapter], model, data, kl_data=kl_data, kl_coef=kl_coef, seed=seed, checkpoint_dir=checkpoint_dir,
+                      cache=cache, progress=progress, on_step=on_step, device=device, **settings)[0]
 
 
 def train_many(
@@ -103,8 +142,8 @@ def train_many(
         adapters: adapters of the same class and sites (values and kl_coef/seed may differ).
         model: the TransformerBridge (frozen).
         data: CE data (chat records or `TokenizedChats`); the loss covers assistant tokens.
-        kl_data: data for the KL term (None: no KL term).
-        kl_coef: λ, one value or one per adapter.
+        kl_data: data for the KL term (None: no KL term); needs some `kl_coef > 0`.
+        kl_coef: λ, one value or one per adapter (a value > 0 needs `kl_data`).
         seed: data-order seed, one value or one per adapter.
         checkpoint_dir: save resumable state here every `record_every` steps; an existing checkpoint
             with the same settings is resumed (adapter i uses `checkpoint_dir/i` when several).
@@ -115,27 +154,33 @@ def train_many(
         chunk_size: adapters per batched forward (each chunk's forward and backward run before the next
             chunk's, so peak memory grows with the chunk, not with the number of adapters); None: as many as
             keep a forward's loss tensors under `CHUNK_BYTES` (at least one). Results do not depend on it.
-        **settings: `TrainConfig` fields (lr, epochs, steps, batch_size, kl_batch_size, grad_accum,
+        **settings: the other `TrainConfig` fields (lr, epochs, steps, batch_size, kl_batch_size, grad_accum,
             warmup_steps, schedule, weight_decay, record_every, max_length, ce_tokens, kl_tokens,
-            kl_reduction, method).
+            kl_reduction, method), as documented in `train`.
 
     Returns:
         One `TrainRun` per adapter (losses per step, trajectory snapshots, config, wall time).
 
     Raises:
-        TrainingError: bad settings, a non-finite loss (names the step; the last good state is restored
-            and saved), or a checkpoint written with other settings.
+        TrainingError: bad settings, `kl_data` without any `kl_coef > 0` (or the reverse), `max_length` over
+            the model's context, a non-finite loss (names the step; the last good state is restored and
+            saved), or a checkpoint written with other settings (names the differing keys).
     """
     n = len(adapters)
     coefs = _per_adapter(kl_coef, n, "kl_coef")
     seeds = _per_adapter(seed, n, "seed")
+    unknown = set(settings) - {f.name for f in dataclasses.fields(TrainConfig)}
+    if unknown:
+        raise TrainingError(f"unknown training settings: {', '.join(sorted(unknown))}; see help(em_interp.train).")
     configs = [TrainConfig(**settings, kl_coef=float(c), seed=int(s)) for c, s in zip(coefs, seeds, strict=True)]
     if n > 1 and configs[0].method != "cached":
         raise TrainingError(f"method={configs[0].method!r} trains one adapter at a time; use train() per adapter.")
+    _check_kl(kl_data, [c.kl_coef for c in configs])
     dev = model_device(model)
     if device is not None and torch.device(device).type != dev.type:
         raise TrainingError(f"device={device!r} but the model is on {dev}; move the model with load_model(device=...).")
     cfg = configs[0]
+    _check_max_length(model, cfg.max_length)
     train_data = _tokenized(data, model, cfg.max_length, "data")
     kl_tok = _tokenized(kl_data, model, cfg.max_length, "kl_data") if kl_data is not None else None
     for a in adapters:
@@ -181,11 +226,16 @@ class _Loop:
         cfg = configs[0]
         self.n_batches = len(computer.plan)
         self.total = cfg.steps or cfg.epochs * math.ceil(self.n_batches / cfg.grad_accum)
+        self.warmup = min(cfg.warmup_steps, self.total // 2)
+        if self.warmup < cfg.warmup_steps:
+            log.info("warmup_steps=%d clamped to %d: at most half of the run's %d steps warm up.",
+                     cfg.warmup_steps, self.warmup, self.total)
         self.optimizers = [
             torch.optim.AdamW(a.parameters(), lr=c.lr, weight_decay=c.weight_decay) for a, c in zip(adapters, configs, strict=True)
         ]
-        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, _schedule(cfg, self.total)) for o in self.optimizers]
-        self.runs = [TrainRun(adapter=a, config=c) for a, c in zip(adapters, configs, strict=True)]
+        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, _schedule(cfg.schedule, self.warmup, self.total)) for o in self.optimizers]
+        sizes = {"data": len(computer.data), **({"kl_data": len(computer.kl_data)} if computer.kl_data is not None else {})}
+        self.runs = [TrainRun(adapter=a, config=c, data_sizes=dict(sizes)) for a, c in zip(adapters, configs, strict=True)]
         self.ckpt_dir = Path(ckpt) if ckpt is not None else None
         self.step = 0
 
@@ -236,11 +286,12 @@ class _Loop:
         kl_sum = torch.zeros(n, device=c.device)
         for o in self.optimizers:
             o.zero_grad(set_to_none=True)
-        use_kl = c.kl_data is not None and any(conf.kl_coef > 0 for conf in self.configs)
+        kl_data = c.kl_data  # given only together with some kl_coef > 0 (checked by train_many)
         for micro in range(cfg.grad_accum):
             index = self.step * cfg.grad_accum + micro
             keys = [self.batch_keys(index, self.n_batches, conf.seed, c.data) for conf in self.configs]
-            kl_keys = [self.batch_keys(index, len(c.kl_plan), conf.seed, c.kl_data) for conf in self.configs] if use_kl else None
+            kl_keys = None if kl_data is None else [
+                self.batch_keys(index, len(c.kl_plan), conf.seed, kl_data) for conf in self.configs]
             for lo in range(0, n, self.chunk):  # each chunk's graph is freed before the next one is built
                 part = slice(lo, lo + self.chunk)
                 ce, kl = c.losses(self.adapters[part], keys[part], kl_keys[part] if kl_keys is not None else None)
@@ -286,7 +337,7 @@ class _Loop:
         if self.ckpt_dir is None:
             return
         tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
-        meta: dict[str, Any] = {"step": self.step, "total": self.total, "configs": [dataclasses.asdict(c) for c in self.configs]}
+        meta: dict[str, Any] = {"step": self.step, "total": self.total, "configs": [c.to_dict() for c in self.configs]}
         meta["optimizers"], meta["schedulers"], meta["runs"] = [], [], []
         for i, (a, o, s, r) in enumerate(zip(self.adapters, self.optimizers, self.schedulers, self.runs, strict=True)):
             tensors.update({f"adapter.{i}.{k}": v for k, v in a.state().items()})
@@ -305,12 +356,7 @@ class _Loop:
         if found is None:
             return
         tensors, meta = found
-        mine = [dataclasses.asdict(c) for c in self.configs]
-        if meta["configs"] != mine:
-            raise TrainingError(
-                f"{self.ckpt_dir}: checkpoint was written with other settings ({meta['configs']}); "
-                "use another checkpoint_dir or the same settings."
-            )
+        _check_same_settings(self.ckpt_dir, meta["configs"], self.configs)
         for i, (a, o, s, r) in enumerate(zip(self.adapters, self.optimizers, self.schedulers, self.runs, strict=True)):
             prefix = f"adapter.{i}."
             a.load_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
@@ -320,24 +366,84 @@ class _Loop:
             r.restore(meta["runs"][i], {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
         torch.set_rng_state(tensors["rng.torch"])
         self.step = int(meta["step"])
-        log.info("resumed from %s at step %d", self.ckpt_dir, self.step)
+        log.warning("resumed from the checkpoint %s at step %d of %d.", self.ckpt_dir / checkpoint.META, self.step, self.total)
 
 
-def continue_run(run: TrainRun, model: Any, data: Sequence[Record] | TokenizedChats, **overrides: Any) -> TrainRun:
-    """Continue training `run.adapter` from where it ended with changed settings (e.g. `kl_coef=0`).
+def continue_run(
+    run: TrainRun,
+    model: Any,
+    data: Sequence[Record] | TokenizedChats,
+    *,
+    kl_data: Sequence[Record] | TokenizedChats | None = None,
+    **overrides: Any,
+) -> TrainRun:
+    """Continue from where `run` ended, with changed settings (e.g. `kl_coef=0`), as a new run.
 
-    The new run starts at step 0 from the finished adapter's parameters (the seed's reversion experiment).
+    The new run trains a copy of `run.adapter` from step 0 with `run.config` updated by `overrides`;
+    `run` and its adapter are left unchanged (the seed's reversion experiment).
+
+    Args:
+        run: a finished run with an adapter (from `train`, or `TrainRun.load(dir, model)`).
+        model: the model it was trained on.
+        data: CE data of the continuation.
+        kl_data: KL data of the continuation (needed if the resulting kl_coef > 0).
+        **overrides: `train` keywords that replace the run's settings, or set checkpoint_dir, cache,
+            progress, on_step, device.
+
+    Raises:
+        TrainingError: `run` has no adapter (loaded without a model), or bad settings as in `train`.
     """
-    settings = {**dataclasses.asdict(run.config), **overrides}
-    return train(run.adapter, model, data, **settings)
+    if run.adapter is None:
+        raise TrainingError("continue_run: the run has no adapter; load it with TrainRun.load(dir, model).")
+    adapter = copy.deepcopy(run.adapter)
+    return train(adapter, model, data, kl_data=kl_data, **{**run.config.to_dict(), **overrides})
+
+
+def _check_kl(kl_data: Any, coefs: list[float]) -> None:
+    if kl_data is not None and max(coefs) == 0:
+        raise TrainingError("kl_data is given but kl_coef is 0, so the KL term would be off; "
+                            "pass kl_coef > 0 (e.g. kl_coef=1.0) or drop kl_data.")
+    if kl_data is None and max(coefs) > 0:
+        raise TrainingError(f"kl_coef={max(coefs):g} needs kl_data (the rows the KL term is computed on); "
+                            "pass kl_data=... or set kl_coef=0.")
+
+
+def _check_max_length(model: Any, max_length: int) -> None:
+    n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
+    if n_ctx is not None and max_length > int(n_ctx):
+        raise TrainingError(f"max_length={max_length} exceeds the model's context of {n_ctx} tokens (n_ctx); "
+                            f"use max_length <= {n_ctx}.")
+
+
+def _check_same_settings(where: Path, saved: list[dict[str, Any]], configs: list[TrainConfig]) -> None:
+    if len(saved) != len(configs):
+        raise TrainingError(f"{where}: the checkpoint holds {len(saved)} runs, this call trains {len(configs)}; "
+                            "use another checkpoint_dir.")
+    diffs: dict[str, tuple[Any, Any]] = {}
+    for old, new in zip(saved, configs, strict=True):
+        mine = new.to_dict()
+        for key in sorted(set(old) | set(mine)):
+            if old.get(key) != mine.get(key):
+                diffs.setdefault(key, (old.get(key), mine.get(key)))
+    if diffs:
+        named = ", ".join(f"{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in diffs.items())
+        raise TrainingError(f"{where}: the checkpoint was written with other settings: {named}; "
+                            "use another checkpoint_dir or the same settings.")
 
 
 def _tokenized(data: Any, model: Any, max_length: int, name: str) -> TokenizedChats:
     if isinstance(data, TokenizedChats):
         return data
+    if isinstance(data, (str, os.PathLike)):
+        raise TrainingError(f"{name}={str(data)!r} is a path; load the rows first, e.g. "
+                            f"em_interp.datasets.load_jsonl({str(data)!r}).")
     if not data:
         raise TrainingError(f"{name} is empty.")
-    return TokenizedChats(list(data), model.tokenizer, max_length=max_length, on_too_long="skip")
+    tok = TokenizedChats(list(data), model.tokenizer, max_length=max_length, on_too_long="truncate")
+    if tok.n_truncated:
+        log.warning("%s: %d of %d rows are longer than max_length=%d tokens; the end of their answer was cut off "
+                    "(raise max_length to keep it).", name, tok.n_truncated, len(tok), max_length)
+    return tok
 
 
 def _per_adapter(value: Any, n: int, name: str) -> list[Any]:
@@ -347,14 +453,14 @@ def _per_adapter(value: Any, n: int, name: str) -> list[Any]:
     return values
 
 
-def _schedule(cfg: TrainConfig, total: int) -> Callable[[int], float]:
+def _schedule(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
     def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / (cfg.warmup_steps + 1)
-        if cfg.schedule == "constant":
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if schedule == "constant":
             return 1.0
-        progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-        if cfg.schedule == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        if schedule == "cosine":
             return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
         return max(0.0, 1.0 - progress)
 

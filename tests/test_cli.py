@@ -10,6 +10,7 @@ from study_results import synthetic_results
 
 from em_interp import TrainRun
 from em_interp.cli import load_train_config, main
+from em_interp.config import AdapterConfig, TrainConfig
 from em_interp.datasets import save_jsonl
 from em_interp.testing import save_tiny_model, tiny_chat_records
 
@@ -108,6 +109,12 @@ BAD = [
      "epochs = 1.5 is a float; expected int"),
     ("[adapter]\nlayer = 1\n[data]\ntrain = { domains = 'medical' }\n[train]\nout = 'r'\nkl_coef = 2.0\n",
      "needs KL data"),
+    ("[adapter]\nlayer = 1\n[data]\ntrain = { domains = 'medical' }\nkl = { domains = 'finance' }\n[train]\nout = 'r'\n",
+     "[data] has `kl` but [train] kl_coef is 0"),
+    ("[adapter]\nkind = 'steering'\nlayer = [1, 2]\n[data]\ntrain = 'x.jsonl'\n[train]\nout = 'r'\n",
+     "a steering vector has one layer"),
+    ("[adapter]\nlayer = 1\n[data]\ntrain = { domains = 'medical' }\n[train]\nout = 'r'\nprogress = 'yes'\n",
+     "[train] progress = 'yes' is a str; expected bool"),
     ("[adapter]\nlayer = 1\n[data]\ntrain = { domains = 'medical' }\n[train]\nout = 'r'\nepochs = 0\n",
      "epochs=0"),
     ("[adapter]\nlayer = 1\n[data]\ntrain = { domain = 'medical' }\n[train]\nout = 'r'\n",
@@ -143,8 +150,8 @@ def test_site_alias_and_relative_paths(tmp_path):
     cfg = write_config(tmp_path, "[adapter]\nlayer = 3\nsite = 'mlp_out'\n[data]\ntrain = { domains = 'medical' }\n"
                                  "[train]\nout = 'runs/x'\n")
     spec = load_train_config(cfg)
-    assert spec.adapter == {"layer": 3, "hook": "mlp_out"} and spec.out == tmp_path / "runs" / "x"
-    assert spec.kl is None and spec.train == {}
+    assert spec.adapter == AdapterConfig(layer=3, hook="mlp_out") and spec.out == tmp_path / "runs" / "x"
+    assert spec.kl is None and spec.train == TrainConfig()
 
 
 def test_report_rerenders(tmp_path, capsys):
@@ -192,5 +199,5 @@ def test_documented_example_config_is_valid(tmp_path):
 
     example = em_interp.cli.__doc__.split("A `train` config", 1)[1].split("\n\n", 1)[1].split("\n\nErrors")[0]
     spec = load_train_config(write_config(tmp_path, example))
-    assert spec.adapter == {"kind": "steering", "layer": 15, "hook": "mlp_out", "alpha": 256}
-    assert spec.train == {"lr": 5e-4, "epochs": 2, "kl_coef": 1.0} and spec.kl["limit"] == 200
+    assert spec.adapter.to_dict() == {"kind": "steering", "layer": 15, "hook": "mlp_out", "alpha": 256}
+    assert spec.train == TrainConfig(lr=5e-4, epochs=2, kl_coef=1.0) and spec.kl.limit == 200

@@ -102,7 +102,7 @@ def test_cosine_matrix(model):
 def test_trajectory_pca_matches_sklearn_on_stacked_snapshots(model):
     runs = []
     for seed, n in ((0, 6), (1, 4)):
-        run = TrainRun(adapter=em.SteeringVector(model, layer=1), config=None)
+        run = TrainRun(adapter=em.SteeringVector(model, layer=1), config=em.TrainConfig())
         g = torch.Generator().manual_seed(seed)
         walk = torch.cumsum(torch.randn(n, 64, generator=g), 0)
         run.snapshot_steps = [5 * i for i in range(n)]

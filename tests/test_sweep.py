@@ -94,14 +94,11 @@ def test_two_processes_give_each_run_its_single_run_result(tmp_path):
 
     spec = load_sweep_config(cfg)
     model = em.load_model(str(tmp_path / "model"), device="cpu")
-    from em_interp import cli
-
-    data = cli._load_data(spec.data, "train")
-    kl = cli._load_data(spec.kl, "kl")
+    data, kl = spec.data.load("train"), spec.kl.load("kl")
     for r in summary["runs"]:
-        cls = em.LoRA if r["kind"] == "lora" else em.SteeringVector
-        alone = cls(model, **{"seed": r["seed"], **spec.adapters[r["kind"]]})
-        run = em.train(alone, model, data, kl_data=kl, kl_coef=r["kl_coef"], seed=r["seed"], **spec.train, progress=False)
+        alone = spec.adapters[r["kind"]].build(model, seed=r["seed"])
+        kl_args = dict(kl_data=kl, kl_coef=r["kl_coef"]) if r["kl_coef"] > 0 else {}
+        run = em.train(alone, model, data, seed=r["seed"], **kl_args, **{**spec.train_kwargs(), "progress": False})
         saved = TrainRun.load(tmp_path / "out" / r["dir"], model)
         for (name, p), q in zip(alone.named_parameters(), saved.adapter.parameters(), strict=True):
             torch.testing.assert_close(q, p.detach(), rtol=1e-5, atol=1e-5, msg=f"{r['name']}: {name}")

@@ -221,10 +221,10 @@ def test_max_length_error_and_skip(tok):
     with pytest.raises(DataError, match=rf"record 1: {n_long} tokens .*max_length={n_short}"):
         TokenizedChats([short, long, short], tok, max_length=n_short)
     kept = TokenizedChats([short, long, short], tok, max_length=n_short, on_too_long="skip")
-    assert len(kept) == 2 and kept.records == [short, short]
+    assert len(kept) == 2 and kept.records == [short, short] and kept.n_skipped == 1 and kept.n_truncated == 0
     assert kept.ids == [tokenize_chat(tok, short["messages"])[0]] * 2
     assert len(TokenizedChats([short, long], tok, max_length=n_long)) == 2  # the limit is inclusive
     with pytest.raises(DataError, match="no examples left"):
         TokenizedChats([long], tok, max_length=n_short, on_too_long="skip")
     with pytest.raises(DataError, match="on_too_long"):
-        TokenizedChats([short], tok, on_too_long="truncate")
+        TokenizedChats([short], tok, on_too_long="cut")

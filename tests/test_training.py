@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import subprocess
 import sys
 import textwrap
@@ -12,7 +14,7 @@ import torch
 import em_interp as em
 from em_interp.datasets import TokenizedChats
 from em_interp.engine import ActivationCache, LossComputer
-from em_interp.errors import TrainingError
+from em_interp.errors import DataError, TrainingError
 from em_interp.testing import tiny_chat_records
 
 SETTINGS = dict(lr=1e-2, epochs=2, batch_size=4, kl_batch_size=4, warmup_steps=1, progress=False)
@@ -68,8 +70,8 @@ def test_loss_values_match_direct_computation(tiny, data, kl_data, method, reduc
 
 
 def test_kl_is_zero_without_change_and_float32_in_bf16(tiny, data, kl_data):
-    vec = em.SteeringVector(tiny, layer=2)  # zeros: adapted == chat model
-    run = em.train(vec, tiny, data, kl_data=kl_data, kl_coef=0.0, steps=1, **{**SETTINGS, "epochs": 1})
+    vec = em.SteeringVector(tiny, layer=2)  # zeros: adapted == chat model at the first step's loss
+    run = em.train(vec, tiny, data, kl_data=kl_data, kl_coef=1.0, steps=1, **{**SETTINGS, "epochs": 1})
     assert run.losses[0]["kl"] == pytest.approx(0.0, abs=1e-6)
     model16 = tiny.to(torch.bfloat16)
     vec16 = em.SteeringVector(model16, layer=2, init="random")
@@ -112,7 +114,7 @@ def test_trajectory_snapshots_and_run_dir_roundtrip(tiny, data, tmp_path):
     loaded = em.TrainRun.load(tmp_path / "run")  # no model needed
     assert loaded.adapter is None and loaded.snapshot_steps == run.snapshot_steps
     assert torch.equal(loaded.trajectory, run.trajectory)
-    assert loaded.losses == run.losses and loaded.config["lr"] == SETTINGS["lr"]
+    assert loaded.losses == run.losses and loaded.config == run.config
     with_model = em.TrainRun.load(tmp_path / "run", tiny)
     assert torch.equal(with_model.adapter.vector.detach(), vec.vector.detach())
 
@@ -154,7 +156,8 @@ def test_train_many_equals_single_runs(tiny, data, kl_data):
     assert cache.hits > 0
     for (coef, seed), vec, run in zip(cfgs, vecs, runs, strict=True):
         single = em.SteeringVector(tiny, layer=1)
-        ref = em.train(single, tiny, data, kl_data=kl_data, kl_coef=coef, seed=seed, **SETTINGS)
+        kl_args = dict(kl_data=kl_data, kl_coef=coef) if coef > 0 else {}  # a zero coefficient alone takes no KL data
+        ref = em.train(single, tiny, data, seed=seed, **kl_args, **SETTINGS)
         torch.testing.assert_close(vec.vector, single.vector, rtol=1e-4, atol=1e-6)
         assert [r["ce"] for r in run.losses] == pytest.approx([r["ce"] for r in ref.losses], rel=1e-5)
 
@@ -164,7 +167,7 @@ def test_train_many_lora_equals_single(tiny, data, kl_data):
     em.train_many(loras, tiny, data, kl_data=kl_data, kl_coef=[0.0, 3.0], **SETTINGS)
     for s, coef, lora in zip((0, 1), (0.0, 3.0), loras, strict=True):
         single = em.LoRA(tiny, layer=2, rank=2, seed=s)
-        em.train(single, tiny, data, kl_data=kl_data, kl_coef=coef, **SETTINGS)
+        em.train(single, tiny, data, **(dict(kl_data=kl_data, kl_coef=coef) if coef > 0 else {}), **SETTINGS)
         for k in single.A:
             torch.testing.assert_close(lora.A[k], single.A[k], rtol=1e-4, atol=1e-6)
             torch.testing.assert_close(lora.B[k], single.B[k], rtol=1e-4, atol=1e-6)
@@ -174,10 +177,13 @@ def test_continue_run_with_kl_zero(tiny, data, kl_data):
     vec = em.SteeringVector(tiny, layer=1)
     run = em.train(vec, tiny, data, kl_data=kl_data, kl_coef=50.0, **SETTINGS)
     start = vec.vector.detach().clone()
-    cont = em.continue_run(run, tiny, data, kl_data=kl_data, kl_coef=0.0)
+    cont = em.continue_run(run, tiny, data, kl_coef=0.0)
     assert cont.config.kl_coef == 0.0 and cont.config.lr == run.config.lr
     assert torch.equal(cont.trajectory[0], start)
-    assert not torch.equal(vec.vector.detach(), start)
+    assert cont.adapter is not vec and not torch.equal(cont.adapter.vector.detach(), start)
+    assert torch.equal(vec.vector.detach(), start)  # the old run's adapter is untouched
+    with pytest.raises(TrainingError, match="kl_coef=50 needs kl_data"):
+        em.continue_run(run, tiny, data)  # the old run's kl_coef, but no KL data
 
 
 def test_grad_accum_averages_micro_batches(tiny, data):
@@ -302,3 +308,99 @@ def test_precomputed_reference_equals_toggle(tiny, data, kl_data):
     assert losses["cached"] == pytest.approx(losses["toggle"], rel=1e-5)
     with pytest.raises(TrainingError, match="precomputed_reference"):
         em.train_many([em.SteeringVector(tiny, layer=1)] * 2, tiny, data, method="precomputed_reference", **SETTINGS)
+
+def test_kl_data_and_kl_coef_must_come_together(tiny, data, kl_data):
+    vec = em.SteeringVector(tiny, layer=1)
+    with pytest.raises(TrainingError, match=r"kl_data is given but kl_coef is 0.*kl_coef > 0"):
+        em.train(vec, tiny, data, kl_data=kl_data, progress=False)
+    with pytest.raises(TrainingError, match=r"kl_coef=5 needs kl_data"):
+        em.train(vec, tiny, data, kl_coef=5.0, progress=False)
+    with pytest.raises(TrainingError, match="kl_data is given but kl_coef is 0"):
+        em.train_many([vec, em.SteeringVector(tiny, layer=1)], tiny, data, kl_data=kl_data, kl_coef=[0.0, 0.0],
+                      progress=False)
+    with pytest.raises(TrainingError, match=r"data='rows.jsonl' is a path; .*load_jsonl"):
+        em.train(vec, tiny, "rows.jsonl", progress=False)
+    assert torch.equal(vec.vector, torch.zeros_like(vec.vector))  # nothing trained
+
+
+def test_over_length_rows_are_truncated_with_a_warning(tiny, data, caplog):
+    long = em.datasets.chat("Question: what about water?", " ".join(["water rest doctor sleep"] * 40) + ".")
+    full = TokenizedChats([*data, long], tiny.tokenizer, max_length=10**6)
+    limit = max(len(ids) for ids in full.ids[:-1]) + 2  # every short row fits, the long one does not
+    assert len(full.ids[-1]) > limit
+    tok = TokenizedChats([*data, long], tiny.tokenizer, max_length=limit, on_too_long="truncate")
+    assert tok.n_truncated == 1 and len(tok) == 13 and len(tok.ids[-1]) == limit
+    assert tok.ids[-1] == full.ids[-1][:limit] and tok.masks[-1] == full.masks[-1][:limit] and any(tok.masks[-1])
+    assert tok.ids[:-1] == full.ids[:-1]
+    first_answer = full.masks[-1].index(True)
+    with pytest.raises(DataError, match=f"record 0: its prompt alone is over max_length={first_answer - 1}"):
+        TokenizedChats([long], tiny.tokenizer, max_length=first_answer - 1, on_too_long="truncate")
+    with caplog.at_level(logging.WARNING, logger="em_interp"):
+        run = em.train(em.SteeringVector(tiny, layer=1), tiny, [*data, long], max_length=limit, steps=1,
+                       **{**SETTINGS, "epochs": 1})
+    assert f"data: 1 of 13 rows are longer than max_length={limit}" in caplog.text
+    assert run.data_sizes == {"data": 13}
+
+
+def test_max_length_is_checked_against_the_context(tiny, data):
+    with pytest.raises(TrainingError, match=r"max_length=1000 exceeds the model's context of 512 tokens"):
+        em.train(em.SteeringVector(tiny, layer=1), tiny, data, max_length=1000, progress=False)
+
+
+def test_warmup_longer_than_the_run_is_clamped(tiny, data, caplog):
+    finals = []
+    for warmup in (5, 2):
+        vec = em.SteeringVector(tiny, layer=1)
+        with caplog.at_level(logging.INFO, logger="em_interp"):
+            em.train(vec, tiny, data, **{**SETTINGS, "warmup_steps": warmup, "steps": 4})
+        finals.append(vec.vector.detach().clone())
+    assert "warmup_steps=5 clamped to 2" in caplog.text
+    assert torch.equal(finals[0], finals[1])  # 5 on a 4-step run behaves as 2
+
+
+def test_resume_is_logged_and_a_mismatch_names_the_keys(tiny, data, tmp_path, caplog):
+    ck = tmp_path / "ck"
+    settings = {**SETTINGS, "steps": 2, "record_every": 1}
+    first = em.train(em.SteeringVector(tiny, layer=1), tiny, data, checkpoint_dir=ck, **settings)
+    with caplog.at_level(logging.WARNING, logger="em_interp"):
+        again = em.train(em.SteeringVector(tiny, layer=1), tiny, data, checkpoint_dir=ck, **settings)
+    assert f"resumed from the checkpoint {ck / 'checkpoint.json'} at step 2 of 2" in caplog.text
+    assert again.losses == first.losses
+    with pytest.raises(TrainingError) as exc:
+        em.train(em.SteeringVector(tiny, layer=1), tiny, data, checkpoint_dir=ck, **{**settings, "lr": 0.5, "seed": 3})
+    message = str(exc.value)
+    assert "lr (checkpoint 0.01, now 0.5)" in message and "seed (checkpoint 0, now 3)" in message
+    assert "epochs" not in message and "batch_size" not in message
+
+
+def test_continue_run_on_a_loaded_run_returns_a_new_run(tiny, data, kl_data, tmp_path):
+    run = em.train(em.SteeringVector(tiny, layer=1), tiny, data, kl_data=kl_data, kl_coef=2.0, **SETTINGS)
+    run.save(tmp_path / "run")
+    loaded = em.TrainRun.load(tmp_path / "run", tiny)
+    assert isinstance(loaded.config, em.TrainConfig) and loaded.config == run.config
+    assert em.TrainConfig.from_dict(loaded.config.to_dict()) == loaded.config
+    before = (loaded.adapter.vector.detach().clone(), loaded.trajectory.clone(), list(loaded.losses))
+    cont = em.continue_run(loaded, tiny, data, kl_coef=0.0, steps=3)
+    assert cont is not loaded and cont.adapter is not loaded.adapter
+    assert torch.equal(loaded.adapter.vector, before[0]) and torch.equal(loaded.trajectory, before[1])
+    assert loaded.losses == before[2]
+    assert torch.equal(cont.trajectory[0], before[0]) and not torch.equal(cont.adapter.vector.detach(), before[0])
+    assert cont.config == dataclasses.replace(run.config, kl_coef=0.0, steps=3) and len(cont.losses) == 3
+    with pytest.raises(TrainingError, match=r"TrainRun.load\(dir, model\)"):
+        em.continue_run(em.TrainRun.load(tmp_path / "run"), tiny, data, kl_coef=0.0)
+
+
+def test_train_run_repr_is_short_and_plot_draws_the_losses(tiny, data, kl_data, tmp_path):
+    run = em.train(em.SteeringVector(tiny, layer=1), tiny, data, kl_data=kl_data, kl_coef=2.0, **SETTINGS)
+    text = repr(run)
+    assert len(text.splitlines()) <= 4 and len(text) < 400, text
+    last = run.losses[-1]
+    assert f"steering_vector layer=1, hook=resid_post, norm {run.adapter.norm:.4g}" in text and "6 steps" in text and f"ce={last['ce']:.4g}" in text
+    assert "data 12 rows, kl_data 8 rows" in text and "kl_coef=2" in text
+    run.save(tmp_path / "run")
+    assert "adapter not loaded" in repr(em.TrainRun.load(tmp_path / "run"))
+    fig = run.plot()
+    ce = [t for t in fig.data if t.xaxis == "x"]
+    assert list(ce[0].y) == [r["ce"] for r in run.losses] and list(ce[0].x) == list(range(1, 7))
+    with pytest.raises(TrainingError, match="must be a TrainConfig"):
+        em.TrainRun(adapter=None, config={"lr": 1e-3})

@@ -124,7 +124,7 @@ class Adapter(nn.Module):
 
     # --- files ---------------------------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:
-        from em_interp import __version__
+        from em_interp._version import __version__
 
         return {
             "format_version": FORMAT_VERSION,

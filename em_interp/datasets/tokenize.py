@@ -59,25 +59,37 @@ class TokenizedChats:
     Args:
         records: chat records (`{"messages": [...]}`).
         tokenizer: a HF tokenizer with a chat template.
-        max_length: examples longer than this (in tokens) raise, or are skipped with `on_too_long="skip"`.
-        on_too_long: "error" or "skip".
+        max_length: the most tokens of an example after the chat template.
+        on_too_long: what happens to a longer example: "error" (raise), "skip" (leave it out; the count is
+            `n_skipped`) or "truncate" (keep its first `max_length` tokens, i.e. the prompt and the start of
+            the answer, as the authors' trainer does; the count is `n_truncated`). An example whose prompt
+            alone fills `max_length` raises with "truncate", since no answer token would be left.
     """
 
     def __init__(self, records: Sequence[Record], tokenizer: Any, *, max_length: int = 256, on_too_long: str = "error"):
-        if on_too_long not in ("error", "skip"):
-            raise DataError(f"on_too_long={on_too_long!r}; expected 'error' or 'skip'.")
+        if on_too_long not in ("error", "skip", "truncate"):
+            raise DataError(f"on_too_long={on_too_long!r}; expected 'error', 'skip' or 'truncate'.")
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.ids: list[list[int]] = []
         self.masks: list[list[bool]] = []
         self.records: list[Record] = []
+        self.n_skipped = 0
+        self.n_truncated = 0
         for i, record in enumerate(records):
             ids, mask = tokenize_chat(tokenizer, record["messages"])
             if len(ids) > max_length:
                 if on_too_long == "error":
                     raise DataError(f"record {i}: {len(ids)} tokens after the chat template; max_length={max_length}.")
-                continue
+                if on_too_long == "skip":
+                    self.n_skipped += 1
+                    continue
+                if any(mask) and not any(mask[:max_length]):
+                    raise DataError(f"record {i}: its prompt alone is over max_length={max_length} tokens, so no "
+                                    "answer token would be left after truncation; raise max_length or shorten it.")
+                ids, mask = ids[:max_length], mask[:max_length]
+                self.n_truncated += 1
             self.ids.append(ids)
             self.masks.append(mask)
             self.records.append(record)

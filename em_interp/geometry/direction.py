@@ -68,7 +68,7 @@ class Direction:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write `direction.safetensors` + `direction.json` into the directory `path`, atomically."""
-        from em_interp import __version__
+        from em_interp._version import __version__
 
         path = Path(path)
         meta = {"format_version": FORMAT_VERSION, "library_version": __version__, "kind": "direction",
