@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import torch
 
 from em_interp import fastpath as _fastpath
 from em_interp.errors import ModelLoadError
+from em_interp.fileio import atomic_directory
 
 log = logging.getLogger(__name__)
 
@@ -243,19 +243,14 @@ def _build_embedded_cache(gguf: Path, folder: Path, *, with_model: bool = True) 
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         model.hf_quantizer = None  # the weights are dequantized float32 now; save them as such
         model.config.__dict__.pop("quantization_config", None)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
-    try:
+    with atomic_directory(folder) as tmp:
         if model is not None:
             model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
         (tmp / "em_interp_manifest.json").write_text(json.dumps({"source": gguf.name, "files": files}, indent=1))
         with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(folder)  # our own damaged or stale cache folder (never a user's)
 
 
 def embedded_tokenizer_dir() -> Path:

@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from em_interp.errors import DataError
+from em_interp.fileio import write_text
 
 log = logging.getLogger(__name__)
 
@@ -115,16 +115,7 @@ def save_jsonl(records: Iterable[Record], path: str | os.PathLike[str]) -> Path:
     records = list(records)
     for i, record in enumerate(records):
         validate_record(record, f"record {i}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
     return path
 
 

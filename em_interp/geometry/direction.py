@@ -92,7 +92,10 @@ class Direction:
             raise GeometryError(f"{meta_path}: unreadable direction metadata ({exc!r}).") from None
         if int(meta.get("format_version", 1)) > FORMAT_VERSION:
             raise GeometryError(f"{meta_path}: format_version {meta['format_version']} is newer than this library's.")
-        tensors = load_file(str(tensor_path))
+        try:
+            tensors = load_file(str(tensor_path))
+        except Exception as exc:  # safetensors raises its own SafetensorError on truncated or corrupt files
+            raise GeometryError(f"{tensor_path}: not a readable safetensors file ({exc}); save the direction again.") from None
         if "direction" not in tensors:
             raise GeometryError(f"{tensor_path}: no tensor named 'direction'.")
         return cls(tensors["direction"], layer, hook, dict(meta.get("provenance") or {}))

@@ -122,8 +122,13 @@ def _cos(a: Tensor, b: Tensor, names: tuple[str, str]) -> float:
             "kind of object on the same modules (same d_model, layers, sites and rank for A/B)."
         )
     a64, b64 = a.double(), b.double()
-    denom = float(a64.norm() * b64.norm())
-    return float("nan") if denom == 0.0 else float(a64 @ b64) / denom
+    for name, v in zip(names, (a64, b64), strict=True):
+        if not bool(torch.isfinite(v).all()):
+            raise GeometryError(f"cosine: {name} has NaN or infinite entries; a cosine needs finite vectors.")
+        if float(v.norm()) == 0.0:
+            raise GeometryError(f"cosine: {name} is the zero vector (e.g. an untrained adapter with init='zeros'); "
+                                "its cosine to anything is undefined.")
+    return float(a64 @ b64) / float(a64.norm() * b64.norm())
 
 
 def _check_same_modules(a: Any, b: Any, what: str) -> None:
@@ -132,7 +137,7 @@ def _check_same_modules(a: Any, b: Any, what: str) -> None:
 
 
 def cosine(a: Any, b: Any, what: str = "delta_w") -> float:
-    """Cosine similarity of two objects' vectors (see `as_flat`); NaN if either is zero.
+    """Cosine similarity of two objects' vectors (see `as_flat`).
 
     Args:
         a: tensor, array, adapter, Direction or TrainRun.
@@ -143,7 +148,8 @@ def cosine(a: Any, b: Any, what: str = "delta_w") -> float:
         cos ∈ [-1, 1], computed in float64.
 
     Raises:
-        GeometryError: the vectors differ in size (e.g. different d_model or LoRA modules).
+        GeometryError: the vectors differ in size (e.g. different d_model or LoRA modules), or either
+            is zero or non-finite.
 
     >>> cosine(general_vec, narrow_vec)  # doctest: +SKIP
     0.42
@@ -169,11 +175,10 @@ def cosine_matrix(
         what: as in `cosine`.
 
     Returns:
-        (labels, matrix) with matrix[i, j] = cosine(items[i], items[j]) (float64, diagonal 1 unless
-        an item is zero, NaN then).
+        (labels, matrix) with matrix[i, j] = cosine(items[i], items[j]) (float64, diagonal 1).
 
     Raises:
-        GeometryError: items of different sizes, or as many labels as items not given.
+        GeometryError: items of different sizes, a zero item, or as many labels as items not given.
     """
     if isinstance(items, Mapping):
         names, objs = [str(k) for k in items], list(items.values())
