@@ -76,14 +76,14 @@ def load_model(
         `model.em_model_id` holds the name used (stored in adapter metadata).
 
     Raises:
-        ModelLoadError: the embedded package is missing, the path has no config.json, or the
-            architecture is not supported.
+        ModelLoadError: the embedded package is missing, the path has no config.json or no tokenizer
+            files, the architecture is not supported, or `device` does not exist on this machine.
 
     >>> model = load_model()  # doctest: +SKIP
     >>> model.cfg.n_layers  # doctest: +SKIP
     30
     """
-    dev = torch.device(device) if device is not None else _default_device()
+    dev = _check_device(device) if device is not None else _default_device()
     torch_dtype = _resolve_dtype(dtype, dev)
     if name is None:
         hf_model, tokenizer = _load_embedded(torch_dtype)
@@ -149,6 +149,27 @@ _ARCH_BY_MODEL_TYPE = {
 }
 
 
+def _check_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device, or `ModelLoadError` if it is malformed or absent on this machine."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ModelLoadError(f"load_model: device={device!r} is not a device name ({exc}); use 'cpu', 'cuda' or 'cuda:N'.") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"load_model: device={str(device)!r} but CUDA is not available here "
+                                 "(torch.cuda.is_available() is False); use device='cpu' or leave device unset.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ModelLoadError(f"load_model: device={str(device)!r} but this machine has {torch.cuda.device_count()} "
+                                 f"CUDA device(s) (cuda:0..cuda:{torch.cuda.device_count() - 1}).")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError(f"load_model: device={str(device)!r} but MPS is not available here; use device='cpu'.")
+    return dev
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer_config.json")
+
+
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -171,6 +192,9 @@ def _load_pretrained(name: str, dtype: torch.dtype, device_map: Any) -> tuple[An
     if path.exists() or name.startswith((".", "/", "~")):
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path}: no config.json there; expected a HF model directory (save_pretrained).")
+        if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+            raise ModelLoadError(f"{path}: no tokenizer files there (one of {', '.join(_TOKENIZER_FILES)}); save the "
+                                 "tokenizer beside the model with tokenizer.save_pretrained(path).")
         name = str(path)
     try:
         config = AutoConfig.from_pretrained(name)

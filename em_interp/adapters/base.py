@@ -61,6 +61,14 @@ def check_layer(layer: Any, n_layers: int, owner: str) -> int:
     return layer
 
 
+def provenance_line(provenance: dict[str, Any], limit: int = 100) -> str:
+    """`"\\n  provenance: k=v, ..."` cut to `limit` characters, or "" for an empty provenance."""
+    if not provenance:
+        return ""
+    text = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v!r}" for k, v in provenance.items())
+    return "\n  provenance: " + (text if len(text) <= limit else text[: limit - 3] + "...")
+
+
 class _AdapterHandle(HookHandle):
     """A `HookHandle` that also marks the adapter as no longer attached to the model."""
 
@@ -158,6 +166,10 @@ class Adapter(nn.Module):
             yield self
         finally:
             handle.remove()
+
+    def _provenance_line(self) -> str:
+        """A short second repr line for the provenance (empty without one)."""
+        return provenance_line(self.provenance)
 
     # --- parameters ----------------------------------------------------------------------------
     @property

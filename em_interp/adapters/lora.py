@@ -143,9 +143,11 @@ class LoRA(Adapter):
         return add
 
     def __repr__(self) -> str:
+        n_params = sum(p.numel() for p in self.parameters())
         return (
             f"LoRA(layers={self.layers}, sites={self.sites}, rank={self.rank}, alpha={self.alpha:g}, "
-            f"rslora={self.rslora}, scale={self.scale:g}, norm={self.norm:.4g})"
+            f"rslora={self.rslora}, scale={self.scale:g}, params={n_params}, norm={self.norm:.4g})"
+            f"{self._provenance_line()}"
         )
 
     def export_peft(self, directory: str | os.PathLike[str], base_model_name: str | None = None) -> Path:

@@ -91,7 +91,12 @@ class SteeringVector(Adapter):
         return [(self.hook_name, add_vector)]
 
     def __repr__(self) -> str:
-        return f"SteeringVector({self.hook_name}, alpha={self.alpha:g}, scale={self.scale:g}, norm={self.norm:.4g})"
+        return (f"SteeringVector({self.hook_name}, d_model={self.d_model}, alpha={self.alpha:g}, scale={self.scale:g}, "
+                f"norm={self.norm:.4g}){self._provenance_line()}")
+
+    @property
+    def d_model(self) -> int:
+        return int(self.vector.shape[0])
 
     def export_gguf(self, path: str | os.PathLike[str], model_hint: str | None = None) -> Path:
         """Write this vector (its `scale · alpha · v`) as a llama.cpp control-vector GGUF.

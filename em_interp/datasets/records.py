@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,26 @@ def validate_record(record: Any, where: str) -> Record:
     return record
 
 
+def check_records(records: Any, name: str = "data") -> list[Record]:
+    """`records` as a list of validated chat records; `DataError` naming `name` for anything else.
+
+    Catches the common slips: a file path (`data="train.jsonl"`; load it with `em.datasets.load_jsonl`),
+    a single record instead of a list, or rows that are not chat records (message names `name[i]`).
+    """
+    if isinstance(records, (str, bytes, os.PathLike)):
+        raise DataError(f"{name}={str(records)!r} is a path, not records; load it first: "
+                        f"{name}=em.datasets.load_jsonl({str(records)!r}).")
+    if isinstance(records, Mapping):
+        raise DataError(f"{name} is a single dict; expected a list of chat records (wrap it: [record]).")
+    try:
+        rows = list(records)
+    except TypeError:
+        raise DataError(f"{name} is a {type(records).__name__}; expected a list of chat records.") from None
+    for i, record in enumerate(rows):
+        validate_record(record, f"{name}[{i}]")
+    return rows
+
+
 def load_jsonl(
     path: str | os.PathLike[str],
     *,
@@ -74,6 +94,10 @@ def load_jsonl(
     if on_error not in ("raise", "skip"):
         raise DataError(f"on_error={on_error!r}; expected 'raise' or 'skip'.")
     path = Path(path)
+    if path.is_dir():
+        jsonl = sorted(p.name for p in path.glob("*.jsonl"))[:5]
+        hint = f" It holds {', '.join(jsonl)}; pass one of them." if jsonl else ""
+        raise DataError(f"load_jsonl: path={str(path)!r} is a folder; expected a .jsonl file.{hint}")
     if not path.is_file():
         raise DataError(f"{path}: no such file.")
     records: list[Record] = []

@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from em_interp.datasets.records import Record
+from em_interp.datasets.records import Record, check_records
 from em_interp.errors import DataError
 
 
@@ -72,7 +72,7 @@ class TokenizedChats:
         self.ids: list[list[int]] = []
         self.masks: list[list[bool]] = []
         self.records: list[Record] = []
-        for i, record in enumerate(records):
+        for i, record in enumerate(check_records(records)):
             ids, mask = tokenize_chat(tokenizer, record["messages"])
             if len(ids) > max_length:
                 if on_too_long == "error":

@@ -63,8 +63,9 @@ class Direction:
         return f"blocks.{self.layer}.{STEERING_HOOKS[self.hook]}"
 
     def __repr__(self) -> str:
-        info = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v!r}" for k, v in self.provenance.items())
-        return f"Direction({self.hook_name}, d_model={self.d_model}{', ' + info if info else ''})"
+        from em_interp.adapters.base import provenance_line
+
+        return f"Direction({self.hook_name}, d_model={self.d_model}){provenance_line(self.provenance, limit=160)}"
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write `direction.safetensors` + `direction.json` into the directory `path`, atomically."""

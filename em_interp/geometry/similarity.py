@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -164,9 +164,33 @@ def _label(i: int, x: Any) -> str:
     return f"{i}:{type(x).__name__}"
 
 
+class CosineMatrix(NamedTuple):
+    """`cosine_matrix`'s result; unpacks as `(labels, matrix)`.
+
+    Attributes:
+        labels: the n item names.
+        matrix: [n, n] float64 cosines.
+    """
+
+    labels: list[str]
+    matrix: Float[np.ndarray, "n n"]
+
+    def __repr__(self) -> str:
+        width = max((len(x) for x in self.labels), default=0)
+        rows = [" " * width + "".join(f"{x[:8]:>9}" for x in self.labels)]
+        rows += [f"{lab:<{width}}" + "".join(f"{v:>9.3f}" for v in row) for lab, row in zip(self.labels, self.matrix, strict=True)]
+        return f"CosineMatrix({len(self.labels)}×{len(self.labels)})\n" + "\n".join(rows)
+
+    def plot(self) -> Any:
+        """A heatmap as a plotly Figure (`em_interp.report.figures.cosine_matrix`)."""
+        from em_interp.report import figures
+
+        return figures.cosine_matrix({"cosine_matrix": {"labels": self.labels, "matrix": self.matrix}})
+
+
 def cosine_matrix(
     items: Sequence[Any] | Mapping[str, Any], labels: Sequence[str] | None = None, what: str = "delta_w"
-) -> tuple[list[str], Float[np.ndarray, "n n"]]:
+) -> CosineMatrix:
     """Pairwise cosine similarities.
 
     Args:
@@ -175,7 +199,8 @@ def cosine_matrix(
         what: as in `cosine`.
 
     Returns:
-        (labels, matrix) with matrix[i, j] = cosine(items[i], items[j]) (float64, diagonal 1).
+        A `CosineMatrix` (unpacks as `(labels, matrix)`) with matrix[i, j] = cosine(items[i], items[j])
+        (float64, diagonal 1); it prints as a table and `.plot()`s as a heatmap.
 
     Raises:
         GeometryError: items of different sizes, a zero item, or as many labels as items not given.
@@ -194,4 +219,4 @@ def cosine_matrix(
         for j in range(i, n):
             _check_same_modules(objs[i], objs[j], what)
             out[i, j] = out[j, i] = _cos(vectors[i], vectors[j], (names[i], names[j]))
-    return names, out
+    return CosineMatrix(names, out)
