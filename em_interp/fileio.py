@@ -9,8 +9,8 @@ Every writer in em_interp goes through these helpers:
   adapter into a folder holding `data/train.jsonl` leaves that file alone and only (re)places
   `adapter.json` and `adapter.safetensors`.
 
-Files and folders are created with the user's umask (0644 / 0755 by default), not the 0600 / 0700 of
-`tempfile`. On error the temporary file or folder is removed and the target is left as it was.
+Files and folders get the user's umask (0644 / 0755 by default), not the 0600 / 0700 of `tempfile`
+or of writers such as safetensors' `save_file`. On error the temporary file or folder is removed and the target is left as it was.
 """
 
 from __future__ import annotations
@@ -20,11 +20,35 @@ import json
 import os
 import secrets
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from em_interp.errors import OutputPathError
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def umask() -> int:
+    """The process umask (read from /proc where possible, so it is never changed even briefly)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    with _UMASK_LOCK:
+        old = os.umask(0o022)
+        os.umask(old)
+    return old
+
+
+def _set_modes(root: Path) -> None:
+    """Give `root` and everything under it the modes a plain create would: 0666/0777 masked by the umask."""
+    mask = umask()
+    paths = [root, *root.rglob("*")] if root.is_dir() else [root]
+    for p in paths:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def _tmp_name(folder: Path, name: str) -> Path:
@@ -54,9 +78,10 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise OutputPathError(f"{path} is a folder; expected a file path (e.g. {path / 'out'}{path.suffix or ''}).")
     _parent_dir(path)
     tmp = _tmp_name(path.parent, path.name)
-    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # mode 0666 & ~umask
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # reserve the name
     try:
         yield tmp
+        _set_modes(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -93,9 +118,10 @@ def atomic_directory(directory: str | os.PathLike[str]) -> Iterator[Path]:
         raise OutputPathError(f"{directory} is a file; expected a folder to save into (e.g. {directory.with_suffix('')}_dir).")
     _parent_dir(directory)
     tmp = _tmp_name(directory.parent, directory.name)
-    tmp.mkdir()  # mode 0777 & ~umask
+    tmp.mkdir()
     try:
         yield tmp
+        _set_modes(tmp)
         if directory.exists():
             _check_merge(tmp, directory)
             _merge(tmp, directory)
@@ -129,4 +155,4 @@ def _merge(src: Path, dst: Path) -> None:
             os.replace(entry, target)
 
 
-__all__ = ["atomic_directory", "atomic_file", "write_json", "write_text"]
+__all__ = ["atomic_directory", "atomic_file", "umask", "write_json", "write_text"]

@@ -147,7 +147,7 @@ class Adapter(nn.Module):
         attached = _ATTACHED.setdefault(self, set())
         if id(model) in attached:
             raise AdapterError(
-                f"{self!r} is already applied to this model; nesting `applied`/`attach` of the same adapter would add it "
+                f"This {type(self).__name__} is already applied to this model; nesting `applied`/`attach` of the same adapter would add it "
                 "twice. Use one `applied(model, scale=...)` with the total scale, or a copy.deepcopy of the adapter."
             )
         handle = attach_hooks(model, self.hooks(scale, check_positions(positions)))
