@@ -27,7 +27,6 @@ from typing import Any
 
 from em_interp.errors import OutputPathError
 
-
 _UMASK_LOCK = threading.Lock()
 
 
