@@ -62,10 +62,15 @@ def check_layer(layer: Any, n_layers: int, owner: str) -> int:
 
 
 def provenance_line(provenance: dict[str, Any], limit: int = 100) -> str:
-    """`"\\n  provenance: k=v, ..."` cut to `limit` characters, or "" for an empty provenance."""
+    """`"\\n  provenance: k=v, ..."` (each value cut to 40 characters, the line to `limit`), or "" if empty."""
     if not provenance:
         return ""
-    text = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v!r}" for k, v in provenance.items())
+
+    def short(v: Any) -> str:
+        text = f"{v:.4g}" if isinstance(v, float) else repr(v)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    text = ", ".join(f"{k}={short(v)}" for k, v in provenance.items())
     return "\n  provenance: " + (text if len(text) <= limit else text[: limit - 3] + "...")
 
 
