@@ -259,7 +259,7 @@ class OpenAIJudge(_Judge):
         retry_base_delay: float = 1.0,
         retry_max_delay: float = 60.0,
         fail_fast: int = 4,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] | None = None,
     ) -> None:
         try:
             import openai
@@ -358,7 +358,7 @@ class OpenAIJudge(_Judge):
                 raise JudgeError(f"{what} after {attempt + 1} attempt(s): {failure}") from None
             delay = self._retry_delay(attempt, failure)
             log.info("judge request failed (%s); retry %d/%d in %.2fs", what, attempt + 1, self.max_retries, delay)
-            self._sleep(delay)
+            (self._sleep or time.sleep)(delay)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _judge_prompt(self, prompt: str) -> Result:
