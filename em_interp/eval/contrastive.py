@@ -154,9 +154,10 @@ def contrastive_many(
 ) -> dict[str, ContrastiveResult]:
     """`contrastive` for several adapter sets at once, sharing the base pass and the lower layers.
 
+    The other arguments are as in `contrastive`.
+
     Args:
         conditions: name → adapters (one adapter, a list, or `()` for the plain model).
-        Other arguments as in `contrastive`.
 
     Returns:
         name → `ContrastiveResult`, each equal to `contrastive(model, paired_items, conditions[name])`.
