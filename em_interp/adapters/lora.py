@@ -64,7 +64,8 @@ class LoRA(Adapter):
     ):
         super().__init__(model)
         n_layers = model.cfg.n_layers
-        layers = [layer] if isinstance(layer, (int, str)) or _is_scalar(layer) else list(layer)
+        one = isinstance(layer, str) or getattr(layer, "ndim", None) == 0 or not hasattr(layer, "__iter__")
+        layers = [layer] if one else list(layer)
         sites = list(ALL_SITES) if site == "all" else [site] if isinstance(site, str) else list(site)
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise AdapterError(f"LoRA: rank={rank!r}; expected an int >= 1.")
@@ -165,10 +166,6 @@ class LoRA(Adapter):
         from em_interp.adapters.export import lora_from_peft
 
         return lora_from_peft(directory, model)
-
-
-def _is_scalar(x: Any) -> bool:
-    return isinstance(x, Tensor) and x.ndim == 0
 
 
 def _key(layer: int, site: str) -> str:

@@ -296,6 +296,8 @@ class OpenAIJudge(_Judge):
         with self._lock:
             dead = self.fail_fast and not self._successes and self._connection_errors >= self.fail_fast
             n = self._connection_errors
+            if dead:
+                self._connection_errors = 0  # a later call (server started meanwhile) tries afresh
         if dead:
             detail = f" (last error: {type(last).__name__}: {last})" if last is not None else ""
             raise JudgeUnreachable(
