@@ -192,15 +192,15 @@ def _load_pretrained(name: str, dtype: torch.dtype, device_map: Any) -> tuple[An
     if path.exists() or name.startswith((".", "/", "~")):
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path}: no config.json there; expected a HF model directory (save_pretrained).")
-        if not any((path / f).is_file() for f in _TOKENIZER_FILES):
-            raise ModelLoadError(f"{path}: no tokenizer files there (one of {', '.join(_TOKENIZER_FILES)}); save the "
-                                 "tokenizer beside the model with tokenizer.save_pretrained(path).")
         name = str(path)
     try:
         config = AutoConfig.from_pretrained(name)
     except OSError as exc:
         raise ModelLoadError(f"{name}: could not read a model config ({exc}).") from exc
     _architecture(config, where=name)
+    if Path(name).is_dir() and not any((Path(name) / f).is_file() for f in _TOKENIZER_FILES):
+        raise ModelLoadError(f"{name}: no tokenizer files there (one of {', '.join(_TOKENIZER_FILES)}); save the "
+                             "tokenizer beside the model with tokenizer.save_pretrained(path).")
     model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, device_map=device_map)
     tokenizer = AutoTokenizer.from_pretrained(name)
     return model, tokenizer
