@@ -87,3 +87,19 @@ def test_contrastive_result_repr_and_plot():
     bar = res.plot(name="narrow").data[0]
     assert list(bar.x) == ["all", "medical"] and list(bar.y) == [0.25, 0.25] and bar.name == "narrow"
     assert list(bar.error_y.array) == pytest.approx([0.15, 0.15])
+
+
+def test_kl_norm_and_transfer_reprs_and_plot():
+    from em_interp.directions import TransferResult
+    from em_interp.geometry.kl_norm import KLNormCurve
+
+    curve = KLNormCurve(norms=np.array([0.0, 1.0, 2.0]), kl=np.array([0.0, 0.1, 0.5]), kl_random_mean=np.array([0.0, 0.05, 0.2]),
+                        kl_random_sd=np.array([0.0, 0.01, 0.02]), kl_random=np.zeros((3, 3)), layer=2, hook="resid_post",
+                        n_tokens=40)
+    assert "blocks.2.resid_post" in _short(repr(curve)) and "0.5 vs random 0.2" in repr(curve)
+    traces = {t.name: t for t in curve.plot().data}
+    assert list(traces["trained direction"].y) == [0.0, 0.1, 0.5]
+    d = em.directions.Direction(torch.randn(64), layer=1)
+    res = TransferResult(loss={"none": 2.0, "steered": 2.5, "ablated": 1.9}, loss_good=None, contrastive=None,
+                         direction=d, scale=8.0, layers="all")
+    assert "steered 2.5000" in _short(repr(res))
