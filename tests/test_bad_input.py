@@ -160,6 +160,8 @@ CASES: list[tuple[str, Callable[[Ctx], Any], type[Exception], str]] = [
      DataError, r"rows\.jsonl:1: no assistant turn"),
     ("data_is_a_path", lambda c: TokenizedChats("train.jsonl", c.model.tokenizer), DataError,
      r"data='train\.jsonl' is a path.*em\.datasets\.load_jsonl\('train\.jsonl'\)"),
+    ("train_data_is_a_path", lambda c: em.train(c.vec(), c.model, "train.jsonl", steps=1, progress=False), DataError,
+     r"data holds strings \('train\.jsonl'\).*em\.datasets\.load_jsonl\(path\)"),
     ("data_is_one_record", lambda c: TokenizedChats(tiny_chat_records(1)[0], c.model.tokenizer), DataError,
      r"data is a single dict.*\[record\]"),
     ("data_row_not_chat", lambda c: TokenizedChats([{"text": "hi"}], c.model.tokenizer), DataError,

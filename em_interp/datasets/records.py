@@ -60,6 +60,10 @@ def check_records(records: Any, name: str = "data") -> list[Record]:
         rows = list(records)
     except TypeError:
         raise DataError(f"{name} is a {type(records).__name__}; expected a list of chat records.") from None
+    if rows and all(isinstance(r, str) for r in rows):  # e.g. a path that was split into characters by list()
+        text = "".join(rows) if all(len(r) == 1 for r in rows) else rows[0]
+        raise DataError(f"{name} holds strings ({text[:60]!r}), not chat records; for a JSONL file pass "
+                        f"{name}=em.datasets.load_jsonl(path), for question/answer text em.datasets.chat(q, a).")
     for i, record in enumerate(rows):
         validate_record(record, f"{name}[{i}]")
     return rows
