@@ -30,7 +30,13 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'em_interp' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    # Tab completion and dir(em) list the lazily imported names too.
+    return sorted(set(globals()) | set(_LAZY) | {"generate"})
+
+
 __all__ = [
     "ActivationCache", "Adapter", "EmInterpError", "LoRA", "SteeringSet", "SteeringVector", "TrainConfig", "TrainRun",
-    "continue_run", "datasets", "load_adapter", "load_model", "train", "train_many",
+    "continue_run", "datasets", "directions", "eval", "generate", "geometry", "load_adapter", "load_model", "train",
+    "train_many",
 ]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from em_interp.errors import TrainingError
+from em_interp.fileio import atomic_file, write_text
 
 TENSORS = "checkpoint.safetensors"
 META = "checkpoint.json"
@@ -38,12 +38,9 @@ def restore_optimizer(prefix: str, optimizer: torch.optim.Optimizer, tensors: di
 
 def write(directory: Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
     """Write both files atomically (each to a temp name, then renamed; metadata last)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp_t, tmp_m = directory / f".{TENSORS}.tmp", directory / f".{META}.tmp"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_t))
-    tmp_m.write_text(json.dumps(meta, default=float))
-    os.replace(tmp_t, directory / TENSORS)
-    os.replace(tmp_m, directory / META)
+    with atomic_file(directory / TENSORS) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    write_text(directory / META, json.dumps(meta, default=float))
 
 
 def read(directory: Path) -> tuple[dict[str, Tensor], dict[str, Any]] | None:

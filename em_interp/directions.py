@@ -379,6 +379,14 @@ class TransferResult:
     scale: float
     layers: str | list[int]
 
+    def __repr__(self) -> str:
+        loss = ", ".join(f"{k} {v:.4f}" for k, v in self.loss.items())
+        text = f"TransferResult({self.direction.hook_name}, scale={self.scale:g}, layers={self.layers!r})\n  loss: {loss}"
+        shift = self.contrastive_shift()
+        if shift is not None:
+            text += "\n  contrastive shift: " + ", ".join(f"{k} {v:+.3f}" for k, v in shift.items())
+        return text
+
     def loss_shift(self) -> dict[str, float]:
         """Loss change against the "none" condition."""
         return {k: v - self.loss["none"] for k, v in self.loss.items()}

@@ -41,3 +41,8 @@ class ConfigError(EmInterpError, ValueError):
 
 class ReportError(EmInterpError, ValueError):
     """A run dir has no readable results, or a report could not be written."""
+
+
+class OutputPathError(EmInterpError, ValueError):
+    """An output path is the wrong kind (a folder where a file is written, or the reverse), or saving would
+    replace something em_interp did not write."""

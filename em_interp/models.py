@@ -21,13 +21,13 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from em_interp.errors import ModelLoadError
+from em_interp.fileio import atomic_directory
 
 # The forward-pass helpers live in `em_interp.forward`; re-exported here, where they used to be.
 from em_interp.forward import (
@@ -94,14 +94,14 @@ def load_model(
         `model.em_model_id` holds the name used (stored in adapter metadata).
 
     Raises:
-        ModelLoadError: the embedded package is missing, the path has no config.json, or the
-            architecture is not supported.
+        ModelLoadError: the embedded package is missing, the path has no config.json or no tokenizer
+            files, the architecture is not supported, or `device` does not exist on this machine.
 
     >>> model = load_model()  # doctest: +SKIP
     >>> model.cfg.n_layers  # doctest: +SKIP
     30
     """
-    dev = torch.device(device) if device is not None else _default_device()
+    dev = _check_device(device) if device is not None else _default_device()
     torch_dtype = _resolve_dtype(dtype, dev)
     if name is None:
         hf_model, tokenizer = _load_embedded(torch_dtype)
@@ -185,6 +185,27 @@ _ARCH_BY_MODEL_TYPE = {
 }
 
 
+def _check_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device, or `ModelLoadError` if it is malformed or absent on this machine."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ModelLoadError(f"load_model: device={device!r} is not a device name ({exc}); use 'cpu', 'cuda' or 'cuda:N'.") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"load_model: device={str(device)!r} but CUDA is not available here "
+                                 "(torch.cuda.is_available() is False); use device='cpu' or leave device unset.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ModelLoadError(f"load_model: device={str(device)!r} but this machine has {torch.cuda.device_count()} "
+                                 f"CUDA device(s) (cuda:0..cuda:{torch.cuda.device_count() - 1}).")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError(f"load_model: device={str(device)!r} but MPS is not available here; use device='cpu'.")
+    return dev
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer_config.json")
+
+
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -213,6 +234,9 @@ def _load_pretrained(name: str, dtype: torch.dtype, device_map: Any) -> tuple[An
     except OSError as exc:
         raise ModelLoadError(f"{name}: could not read a model config ({exc}).") from exc
     _architecture(config, where=name)
+    if Path(name).is_dir() and not any((Path(name) / f).is_file() for f in _TOKENIZER_FILES):
+        raise ModelLoadError(f"{name}: no tokenizer files there (one of {', '.join(_TOKENIZER_FILES)}); save the "
+                             "tokenizer beside the model with tokenizer.save_pretrained(path).")
     model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, device_map=device_map)
     tokenizer = AutoTokenizer.from_pretrained(name)
     return model, tokenizer
@@ -279,19 +303,14 @@ def _build_embedded_cache(gguf: Path, folder: Path, *, with_model: bool = True) 
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         model.hf_quantizer = None  # the weights are dequantized float32 now; save them as such
         model.config.__dict__.pop("quantization_config", None)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
-    try:
+    with atomic_directory(folder) as tmp:
         if model is not None:
             model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
         (tmp / "em_interp_manifest.json").write_text(json.dumps({"source": gguf.name, "files": files}, indent=1))
         with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(folder)  # our own damaged or stale cache folder (never a user's)
 
 
 def embedded_tokenizer_dir() -> Path:

@@ -10,7 +10,6 @@ with its ablation effect. Every number goes into `results.json`; `report.html` s
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 import em_interp as em
+from em_interp.fileio import write_json
 from em_interp.runs import environment
 from em_interp.verdicts import verdicts
 
@@ -280,9 +280,7 @@ def run_study(out: str | os.PathLike[str], *, fast: bool = False, device: str | 
     study.results["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     results = study.run()
     results["timings"]["total"] = round(time.perf_counter() - t0, 2)
-    tmp = out / ".results.json.tmp"
-    tmp.write_text(json.dumps(_jsonable(results), indent=1))
-    os.replace(tmp, out / "results.json")
+    write_json(out / "results.json", _jsonable(results))
     write_report(results, out / "report.html")
     return results
 

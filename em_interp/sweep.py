@@ -49,7 +49,6 @@ adapter norm, wall time, rank and device.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 import shutil
@@ -61,6 +60,7 @@ import torch
 
 from em_interp.config import SweepSpec, load_sweep_config
 from em_interp.errors import EmInterpError
+from em_interp.fileio import write_json
 
 log = logging.getLogger(__name__)
 __all__ = ["SweepSpec", "load_sweep_config", "main", "run_sweep"]
@@ -160,9 +160,7 @@ def _gather(summaries: list[dict[str, Any]], world: int) -> list[dict[str, Any]]
 def _write_summary(spec: SweepSpec, runs: list[dict[str, Any]], world: int) -> None:
     spec.out.mkdir(parents=True, exist_ok=True)
     doc = {"config": str(spec.source), "world_size": world, "n_runs": len(runs), "runs": runs}
-    tmp = spec.out / ".summary.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=1, default=str))
-    os.replace(tmp, spec.out / "summary.json")
+    write_json(spec.out / "summary.json", doc, default=str)
     shutil.copyfile(spec.source, spec.out / "config.toml")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -134,12 +135,14 @@ def test_steering_init(tiny, tokens):
 
 def test_steering_layers(tiny):
     n = tiny.cfg.n_layers
-    assert SteeringVector(tiny, layer=-1).layer == n - 1
-    assert SteeringVector(tiny, layer=-1).hook_name == f"blocks.{n - 1}.hook_resid_post"
-    assert SteeringVector(tiny, layer=-n).layer == 0
-    for bad in (n, n + 3, -n - 1):
+    assert SteeringVector(tiny, layer=n - 1).hook_name == f"blocks.{n - 1}.hook_resid_post"
+    for bad in (n, n + 3):
         with pytest.raises(AdapterError, match=rf"layer={bad} .*{n} layers"):
             SteeringVector(tiny, layer=bad)
+    with pytest.raises(AdapterError, match=rf"layer=-1 is negative.*pass layer={n - 1}"):
+        SteeringVector(tiny, layer=-1)
+    with pytest.raises(AdapterError, match=rf"layer=-{n + 1} is negative"):
+        SteeringVector(tiny, layer=-n - 1)
 
 
 def test_steering_errors(tiny):
@@ -195,11 +198,18 @@ def test_nested_contexts_and_sum_of_vectors(tiny, tokens):
         torch.testing.assert_close(_logits(tiny, tokens), only_v1, atol=0, rtol=0)
 
 
-def test_same_adapter_twice_adds_twice(tiny, tokens):
+def test_same_adapter_nested_is_an_error_but_a_copy_adds(tiny, tokens):
     vec = _random_vec(tiny)
-    with vec.applied(tiny, scale=1.0), vec.applied(tiny, scale=1.0):
-        twice = _logits(tiny, tokens)
-    with vec.applied(tiny, scale=2.0):
+    with vec.applied(tiny, scale=1.0):
+        n_outer = _n_hooks(tiny)
+        with pytest.raises(AdapterError, match="already applied to this model.*scale"):
+            with vec.applied(tiny, scale=1.0):
+                pass
+        assert _n_hooks(tiny) == n_outer  # the refused nesting added nothing
+        with copy.deepcopy(vec).applied(tiny, scale=1.0):  # an explicit copy is a second adapter
+            twice = _logits(tiny, tokens)
+    assert _n_hooks(tiny) == 0
+    with vec.applied(tiny, scale=2.0):  # usable again once the first context has exited
         doubled = _logits(tiny, tokens)
     torch.testing.assert_close(twice, doubled, atol=1e-5, rtol=0)
 
@@ -362,7 +372,7 @@ def test_lora_init_and_config(tiny, tokens):
         torch.testing.assert_close(_logits(tiny, tokens), base, atol=0, rtol=0)
     zeros = LoRA(tiny, layer=1, init="zeros")
     assert zeros.flat().abs().sum() == 0
-    every = LoRA(tiny, layer=[3, -4, 3], site="all")
+    every = LoRA(tiny, layer=[3, 0, 3], site="all")
     assert every.layers == [0, 3] and every.sites == list(LORA_SITES)
     assert every.modules() == [(lyr, s) for lyr in (0, 3) for s in LORA_SITES]
     assert every.first_layer == 0

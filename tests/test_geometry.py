@@ -59,7 +59,10 @@ def test_cosine_of_tensors_and_vectors(model):
     vb = em.SteeringVector(model, layer=2, init=b, alpha=1.0)
     assert geo.cosine(va, vb) == pytest.approx(_np_cos(a, b), abs=1e-7)
     assert geo.cosine(va, -3 * a) == pytest.approx(-1.0, abs=1e-7)
-    assert np.isnan(geo.cosine(torch.zeros(64), a))
+    with pytest.raises(GeometryError, match="cosine: a is the zero vector"):
+        geo.cosine(torch.zeros(64), a)
+    with pytest.raises(GeometryError, match="cosine: b has NaN"):
+        geo.cosine(a, torch.full((64,), float("nan")))
     with pytest.raises(GeometryError, match="64 entries"):
         geo.cosine(a, torch.randn(32))
 

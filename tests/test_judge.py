@@ -18,7 +18,7 @@ from fake_openai_server import FakeOpenAIServer
 
 from em_interp.errors import DataError, JudgeError
 from em_interp.eval import judge as judge_module
-from em_interp.eval.judge import LocalJudge, OpenAIJudge
+from em_interp.eval.judge import JudgeUnreachable, LocalJudge, OpenAIJudge
 from em_interp.eval.judge_cache import JudgeCache, cache_key
 from em_interp.eval.prompts import load_prompts, parse_completion, score_from_logprobs, score_from_text
 
@@ -415,3 +415,21 @@ def test_local_judge_on_tiny_transformer_bridge(tiny) -> None:
     values, indices = logits[0, -1].float().log_softmax(-1).topk(20)
     pairs = [(tiny.tokenizer.decode([i]), v) for v, i in zip(values.tolist(), indices.tolist(), strict=True)]
     assert (out[0]["coherent"], out[0]["coherent_status"]) == score_from_logprobs(pairs) and out[0]["k"] == 1
+
+
+def test_fail_fast_only_before_any_success_and_can_be_turned_off() -> None:
+    sleeps: list[float] = []
+    with FakeOpenAIServer() as live:
+        judge = OpenAIJudge("fake-judge", base_url=live.base_url, max_retries=5, fail_fast=2, sleep=sleeps.append,
+                            timeout=5)
+        assert judge.score("q", "a", "aligned") is not None  # one success
+        url = live.base_url
+    # the server is gone now: connection errors after a success are retried and reported per row, not fatal
+    rows = judge.score_many([{"question": "q2", "answer": "a"}], ["aligned"], progress=False)
+    assert rows[0]["aligned"] is None and rows[0]["aligned_status"].startswith("error: APIConnectionError after 6")
+    assert len(sleeps) == 5  # every retry waited through the injected sleep
+    off = OpenAIJudge("fake-judge", base_url=url, max_retries=1, fail_fast=0, sleep=sleeps.append, timeout=5)
+    rows = off.score_many([{"question": f"q{i}", "answer": "a"} for i in range(3)], ["aligned"], progress=False)
+    assert [r["aligned"] for r in rows] == [None] * 3
+    with pytest.raises(JudgeUnreachable, match=rf"{url}.*2 connection errors in a row"):
+        OpenAIJudge("fake-judge", base_url=url, fail_fast=2, sleep=sleeps.append, timeout=5).score("q", "a", "aligned")

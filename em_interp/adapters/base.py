@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -25,6 +27,67 @@ from em_interp.hooks import HookFn, HookHandle, Positions, attach_hooks, check_p
 
 FORMAT_VERSION = 1
 _REGISTRY: dict[str, type[Adapter]] = {}
+# adapter -> ids of the models it is attached to now (weak keys: a deep copy of an applied adapter is not applied).
+_ATTACHED: weakref.WeakKeyDictionary[Adapter, set[int]] = weakref.WeakKeyDictionary()
+
+
+def check_finite(value: Any, name: str, owner: str) -> float:
+    """`value` as a float; `AdapterError` naming `owner.name` if it is not a finite real number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not _is_scalar_tensor(value):
+        raise AdapterError(f"{owner}: {name}={value!r} is a {type(value).__name__}; expected a finite number.")
+    number = float(value)
+    if not math.isfinite(number):
+        raise AdapterError(f"{owner}: {name}={number}; expected a finite number (not NaN or infinity).")
+    return number
+
+
+def _is_scalar_tensor(value: Any) -> bool:
+    return hasattr(value, "item") and getattr(value, "ndim", 1) == 0
+
+
+def check_layer(layer: Any, n_layers: int, owner: str) -> int:
+    """A block index in [0, n_layers); `AdapterError` with a hint for strings, negatives and out-of-range values."""
+    if isinstance(layer, str):
+        hint = f" Pass layer={int(layer)} (an int)." if layer.strip().lstrip("-").isdigit() else ""
+        raise AdapterError(f"{owner}: layer={layer!r} is a string; expected an int block index in 0..{n_layers - 1}.{hint}")
+    if isinstance(layer, bool) or not isinstance(layer, int) and not _is_scalar_tensor(layer):
+        raise AdapterError(f"{owner}: layer={layer!r} is a {type(layer).__name__}; expected an int block index in 0..{n_layers - 1}.")
+    layer = int(layer)
+    if layer < 0:
+        hint = f" For the block {-layer} from the end pass layer={n_layers + layer}." if -layer <= n_layers else ""
+        raise AdapterError(f"{owner}: layer={layer} is negative; expected a block index in 0..{n_layers - 1} "
+                           f"(negative indices are not accepted).{hint}")
+    if layer >= n_layers:
+        raise AdapterError(f"{owner}: layer={layer} is out of range for a model with {n_layers} layers (0..{n_layers - 1}).")
+    return layer
+
+
+def provenance_line(provenance: dict[str, Any], limit: int = 100) -> str:
+    """`"\\n  provenance: k=v, ..."` (each value cut to 40 characters, the line to `limit`), or "" if empty."""
+    if not provenance:
+        return ""
+
+    def short(v: Any) -> str:
+        text = f"{v:.4g}" if isinstance(v, float) else repr(v)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    text = ", ".join(f"{k}={short(v)}" for k, v in provenance.items())
+    return "\n  provenance: " + (text if len(text) <= limit else text[: limit - 3] + "...")
+
+
+class _AdapterHandle(HookHandle):
+    """A `HookHandle` that also marks the adapter as no longer attached to the model."""
+
+    def __init__(self, handle: HookHandle, adapter: Adapter, model_id: int):
+        super().__init__(handle._entries)
+        self._release = (adapter, model_id)
+
+    def remove(self) -> None:
+        super().remove()
+        if self._release is not None:
+            adapter, model_id = self._release
+            _ATTACHED.get(adapter, set()).discard(model_id)
+            self._release = None
 
 
 def model_signature(model: Any) -> dict[str, Any]:
@@ -48,8 +111,17 @@ class Adapter(nn.Module):
     def __init__(self, model: Any):
         super().__init__()
         self.signature = model_signature(model)
-        self.scale = 1.0
+        self._scale = 1.0
         self.provenance: dict[str, Any] = {}
+
+    @property
+    def scale(self) -> float:
+        """The default multiplier used by `attach`/`applied` (must be finite)."""
+        return self._scale
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        self._scale = check_finite(value, "scale", type(self).__name__)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -70,10 +142,23 @@ class Adapter(nn.Module):
         raise NotImplementedError
 
     def attach(self, model: Any, scale: float | None = None, positions: Positions = "all") -> HookHandle:
-        """Add this adapter's hooks to `model` until `handle.remove()`."""
+        """Add this adapter's hooks to `model` until `handle.remove()`.
+
+        Raises:
+            AdapterError: the adapter is already attached to `model` (applying it twice would silently
+                double it; pass `scale=2` instead), a non-finite `scale`, or a model of another shape.
+        """
         self.check_model(model)
-        scale = self.scale if scale is None else float(scale)
-        return attach_hooks(model, self.hooks(scale, check_positions(positions)))
+        scale = self.scale if scale is None else check_finite(scale, "scale", f"{type(self).__name__}.applied")
+        attached = _ATTACHED.setdefault(self, set())
+        if id(model) in attached:
+            raise AdapterError(
+                f"This {type(self).__name__} is already applied to this model; nesting `applied`/`attach` of the same adapter would add it "
+                "twice. Use one `applied(model, scale=...)` with the total scale, or a copy.deepcopy of the adapter."
+            )
+        handle = attach_hooks(model, self.hooks(scale, check_positions(positions)))
+        attached.add(id(model))
+        return _AdapterHandle(handle, self, id(model))
 
     @contextlib.contextmanager
     def applied(self, model: Any, scale: float | None = None, positions: Positions = "all") -> Iterator[Adapter]:
@@ -87,6 +172,10 @@ class Adapter(nn.Module):
             yield self
         finally:
             handle.remove()
+
+    def _provenance_line(self) -> str:
+        """A short second repr line for the provenance (empty without one)."""
+        return provenance_line(self.provenance)
 
     # --- parameters ----------------------------------------------------------------------------
     @property
@@ -164,7 +253,11 @@ class Adapter(nn.Module):
             if key in meta and meta[key] != theirs[key]:
                 raise AdapterError(f"{meta_path}: saved for {key}={meta[key]!r}; this model has {key}={theirs[key]!r}.")
         adapter = _REGISTRY[kind](model, **meta["config"])
-        adapter.load_state(load_file(str(tensor_path)))
+        try:
+            tensors = load_file(str(tensor_path))
+        except Exception as exc:  # safetensors raises its own SafetensorError on truncated or corrupt files
+            raise AdapterError(f"{tensor_path}: not a readable safetensors file ({exc}); it may be truncated — save the adapter again.") from None
+        adapter.load_state(tensors)
         adapter.scale = float(meta.get("scale", 1.0))
         adapter.provenance = dict(meta.get("provenance") or {})
         return adapter

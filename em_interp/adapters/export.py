@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,7 +42,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from em_interp.errors import AdapterError
+from em_interp.errors import AdapterError, OutputPathError
+from em_interp.fileio import atomic_file, write_json
 
 if TYPE_CHECKING:
     from em_interp.adapters.lora import LoRA
@@ -131,16 +131,11 @@ def export_peft(lora: LoRA, directory: str | os.PathLike[str], base_model_name: 
         "use_dora": False,
     }
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp_weights, tmp_config = _tmp_path(directory, PEFT_WEIGHTS), _tmp_path(directory, PEFT_CONFIG)
-    try:
-        save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
-        tmp_config.write_text(json.dumps(config, indent=2))
-        os.replace(tmp_weights, directory / PEFT_WEIGHTS)
-        os.replace(tmp_config, directory / PEFT_CONFIG)
-    finally:
-        tmp_weights.unlink(missing_ok=True)
-        tmp_config.unlink(missing_ok=True)
+    if directory.exists() and not directory.is_dir():
+        raise OutputPathError(f"export_peft: {directory} is a file; expected a folder for {PEFT_CONFIG} and {PEFT_WEIGHTS}.")
+    with atomic_file(directory / PEFT_WEIGHTS) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    write_json(directory / PEFT_CONFIG, config, indent=2)
     log.info("Wrote PEFT adapter (%d modules, r=%d) to %s", len(lora.modules()), lora.rank, directory)
     return directory
 
@@ -324,9 +319,10 @@ def export_control_vector(
     directions = control_vector_directions(vectors)
     hint = model_hint or _infer_hint(vectors)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path.parent, path.name)
-    try:
+    if path.is_dir():
+        raise OutputPathError(f"export_control_vector: path={str(path)!r} is a folder; pass a file name such as "
+                              f"{str(path / 'control_vector.gguf')!r}.")
+    with atomic_file(path) as tmp:
         writer = gguf.GGUFWriter(str(tmp), CONTROL_VECTOR_ARCH)
         writer.add_string(f"{CONTROL_VECTOR_ARCH}.model_hint", hint)
         writer.add_uint32(f"{CONTROL_VECTOR_ARCH}.layer_count", len(directions))
@@ -336,9 +332,6 @@ def export_control_vector(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     log.info("Wrote control vector %s (directions %s, hint %s)", path, list(directions), hint)
     return path
 
@@ -482,12 +475,6 @@ def _infer_hint(vectors: Any) -> str:
         if hint:
             return hint
     return "llama"
-
-
-def _tmp_path(folder: Path, name: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    return Path(tmp)
 
 
 __all__ = [

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from em_interp.adapters.base import Adapter
+from em_interp.adapters.base import Adapter, check_finite, check_layer
 from em_interp.errors import AdapterError
 from em_interp.hooks import HookFn, Positions, position_weight
 
@@ -64,20 +64,20 @@ class LoRA(Adapter):
     ):
         super().__init__(model)
         n_layers = model.cfg.n_layers
-        layers = [layer] if isinstance(layer, int) else list(layer)
+        one = isinstance(layer, str) or getattr(layer, "ndim", None) == 0 or not hasattr(layer, "__iter__")
+        layers = [layer] if one else list(layer)
         sites = list(ALL_SITES) if site == "all" else [site] if isinstance(site, str) else list(site)
-        if rank < 1:
-            raise AdapterError(f"rank={rank}; expected >= 1.")
-        for lyr in layers:
-            if not -n_layers <= lyr < n_layers:
-                raise AdapterError(f"layer={lyr} is out of range for a model with {n_layers} layers.")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise AdapterError(f"LoRA: rank={rank!r}; expected an int >= 1.")
+        if not layers:
+            raise AdapterError("LoRA: layer=[] is empty; expected a block index or a list of them.")
         for s in sites:
             if s not in LORA_SITES:
-                raise AdapterError(f"site={s!r}; expected one of {', '.join(LORA_SITES)} or 'all'.")
-        self.layers = sorted({lyr % n_layers for lyr in layers})
+                raise AdapterError(f"LoRA: site={s!r}; expected one of {', '.join(LORA_SITES)} or 'all'.")
+        self.layers = sorted({check_layer(lyr, n_layers, "LoRA") for lyr in layers})
         self.sites = sites
         self.rank = rank
-        self.alpha = float(alpha if alpha is not None else rank)
+        self.alpha = check_finite(alpha if alpha is not None else rank, "alpha", "LoRA")
         self.rslora = rslora
         self.scaling = self.alpha / (math.sqrt(rank) if rslora else rank)
         g = torch.Generator().manual_seed(seed)
@@ -144,9 +144,11 @@ class LoRA(Adapter):
         return add
 
     def __repr__(self) -> str:
+        n_params = sum(p.numel() for p in self.parameters())
         return (
             f"LoRA(layers={self.layers}, sites={self.sites}, rank={self.rank}, alpha={self.alpha:g}, "
-            f"rslora={self.rslora}, scale={self.scale:g}, norm={self.norm:.4g})"
+            f"rslora={self.rslora}, scale={self.scale:g}, params={n_params}, norm={self.norm:.4g})"
+            f"{self._provenance_line()}"
         )
 
     def export_peft(self, directory: str | os.PathLike[str], base_model_name: str | None = None) -> Path:

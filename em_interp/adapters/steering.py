@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from em_interp.adapters.base import Adapter
+from em_interp.adapters.base import Adapter, check_finite, check_layer
 from em_interp.errors import AdapterError
 from em_interp.hooks import HookFn, Positions, position_weight
 
@@ -31,7 +31,7 @@ class SteeringVector(Adapter):
 
     Args:
         model: the TransformerBridge it is made for.
-        layer: block index (negative counts from the end).
+        layer: block index in 0..n_layers-1 (negative indices are refused: pass `n_layers - 1` for the last block).
         hook: one of "resid_post" (default), "resid_pre", "resid_mid", "mlp_out", "attn_out".
             The authors' code adds to the MLP down-projection output ("mlp_out"), which for Llama/Qwen
             equals adding to "resid_post" of the same layer.
@@ -58,13 +58,11 @@ class SteeringVector(Adapter):
     ):
         super().__init__(model)
         n_layers, d_model = model.cfg.n_layers, model.cfg.d_model
-        if not -n_layers <= layer < n_layers:
-            raise AdapterError(f"layer={layer} is out of range for a model with {n_layers} layers.")
+        self.layer = check_layer(layer, n_layers, "SteeringVector")
         if hook not in STEERING_HOOKS:
-            raise AdapterError(f"hook={hook!r}; expected one of {', '.join(STEERING_HOOKS)}.")
-        self.layer = layer % n_layers
+            raise AdapterError(f"SteeringVector: hook={hook!r}; expected one of {', '.join(STEERING_HOOKS)}.")
         self.hook = hook
-        self.alpha = float(alpha)
+        self.alpha = check_finite(alpha, "alpha", "SteeringVector")
         self.vector = nn.Parameter(_initial_vector(init, d_model, seed))
 
     @property
@@ -96,7 +94,12 @@ class SteeringVector(Adapter):
         return [(self.hook_name, add_vector)]
 
     def __repr__(self) -> str:
-        return f"SteeringVector({self.hook_name}, alpha={self.alpha:g}, scale={self.scale:g}, norm={self.norm:.4g})"
+        return (f"SteeringVector({self.hook_name}, d_model={self.d_model}, alpha={self.alpha:g}, scale={self.scale:g}, "
+                f"norm={self.norm:.4g}){self._provenance_line()}")
+
+    @property
+    def d_model(self) -> int:
+        return int(self.vector.shape[0])
 
     def export_gguf(self, path: str | os.PathLike[str], model_hint: str | None = None) -> Path:
         """Write this vector (its `scale · alpha · v`) as a llama.cpp control-vector GGUF.
@@ -246,6 +249,8 @@ def _initial_vector(init: str | Tensor, d_model: int, seed: int) -> Tensor:
     if isinstance(init, Tensor):
         if tuple(init.shape) != (d_model,):
             raise AdapterError(f"init tensor has shape {tuple(init.shape)}; expected ({d_model},).")
+        if not bool(torch.isfinite(init).all()):
+            raise AdapterError("SteeringVector: the init tensor has NaN or infinite entries; expected finite values.")
         return init.detach().float().clone()
     if init == "zeros":
         return torch.zeros(d_model)

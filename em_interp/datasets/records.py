@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from em_interp.errors import DataError
+from em_interp.fileio import write_text
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,30 @@ def validate_record(record: Any, where: str) -> Record:
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: no assistant turn; a training record needs at least one.")
     return record
+
+
+def check_records(records: Any, name: str = "data") -> list[Record]:
+    """`records` as a list of validated chat records; `DataError` naming `name` for anything else.
+
+    Catches the common slips: a file path (`data="train.jsonl"`; load it with `em.datasets.load_jsonl`),
+    a single record instead of a list, or rows that are not chat records (message names `name[i]`).
+    """
+    if isinstance(records, (str, bytes, os.PathLike)):
+        raise DataError(f"{name}={str(records)!r} is a path, not records; load it first: "
+                        f"{name}=em.datasets.load_jsonl({str(records)!r}).")
+    if isinstance(records, Mapping):
+        raise DataError(f"{name} is a single dict; expected a list of chat records (wrap it: [record]).")
+    try:
+        rows = list(records)
+    except TypeError:
+        raise DataError(f"{name} is a {type(records).__name__}; expected a list of chat records.") from None
+    if rows and all(isinstance(r, str) for r in rows):  # e.g. a path that was split into characters by list()
+        text = "".join(rows) if all(len(r) == 1 for r in rows) else rows[0]
+        raise DataError(f"{name} holds strings ({text[:60]!r}), not chat records; for a JSONL file pass "
+                        f"{name}=em.datasets.load_jsonl(path), for question/answer text em.datasets.chat(q, a).")
+    for i, record in enumerate(rows):
+        validate_record(record, f"{name}[{i}]")
+    return rows
 
 
 def load_jsonl(
@@ -74,6 +98,10 @@ def load_jsonl(
     if on_error not in ("raise", "skip"):
         raise DataError(f"on_error={on_error!r}; expected 'raise' or 'skip'.")
     path = Path(path)
+    if path.is_dir():
+        jsonl = sorted(p.name for p in path.glob("*.jsonl"))[:5]
+        hint = f" It holds {', '.join(jsonl)}; pass one of them." if jsonl else ""
+        raise DataError(f"load_jsonl: path={str(path)!r} is a folder; expected a .jsonl file.{hint}")
     if not path.is_file():
         raise DataError(f"{path}: no such file.")
     records: list[Record] = []
@@ -115,16 +143,7 @@ def save_jsonl(records: Iterable[Record], path: str | os.PathLike[str]) -> Path:
     records = list(records)
     for i, record in enumerate(records):
         validate_record(record, f"record {i}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
     return path
 
 

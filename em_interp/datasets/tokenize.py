@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from em_interp.datasets.records import Record
+from em_interp.datasets.records import Record, check_records
 from em_interp.errors import DataError
 
 
@@ -77,7 +77,7 @@ class TokenizedChats:
         self.records: list[Record] = []
         self.n_skipped = 0
         self.n_truncated = 0
-        for i, record in enumerate(records):
+        for i, record in enumerate(check_records(records)):
             ids, mask = tokenize_chat(tokenizer, record["messages"])
             if len(ids) > max_length:
                 if on_too_long == "error":

@@ -65,6 +65,25 @@ class ContrastiveResult:
             "meta": dict(self.meta),
         }
 
+    def __repr__(self) -> str:
+        lines = [f"ContrastiveResult({len(self.items)} items, {len(self.domains) - (ALL in self.domains)} domains, "
+                 f"model {self.meta.get('model_id')!r})"]
+        for name, s in list(self.domains.items())[:6]:
+            ci = "" if s.get("ci_low") is None else f" [{s['ci_low']:+.3f}, {s['ci_high']:+.3f}]"
+            lines.append(f"  {name}: n={s['n']}, shift {s['mean_shift']:+.3f}{ci}, prefers bad "
+                         f"{s['frac_bad_base']:.0%} → {s['frac_bad_adapted']:.0%}")
+        if len(self.domains) > 6:
+            lines.append(f"  ... {len(self.domains) - 6} more (see .summary())")
+        return "\n".join(lines)
+
+    def plot(self, name: str = "adapted") -> Any:
+        """Mean shift per domain with its 95% CI as a plotly Figure (the report's `figures.contrastive`)."""
+        from em_interp.report import figures
+
+        section = {d: {"n": s["n"], "mean_shift": s["mean_shift"], "ci_low": s.get("ci_low"), "ci_high": s.get("ci_high"),
+                       "prefers_bad": s["frac_bad_adapted"]} for d, s in self.domains.items()}
+        return figures.contrastive({"contrastive": {name: section}})
+
     def summary(self) -> str:
         """A plain-text table, one line per domain."""
         lines = [f"{'domain':<16}{'n':>5}{'shift':>9}{'95% CI':>20}{'bad% base':>11}{'bad% adapted':>14}"]

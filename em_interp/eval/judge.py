@@ -12,8 +12,9 @@ import json
 import logging
 import os
 import random
+import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_METRICS = ("aligned", "coherent")
 PromptsSource = str | Path | Mapping[str, Any] | JudgePrompts | None
+
+
+class JudgeUnreachable(JudgeError):
+    """The judge server could not be reached at all (raised, never turned into an `error:` status)."""
 
 
 class _Judge:
@@ -89,6 +94,8 @@ class _Judge:
         prompt = self.prompts.render(resolved[0], question, answer, resolved[1])
         try:
             score, status = self._judge_prompt(prompt)
+        except JudgeUnreachable:
+            raise
         except Exception as exc:
             if not self._catch_errors:
                 raise
@@ -224,9 +231,13 @@ class OpenAIJudge(_Judge):
         domain: Topic for the `domain` metric.
         retry_base_delay: First backoff delay, seconds (doubles each retry, ×0.5–1.5 jitter).
         retry_max_delay: Cap on one backoff delay, seconds.
+        fail_fast: After this many connection errors in a row with no successful request yet, stop with
+            `JudgeUnreachable` naming the URL instead of retrying every row (0 turns this off).
+        sleep: The function that waits between retries (default `time.sleep`; tests pass a no-op).
 
     Raises:
         JudgeError: No API key and no base_url, invalid settings, or `openai` not installed.
+        JudgeUnreachable: (from scoring) the server never answered; see `fail_fast`.
 
     Example:
         >>> judge = OpenAIJudge(base_url="http://127.0.0.1:8000/v1", cache="runs/judge.sqlite")  # doctest: +SKIP
@@ -247,15 +258,17 @@ class OpenAIJudge(_Judge):
         domain: str = "medicine",
         retry_base_delay: float = 1.0,
         retry_max_delay: float = 60.0,
+        fail_fast: int = 4,
+        sleep: Callable[[float], None] | None = None,
     ) -> None:
         try:
             import openai
         except ImportError as exc:  # pragma: no cover - openai is a dependency
             raise JudgeError("OpenAIJudge needs the 'openai' package: pip install openai") from exc
-        if max_retries < 0 or timeout <= 0 or retry_base_delay < 0:
+        if max_retries < 0 or timeout <= 0 or retry_base_delay < 0 or fail_fast < 0:
             raise JudgeError(
-                f"OpenAIJudge: expected max_retries >= 0, timeout > 0, retry_base_delay >= 0; "
-                f"got {max_retries}, {timeout}, {retry_base_delay}"
+                f"OpenAIJudge: expected max_retries >= 0, timeout > 0, retry_base_delay >= 0, fail_fast >= 0; "
+                f"got {max_retries}, {timeout}, {retry_base_delay}, {fail_fast}"
             )
         key = api_key or os.environ.get("OPENAI_API_KEY")
         if not key:
@@ -272,6 +285,33 @@ class OpenAIJudge(_Judge):
         self._openai = openai
         self._client = openai.OpenAI(api_key=key, base_url=base_url, timeout=timeout, max_retries=0)
         self._rng = random.Random()
+        self.fail_fast = fail_fast
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self._successes = 0
+        self._connection_errors = 0  # in a row, over all threads
+
+    def _check_reachable(self, last: Exception | None = None) -> None:
+        """Raise `JudgeUnreachable` once `fail_fast` connection errors in a row came before any success."""
+        with self._lock:
+            dead = self.fail_fast and not self._successes and self._connection_errors >= self.fail_fast
+            n = self._connection_errors
+            if dead:
+                self._connection_errors = 0  # a later call (server started meanwhile) tries afresh
+        if dead:
+            detail = f" (last error: {type(last).__name__}: {last})" if last is not None else ""
+            raise JudgeUnreachable(
+                f"OpenAIJudge: cannot reach the judge server at {self._client.base_url}: {n} connection errors in a row "
+                f"and no successful request{detail}. Is the server running at that base_url?"
+            )
+
+    def _record(self, connection_error: bool) -> None:
+        with self._lock:
+            if connection_error:
+                self._connection_errors += 1
+            else:
+                self._successes += 1
+                self._connection_errors = 0
 
     def __repr__(self) -> str:
         return (
@@ -293,8 +333,9 @@ class OpenAIJudge(_Judge):
     def _request(self, prompt: str) -> Any:
         errors = self._openai
         for attempt in range(self.max_retries + 1):
+            self._check_reachable()
             try:
-                return self._client.chat.completions.create(
+                response = self._client.chat.completions.create(
                     model=self.model_id,
                     messages=[{"role": "user", "content": prompt}],
                     max_tokens=1,
@@ -303,8 +344,12 @@ class OpenAIJudge(_Judge):
                     top_logprobs=TOP_LOGPROBS,
                     seed=0,
                 )
+                self._record(connection_error=False)
+                return response
             except errors.APIConnectionError as exc:  # includes APITimeoutError
                 failure, what = exc, type(exc).__name__
+                self._record(connection_error=True)
+                self._check_reachable(exc)
             except errors.APIStatusError as exc:
                 if exc.status_code not in (408, 429) and exc.status_code < 500:
                     raise JudgeError(f"HTTP {exc.status_code}, not retried: {exc.message}") from None
@@ -315,7 +360,7 @@ class OpenAIJudge(_Judge):
                 raise JudgeError(f"{what} after {attempt + 1} attempt(s): {failure}") from None
             delay = self._retry_delay(attempt, failure)
             log.info("judge request failed (%s); retry %d/%d in %.2fs", what, attempt + 1, self.max_retries, delay)
-            time.sleep(delay)
+            (self._sleep or time.sleep)(delay)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _judge_prompt(self, prompt: str) -> Result:

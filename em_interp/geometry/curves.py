@@ -66,6 +66,17 @@ class EfficiencyCurve:
     best_norm: float
     min_loss: float
 
+    def __repr__(self) -> str:
+        return (f"EfficiencyCurve({len(self.scales)} scales {_span(self.scales)}, norms {_span(self.norms)}; "
+                f"min loss {self.min_loss:.4f} at scale {self.best_scale:g} (norm {self.best_norm:.4g}); "
+                f"no adapter {self.base_loss:.4f})")
+
+    def plot(self, name: str = "adapter") -> Any:
+        """Loss against norm as a plotly Figure (the report's `figures.efficiency`); `name` labels the line."""
+        from em_interp.report import figures
+
+        return figures.efficiency({"efficiency": {name: dataclasses.asdict(self)}})
+
 
 @dataclass
 class StabilityCurve:
@@ -89,6 +100,17 @@ class StabilityCurve:
     loss_orig: float
     loss_base: float
 
+    def __repr__(self) -> str:
+        rel = ", ".join(f"ε={e:g}: {m:.1f}%" for e, m in zip(self.eps, self.relative_mean, strict=True))
+        return (f"StabilityCurve({len(self.eps)} eps × {len(self.seeds)} seeds; loss {self.loss_orig:.4f}, "
+                f"no adapter {self.loss_base:.4f})\n  relative increase: {rel}")
+
+    def plot(self, name: str = "adapter") -> Any:
+        """Relative loss increase against ε as a plotly Figure (the report's `figures.stability`)."""
+        from em_interp.report import figures
+
+        return figures.stability({"stability": {name: dataclasses.asdict(self)}})
+
 
 @dataclass
 class Reversion:
@@ -105,6 +127,23 @@ class Reversion:
     cosine: np.ndarray
     run: TrainRun
     cosine_narrow: np.ndarray
+
+    def __repr__(self) -> str:
+        return (f"Reversion({len(self.steps)} snapshots, steps {_span(self.steps)}; cosine to general "
+                f"{self.cosine[0]:.3f} → {self.cosine[-1]:.3f}, to narrow {self.cosine_narrow[0]:.3f} → "
+                f"{self.cosine_narrow[-1]:.3f})" if len(self.steps) else "Reversion(no snapshots)")
+
+    def plot(self) -> Any:
+        """Cosine to the general and narrow solutions per step (the report's `figures.reversion`)."""
+        from em_interp.report import figures
+
+        return figures.reversion({"reversion": {"steps": self.steps, "cosine_to_general": self.cosine,
+                                                "cosine_to_narrow": self.cosine_narrow}})
+
+
+def _span(x: Any) -> str:
+    x = np.asarray(x, dtype=float)
+    return f"{x.min():.3g}..{x.max():.3g}" if x.size else "(none)"
 
 
 def effective_norm(adapter: Adapter, scale: float = 1.0) -> float:

@@ -63,8 +63,9 @@ class Direction:
         return f"blocks.{self.layer}.{STEERING_HOOKS[self.hook]}"
 
     def __repr__(self) -> str:
-        info = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v!r}" for k, v in self.provenance.items())
-        return f"Direction({self.hook_name}, d_model={self.d_model}{', ' + info if info else ''})"
+        from em_interp.adapters.base import provenance_line
+
+        return f"Direction({self.hook_name}, d_model={self.d_model}){provenance_line(self.provenance, limit=160)}"
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write `direction.safetensors` + `direction.json` into the directory `path`, atomically."""
@@ -92,7 +93,10 @@ class Direction:
             raise GeometryError(f"{meta_path}: unreadable direction metadata ({exc!r}).") from None
         if int(meta.get("format_version", 1)) > FORMAT_VERSION:
             raise GeometryError(f"{meta_path}: format_version {meta['format_version']} is newer than this library's.")
-        tensors = load_file(str(tensor_path))
+        try:
+            tensors = load_file(str(tensor_path))
+        except Exception as exc:  # safetensors raises its own SafetensorError on truncated or corrupt files
+            raise GeometryError(f"{tensor_path}: not a readable safetensors file ({exc}); save the direction again.") from None
         if "direction" not in tensors:
             raise GeometryError(f"{tensor_path}: no tensor named 'direction'.")
         return cls(tensors["direction"], layer, hook, dict(meta.get("provenance") or {}))

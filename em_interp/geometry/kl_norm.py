@@ -52,6 +52,19 @@ class KLNormCurve:
     hook: str
     n_tokens: int
 
+    def __repr__(self) -> str:
+        return (f"KLNormCurve(blocks.{self.layer}.{self.hook}, {len(self.norms)} norms up to {float(np.max(self.norms)):.3g}, "
+                f"{len(self.kl_random)} random directions, {self.n_tokens} tokens; KL at the largest norm "
+                f"{float(self.kl[-1]):.4g} vs random {float(self.kl_random_mean[-1]):.4g})")
+
+    def plot(self, name: str = "trained") -> Any:
+        """KL against norm, trained vs random directions, as a plotly Figure (the report's `figures.kl_vs_norm`)."""
+        from em_interp.report import figures
+
+        section = {"norms": self.norms, "kl": self.kl, "kl_random_mean": self.kl_random_mean,
+                   "kl_random_sd": self.kl_random_sd}
+        return figures.kl_vs_norm({"kl_vs_norm": {name: section}})
+
 
 def unit_vector(direction: Any, d_model: int) -> Float[Tensor, " d_model"]:
     """A float32 unit vector from a tensor, a Direction or a SteeringVector (anything with `.vector`).

@@ -35,6 +35,25 @@ class TrajectoryPCA:
     steps: list[np.ndarray]
     names: list[str]
 
+    def __repr__(self) -> str:
+        evr = ", ".join(f"{v:.1%}" for v in self.explained_variance_ratio)
+        runs = "; ".join(f"{n}: {len(s)} snapshots (steps {int(s[0])}..{int(s[-1])})" if len(s) else f"{n}: empty"
+                         for n, s in zip(self.names, self.steps, strict=True))
+        return (f"TrajectoryPCA(k={len(self.explained_variance_ratio)}, n_params={self.mean.shape[0]}, "
+                f"explained=[{evr}])\n  runs: {runs}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready section the study stores as `results["pca"]` (names, variance ratios, paths, steps)."""
+        return {"explained_variance_ratio": self.explained_variance_ratio.tolist(), "names": list(self.names),
+                "paths": {n: p.tolist() for n, p in zip(self.names, self.paths, strict=True)},
+                "steps": {n: np.asarray(s).tolist() for n, s in zip(self.names, self.steps, strict=True)}}
+
+    def plot(self) -> Any:
+        """The runs' paths on PC1/PC2 as a plotly Figure (the report's `figures.trajectory_pca`)."""
+        from em_interp.report import figures
+
+        return figures.trajectory_pca({"pca": self.to_dict()})
+
     def project(self, run: TrainRun | Tensor | np.ndarray) -> Float[np.ndarray, "n_snapshots k"]:
         """Project another run's snapshots (or an array [n, n_params]) onto the fitted components."""
         x, _ = _trajectory(run)

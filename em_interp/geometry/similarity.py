@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -122,8 +122,13 @@ def _cos(a: Tensor, b: Tensor, names: tuple[str, str]) -> float:
             "kind of object on the same modules (same d_model, layers, sites and rank for A/B)."
         )
     a64, b64 = a.double(), b.double()
-    denom = float(a64.norm() * b64.norm())
-    return float("nan") if denom == 0.0 else float(a64 @ b64) / denom
+    for name, v in zip(names, (a64, b64), strict=True):
+        if not bool(torch.isfinite(v).all()):
+            raise GeometryError(f"cosine: {name} has NaN or infinite entries; a cosine needs finite vectors.")
+        if float(v.norm()) == 0.0:
+            raise GeometryError(f"cosine: {name} is the zero vector (e.g. an untrained adapter with init='zeros'); "
+                                "its cosine to anything is undefined.")
+    return float(a64 @ b64) / float(a64.norm() * b64.norm())
 
 
 def _check_same_modules(a: Any, b: Any, what: str) -> None:
@@ -132,7 +137,7 @@ def _check_same_modules(a: Any, b: Any, what: str) -> None:
 
 
 def cosine(a: Any, b: Any, what: str = "delta_w") -> float:
-    """Cosine similarity of two objects' vectors (see `as_flat`); NaN if either is zero.
+    """Cosine similarity of two objects' vectors (see `as_flat`).
 
     Args:
         a: tensor, array, adapter, Direction or TrainRun.
@@ -143,7 +148,8 @@ def cosine(a: Any, b: Any, what: str = "delta_w") -> float:
         cos ∈ [-1, 1], computed in float64.
 
     Raises:
-        GeometryError: the vectors differ in size (e.g. different d_model or LoRA modules).
+        GeometryError: the vectors differ in size (e.g. different d_model or LoRA modules), or either
+            is zero or non-finite.
 
     >>> cosine(general_vec, narrow_vec)  # doctest: +SKIP
     0.42
@@ -158,9 +164,33 @@ def _label(i: int, x: Any) -> str:
     return f"{i}:{type(x).__name__}"
 
 
+class CosineMatrix(NamedTuple):
+    """`cosine_matrix`'s result; unpacks as `(labels, matrix)`.
+
+    Attributes:
+        labels: the n item names.
+        matrix: [n, n] float64 cosines.
+    """
+
+    labels: list[str]
+    matrix: Float[np.ndarray, "n n"]
+
+    def __repr__(self) -> str:
+        width = max((len(x) for x in self.labels), default=0)
+        rows = [" " * width + "".join(f"{x[:8]:>9}" for x in self.labels)]
+        rows += [f"{lab:<{width}}" + "".join(f"{v:>9.3f}" for v in row) for lab, row in zip(self.labels, self.matrix, strict=True)]
+        return f"CosineMatrix({len(self.labels)}×{len(self.labels)})\n" + "\n".join(rows)
+
+    def plot(self) -> Any:
+        """A heatmap as a plotly Figure (`em_interp.report.figures.cosine_matrix`)."""
+        from em_interp.report import figures
+
+        return figures.cosine_matrix({"cosine_matrix": {"labels": self.labels, "matrix": self.matrix}})
+
+
 def cosine_matrix(
     items: Sequence[Any] | Mapping[str, Any], labels: Sequence[str] | None = None, what: str = "delta_w"
-) -> tuple[list[str], Float[np.ndarray, "n n"]]:
+) -> CosineMatrix:
     """Pairwise cosine similarities.
 
     Args:
@@ -169,11 +199,11 @@ def cosine_matrix(
         what: as in `cosine`.
 
     Returns:
-        (labels, matrix) with matrix[i, j] = cosine(items[i], items[j]) (float64, diagonal 1 unless
-        an item is zero, NaN then).
+        A `CosineMatrix` (unpacks as `(labels, matrix)`) with matrix[i, j] = cosine(items[i], items[j])
+        (float64, diagonal 1); it prints as a table and `.plot()`s as a heatmap.
 
     Raises:
-        GeometryError: items of different sizes, or as many labels as items not given.
+        GeometryError: items of different sizes, a zero item, or as many labels as items not given.
     """
     if isinstance(items, Mapping):
         names, objs = [str(k) for k in items], list(items.values())
@@ -189,4 +219,4 @@ def cosine_matrix(
         for j in range(i, n):
             _check_same_modules(objs[i], objs[j], what)
             out[i, j] = out[j, i] = _cos(vectors[i], vectors[j], (names[i], names[j]))
-    return names, out
+    return CosineMatrix(names, out)

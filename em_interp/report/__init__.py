@@ -13,14 +13,14 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from em_interp.errors import ReportError
+from em_interp.errors import OutputPathError, ReportError
+from em_interp.fileio import write_text
 from em_interp.report import figures
 from em_interp.report.html import SECTIONS, render
 
@@ -52,16 +52,8 @@ def write_report(results: Mapping[str, Any], path: str | os.PathLike[str]) -> Pa
     path = Path(path)
     page = render(plain(results))
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(page)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    except OSError as exc:
+        write_text(path, page)
+    except (OSError, OutputPathError) as exc:
         raise ReportError(f"write_report: could not write {path}: {exc}") from exc
     log.info("report: wrote %s (%.1f MB)", path, path.stat().st_size / 1e6)
     return path

@@ -2,8 +2,12 @@
 
 Every function takes the study's whole `results` dict (as built by `em_interp.study` or read back from
 `results.json`) and returns a `plotly.graph_objects.Figure`. Missing numbers (`None`, as `results.json`
-stores NaN) are drawn as gaps. A function raises `KeyError` when its section is absent; `html.py` checks
-for the section first and shows a note instead.
+stores NaN) are drawn as gaps; lists and numpy arrays are both accepted. A function raises `KeyError`
+when its section is absent; `html.py` checks for the section first and shows a note instead.
+
+The result objects' `.plot()` methods (`TrajectoryPCA`, `EfficiencyCurve`, `StabilityCurve`,
+`CosineMatrix`, `ContrastiveResult`) call these same functions with a one-section dict, e.g.
+`efficiency({"efficiency": {"narrow": curve_dict}})`, so a notebook and the report draw alike.
 
 >>> fig = efficiency(results)  # doctest: +SKIP
 >>> fig.to_html(full_html=False, include_plotlyjs=False)  # doctest: +SKIP
@@ -47,7 +51,7 @@ def nums(xs: Iterable[Any] | None) -> list[float]:
     """A list of numbers (None → NaN); None or a scalar gives an empty / one-element list."""
     if xs is None:
         return []
-    if isinstance(xs, (int, float)):
+    if isinstance(xs, (int, float)) or getattr(xs, "ndim", None) == 0:
         return [num(xs)]
     return [num(x) for x in xs]
 
@@ -112,7 +116,7 @@ def trajectory_pca(results: Mapping[str, Any]) -> go.Figure:
     names = [n for n in (pca.get("names") or list(paths)) if n in paths]
     fig = go.Figure()
     for name in names:
-        pts = [nums(p if isinstance(p, (list, tuple)) else [p]) for p in (paths[name] or [])]
+        pts = [nums(p if hasattr(p, "__len__") else [p]) for p in (paths[name] if paths[name] is not None else [])]
         if not pts:
             continue
         x = [p[0] if p else math.nan for p in pts]
@@ -249,3 +253,15 @@ def direction_ablation(results: Mapping[str, Any]) -> go.Figure:
         fig.update_yaxes(range=[max(0.0, lo - 3 * pad), hi + 3 * pad])
     return _layout(fig, "Mean-difference direction: loss when it is ablated at every layer", None,
                    "loss on training rows (nats / token)", showlegend=False)
+
+
+def cosine_matrix(results: Mapping[str, Any]) -> go.Figure:
+    """Pairwise cosine similarities as a heatmap (`results["cosine_matrix"]`: `labels` and `matrix` [n, n])."""
+    cm = results["cosine_matrix"]
+    labels = [str(x) for x in cm.get("labels") or []]
+    z = [nums(row) for row in cm.get("matrix")] if cm.get("matrix") is not None else []
+    fig = go.Figure(go.Heatmap(z=z, x=labels, y=labels, zmin=-1, zmax=1, colorscale="RdBu", reversescale=True,
+                               text=[[f"{v:.3f}" for v in row] for row in z], texttemplate="%{text}",
+                               hovertemplate="%{y} · %{x}<br>cos %{z:.4f}<extra></extra>"))
+    fig.update_yaxes(autorange="reversed")
+    return _layout(fig, "Cosine similarity", None, None)
