@@ -30,6 +30,7 @@ from torch import Tensor
 
 from em_interp import fastpath as _fastpath
 from em_interp.errors import ModelLoadError
+from em_interp.fileio import atomic_file
 from em_interp.objectives import log_probs
 
 
@@ -294,9 +295,8 @@ class ActivationCache:
         self.directory.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
         path = self.directory / f"{hashlib.sha256(repr(key).encode()).hexdigest()[:24]}.safetensors"  # type: ignore[operator]
         value = value.detach().to("cpu").contiguous()
-        tmp = path.with_suffix(".tmp")
-        save_file({"value": value}, str(tmp))
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:  # umask permissions (safetensors alone writes 0600)
+            save_file({"value": value}, str(tmp))
         self._on_disk[key] = (path, value.numel() * value.element_size())
         return value
 
