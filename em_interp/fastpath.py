@@ -10,13 +10,14 @@ with a hook anywhere inside keep their bridge, and their hook-free children are 
 attached hook still fires exactly where it did: an adapter at `blocks.24.hook_resid_post` keeps block 24's
 bridge and its own hook, and its attention and MLP run as plain HF modules.
 
-Mode (`set_fast_path`, or the environment variables `EM_INTERP_FAST_PATH=auto|on|off` and `EM_INTERP_COMPILE=1`):
+Mode (`set_fast_path`, or the environment variables `EM_INTERP_FAST_PATH=auto|on|off` and `EM_INTERP_COMPILE=auto|0|1`):
 "auto" (default) uses the fast path on every device wherever the model supports it (`supports`); "on" forces it,
 "off" runs the bridge everywhere. With `compile=True` the plain copies of
 hook-free decoder layers also run through `torch.compile` (regional compilation: one compiled graph serves
-every layer). Off by default: it costs ~20 s of compilation at the first step (and once more at the first
-new sequence length), which pays off on long runs of big models (a 14B model: 24% less time per step on an
-H100, see benchmarks/GPU_NOTES.md) but not on short runs of small ones.
+every layer). The default, "auto", compiles on CUDA devices and not on CPU: it costs ~20 s of compilation at
+the first step (and once more at the first new sequence length; logged as a warning), which pays off on long
+runs of big models on an accelerator (see benchmarks/results/bench_gpu.jsonl). `EM_INTERP_COMPILE=0|1`
+overrides it.
 
 The two paths compute the same function (tested: float32 agreement to ~1e-6 relative on CPU, and training
 losses equal to ~1e-6); in bf16 they differ by the usual bf16 rounding, as HF's own SDPA and eager attention do.
@@ -28,7 +29,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import itertools
+import logging
 import os
+import time
 import types
 import weakref
 from collections.abc import Iterator
@@ -37,25 +41,31 @@ from typing import Any
 import torch
 from torch import nn
 
+log = logging.getLogger(__name__)
+
 _STATE: dict[str, Any] = {
     "mode": os.environ.get("EM_INTERP_FAST_PATH", "auto"),
-    "compile": os.environ.get("EM_INTERP_COMPILE", "0") not in ("", "0", "false", "False"),
+    "compile": {"": "auto", "auto": "auto", "0": False, "false": False, "False": False}.get(
+        os.environ.get("EM_INTERP_COMPILE", "auto"), True),
 }
 # Per model (weakly keyed, so neither deep copies nor pickles of a model carry it): plain clones, subtree lists.
 _CACHES: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
-def set_fast_path(mode: str | bool = "auto", *, compile: bool = False) -> None:
+def set_fast_path(mode: str | bool = "auto", *, compile: bool | str = "auto") -> None:
     """Choose when the trainer's partial forwards bypass hook-free bridge components.
 
     Args:
         mode: "auto" (on wherever the model supports it), "on"/True, or "off"/False.
-        compile: run plain copies of hook-free decoder layers through `torch.compile` (fast path only).
+        compile: run plain copies of hook-free decoder layers through `torch.compile` (fast path only):
+            True, False, or "auto" (on for CUDA devices, where it pays on long runs; off on CPU).
     """
     value = {True: "on", False: "off"}.get(mode, mode) if isinstance(mode, bool) else mode
     if value not in ("auto", "on", "off"):
         raise ValueError(f"fast path mode {mode!r}; expected 'auto', 'on' or 'off'.")
-    _STATE["mode"], _STATE["compile"] = value, bool(compile)
+    if compile != "auto" and not isinstance(compile, bool):
+        raise ValueError(f"compile={compile!r}; expected True, False or 'auto'.")
+    _STATE["mode"], _STATE["compile"] = value, compile
 
 
 def fast_path_mode() -> dict[str, Any]:
@@ -174,9 +184,19 @@ class _Compiled(nn.Module):
         super().__init__()
         self.layer = layer
         self._fn = torch.compile(layer)  # a new sequence length recompiles once, with dynamic shapes
+        self._first_call = True
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self._fn(*args, **kwargs)
+        if not self._first_call:
+            return self._fn(*args, **kwargs)
+        self._first_call = False
+        start = time.perf_counter()
+        out = self._fn(*args, **kwargs)
+        seconds = time.perf_counter() - start
+        if seconds > 1.0:  # the layer that compiled (the others reuse its graph)
+            log.warning("torch.compile of the plain decoder layers took %.1f s (one-time; "
+                        "EM_INTERP_COMPILE=0 or set_fast_path(compile=False) turns it off).", seconds)
+        return out
 
 
 @contextlib.contextmanager
@@ -192,6 +212,8 @@ def plain_modules(root: nn.Module, owner: Any, *, compile_layers: bool | None = 
     cache = _CACHES.setdefault(owner, {})
     compiled: dict[int, nn.Module] = cache.setdefault("compiled", {})
     do_compile = _STATE["compile"] if compile_layers is None else compile_layers
+    if do_compile == "auto":
+        do_compile = any(p.device.type == "cuda" for p in itertools.islice(root.parameters(), 1))
     walk = _Walk(cache)
     undo: list[tuple[nn.Module, str, nn.Module]] = []
 
