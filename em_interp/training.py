@@ -34,7 +34,8 @@ __all__ = ["TrainConfig", "continue_run", "train", "train_many"]
 
 log = logging.getLogger(__name__)
 
-CHUNK_BYTES = 1 << 30  # default budget of one batched forward's loss tensors in `train_many` (see `chunk_size`)
+CHUNK_BYTES = 1 << 30  # default budget of one batched forward's loss tensors in `train_many` on CPU (see `chunk_size`)
+CHUNK_FREE_FRACTION = 0.25  # on an accelerator: this fraction of its free memory at the start
 
 
 def train(
@@ -153,7 +154,8 @@ def train_many(
         device: must be the model's device if given (adapters are moved there).
         chunk_size: adapters per batched forward (each chunk's forward and backward run before the next
             chunk's, so peak memory grows with the chunk, not with the number of adapters); None: as many as
-            keep a forward's loss tensors under `CHUNK_BYTES` (at least one). Results do not depend on it.
+            keep a forward's loss tensors under `CHUNK_BYTES` on CPU, or under a quarter of the free memory on a
+            CUDA device (at least one). Results do not depend on it.
         **settings: the other `TrainConfig` fields (lr, epochs, steps, batch_size, kl_batch_size, grad_accum,
             warmup_steps, schedule, weight_decay, record_every, max_length, ce_tokens, kl_tokens,
             kl_reduction, method), as documented in `train`.
@@ -208,7 +210,16 @@ def _default_chunk(computer: LossComputer, cfg: TrainConfig) -> int:
         return max(sum(per_row[i] for i in rows) for rows in plan)
 
     positions = most(computer.data, computer.plan, cfg.ce_tokens) + most(computer.kl_data, computer.kl_plan, cfg.kl_tokens)
-    return max(1, CHUNK_BYTES // max(1, 16 * positions * computer.vocab))
+    return max(1, _chunk_budget(computer.device) // max(1, 16 * positions * computer.vocab))
+
+
+def _chunk_budget(device: torch.device) -> int:
+    """Bytes one chunk's loss tensors may take: `CHUNK_BYTES` on CPU (where RSS is the constraint), a fraction
+    of the free memory on a CUDA device (where batching all adapters at once is what makes a sweep fast)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free * CHUNK_FREE_FRACTION)
+    return CHUNK_BYTES
 
 
 class _Loop:
