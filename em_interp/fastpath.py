@@ -212,8 +212,10 @@ def plain_modules(root: nn.Module, owner: Any, *, compile_layers: bool | None = 
     cache = _CACHES.setdefault(owner, {})
     compiled: dict[int, nn.Module] = cache.setdefault("compiled", {})
     do_compile = _STATE["compile"] if compile_layers is None else compile_layers
-    if do_compile == "auto":
-        do_compile = any(p.device.type == "cuda" for p in itertools.islice(root.parameters(), 1))
+    if do_compile == "auto":  # CUDA, one device (a device_map split recompiles at accelerate's hooks: slower)
+        device_map = getattr(getattr(owner, "original_model", None), "hf_device_map", None) or {}
+        on_cuda = any(p.device.type == "cuda" for p in itertools.islice(root.parameters(), 1))
+        do_compile = on_cuda and len(set(device_map.values())) <= 1
     walk = _Walk(cache)
     undo: list[tuple[nn.Module, str, nn.Module]] = []
 
