@@ -6,6 +6,8 @@
 * `server.enqueue(*faults)` — faults applied to the next requests, one per request, in arrival order.
 * `server.fail_when(substring, fault)` — a permanent fault for every request whose prompt contains `substring`.
 * `server.delay` — seconds every request sleeps before answering.
+* `server.sample_texts` — reply texts for a request asking for `n` > 1 completions without logprobs (a sampled
+  judge): choice i answers `sample_texts[i % len]`.
 
 Faults: "429", "500", "503" (HTTP errors), "401-echo" (401 echoing the bearer token, like a real "incorrect
 API key" message), "slow" (sleep `slow_seconds`, then answer), "drop" (close without a response), "malformed"
@@ -58,6 +60,7 @@ class FakeOpenAIServer:
         self.top: Pairs = top or [("80", math.log(0.6)), ("90", math.log(0.4))]
         self.responder: Callable[[str], Pairs] | None = None
         self.delay = 0.0
+        self.sample_texts: list[str] = ["50"]
         self.slow_seconds = 2.0
         self.requests: list[dict[str, Any]] = []
         self.auth_headers: list[str] = []
@@ -153,7 +156,12 @@ class FakeOpenAIServer:
             pairs = [("REF", math.log(0.9)), ("0", math.log(0.05))]
         elif fault == "code":
             pairs = [("CODE", math.log(0.8)), ("50", math.log(0.1))]
-        self._send(h, 200, _completion(model, pairs, with_logprobs=fault != "no_logprobs"))
+        reply = _completion(model, pairs, with_logprobs=fault != "no_logprobs" and bool(body.get("logprobs", True)))
+        if int(body.get("n") or 1) > 1 and not body.get("logprobs"):
+            texts = [self.sample_texts[i % len(self.sample_texts)] for i in range(int(body["n"]))]
+            reply["choices"] = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": "stop",
+                                 "logprobs": None} for i, t in enumerate(texts)]
+        self._send(h, 200, reply)
         with self._lock:
             self.answered += 1
         return None
