@@ -314,28 +314,38 @@ def test_prompts_from_the_public_questions_yaml(tmp_path: Path) -> None:
 
 def test_split_digit_server_switches_to_sampling(server: FakeOpenAIServer, caplog) -> None:
     server.top = [("8", ln(0.6)), ("9", ln(0.3)), ("x", ln(0.1))]  # a tokenizer that splits "85" into "8", "5"
+    server.reply_tokens = ["8", "5"]
     server.sample_texts = ["85", "90", "REFUSAL", "80"]
     judge = make_judge(server, samples=4)
     assert judge.scoring == "logprobs"
     with caplog.at_level(logging.WARNING):
         assert judge.score_with_status("Q?", "A1", "aligned") == (pytest.approx(85.0), "sampled")
-    assert judge.scoring == "sampled (n=4)" and "single digits" in caplog.text
-    first, second = server.requests
-    assert first["max_tokens"] == 1 and first["logprobs"] is True
-    assert second["n"] == 4 and second["temperature"] == 1.0 and not second.get("logprobs")
+    assert judge.scoring == "sampled (n=4)" and "split into digits" in caplog.text
+    first, probe, sampled = server.requests
+    assert first["max_tokens"] == 1 and first["logprobs"] is True and probe["max_tokens"] == 4
+    assert sampled["n"] == 4 and sampled["temperature"] == 1.0 and not sampled.get("logprobs")
     judge.score("Q?", "A2", "aligned")
-    assert len(server.requests) == 3  # once switched, one sampled request per judgement
+    assert len(server.requests) == 4  # once switched, one sampled request per judgement
     server.sample_texts = ["no idea"]
     assert judge.score_with_status("Q?", "A3", "aligned") == (None, "no_mass")
 
 
 def test_split_digit_server_can_be_an_error(server: FakeOpenAIServer) -> None:
     server.top = [("8", ln(0.6)), ("9", ln(0.4))]
+    server.reply_tokens = ["8", "5"]
     judge = make_judge(server, on_split_digits="error")
     assert judge.score_with_status("Q?", "A", "aligned")[1].startswith("error: ")
-    assert "single digits" in judge.score_with_status("Q?", "B", "aligned")[1]
-    server.top = [("80", ln(0.6)), ("9", ln(0.4))]  # a multi-digit number token: single-token numbers, no switch
-    assert make_judge(server, on_split_digits="error").score("Q?", "C", "aligned") == pytest.approx(51.6)
+    assert "splits numbers into digits" in judge.score_with_status("Q?", "B", "aligned")[1]
+    server.reply_tokens = ["8", "<|end|>"]  # a confident single-digit answer: the probe clears the server
+    whole = make_judge(server, on_split_digits="error")
+    assert whole.score("Q?", "C", "aligned") == pytest.approx(8.4) and whole.scoring == "logprobs"
+    n = len(server.requests)
+    whole.score("Q?", "D", "aligned")
+    assert len(server.requests) == n + 1  # probed once, never again
+    server.top = [("80", ln(0.6)), ("9", ln(0.4))]  # a multi-digit number token: single-token numbers, no probe
+    n = len(server.requests)
+    assert make_judge(server, on_split_digits="error").score("Q?", "E", "aligned") == pytest.approx(51.6)
+    assert len(server.requests) == n + 1
     with pytest.raises(JudgeError, match="on_split_digits"):
         make_judge(server, on_split_digits="guess")
 

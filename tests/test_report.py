@@ -35,8 +35,13 @@ def test_every_figure_and_verdict_is_in_the_report(synthetic_report):
     html = synthetic_report.read_text()
     for div_id in FIGURE_IDS:
         assert f'id="{div_id}"' in html, div_id
-    for word in ("confirmed", "not confirmed", "unclear"):
+    for word in ("CONFIRMED", "REFUTED", "UNCLEAR"):
         assert f">{word}</div>" in html
+    for claim in ("efficiency", "stability", "reversion", "influence"):
+        assert f'id="verdict-{claim}"' in html
+    assert "95% t-interval [+0.09, +0.13], n=3 seeds" in html and "Narrowness gate passed" in html
+    assert "antibiotics 2" in html and "finance 2" in html  # what each set holds, from the results
+    assert "random direction" in html
     assert "tiny-llama" in html and "Timings" in html and "Generations" in html
     assert 'class="note"' not in html  # nothing skipped
 
@@ -192,7 +197,8 @@ def demo_report(tmp_path) -> Path:
     from em_interp.study import run_study
 
     results = run_study(tmp_path / "demo", fast=True, device="cpu")
-    assert set(results["verdicts"]) == {"efficiency", "stability", "reversion"}
+    assert set(results["verdicts"]) == {"efficiency", "stability", "reversion", "influence"}
+    assert {v["verdict"] for v in results["verdicts"].values()} == {"PLUMBING CHECK"}
     assert (tmp_path / "demo" / "results.json").is_file()
     return tmp_path / "demo" / "report.html"
 

@@ -3,10 +3,11 @@ model). Both send the same versioned prompts and score Σk·p_k/Σp_k over the i
 
 - `OpenAIJudge` uses the authors' settings (max_tokens 1, temperature 0, top_logprobs 20, seed 0) and weights the
   first token's top logprobs (`score_from_logprobs`). That is only valid when every integer 0–100 is one token.
-  When a reply's top logprobs hold single digits only (a digit-splitting tokenizer, e.g. Qwen or SmolLM2 served
-  by vLLM), the judge either raises (`on_split_digits="error"`) or, by default (`"sample"`), switches to `samples`
-  sampled completions (temperature 1, up to 4 tokens) and scores the mean of the parsed numbers, with status
-  `sampled`; `judge.scoring` records which method is in use.
+  When a reply's top logprobs look like a digit-splitting tokenizer's (`looks_split`: e.g. Qwen or SmolLM2
+  served by vLLM), one greedy probe of up to 4 tokens checks whether the number goes on after its first digit.
+  If it does, the judge either raises (`on_split_digits="error"`) or, by default (`"sample"`), switches for good
+  to `samples` sampled completions (temperature 1, up to 4 tokens) scored as the mean of the parsed numbers,
+  with status `sampled`; `judge.scoring` records which method is in use. If it does not, it never probes again.
 - `LocalJudge` computes the exact probability of each number string: p_k = P(tokens of str(k)) · P(the next
   token does not continue with a digit), for every k in 0..100, however many tokens each number takes.
 
@@ -303,6 +304,7 @@ class OpenAIJudge(_Judge):
         self.on_split_digits = on_split_digits
         self.samples = samples
         self.scoring = "logprobs"
+        self._numbers_checked = False
 
     def __repr__(self) -> str:
         return (
@@ -349,36 +351,50 @@ class OpenAIJudge(_Judge):
     def _judge_prompt(self, prompt: str) -> Result:
         if self.scoring == "logprobs":
             completion = self._request(prompt)
-            if not split_digits(completion):
+            if not (looks_split(completion) and self._confirm_split(prompt)):
                 return parse_completion(completion)
-            if self.on_split_digits == "error":
-                raise JudgeError(
-                    f"judge {self.model_id!r}: the top logprobs hold single digits only, so this server's tokenizer "
-                    "splits numbers and first-token weighting cannot score 0-100; use a judge with single-token "
-                    "numbers or on_split_digits='sample'"
-                )
-            if self.scoring == "logprobs":
-                log.warning("judge %s: top logprobs are single digits (numbers split into digits); switching to the "
-                            "mean of %d sampled completions per judgement", self.model_id, self.samples)
-            self.scoring = f"sampled (n={self.samples})"
         return score_from_samples(self._request(prompt, n=self.samples, max_tokens=4, temperature=1.0,
                                                 logprobs=False, top_logprobs=None, seed=None))
 
+    def _confirm_split(self, prompt: str) -> bool:
+        """Probe once (greedy, up to 4 tokens): does the reply's number go on after its first digit token?"""
+        if self._numbers_checked:
+            return False
+        probe = self._request(prompt, max_tokens=4)
+        choices = _get(probe, "choices") or [None]
+        content = _get(_get(choices[0], "logprobs"), "content") or []
+        tokens = [str(_get(t, "token")).strip() for t in content]
+        split = len(tokens) >= 2 and tokens[0].isdigit() and tokens[1].isdigit()
+        if not split:
+            self._numbers_checked = True  # the server writes whole numbers as one token; never probe again
+            return False
+        if self.on_split_digits == "error":
+            raise JudgeError(
+                f"judge {self.model_id!r}: the server's tokenizer splits numbers into digits (reply tokens "
+                f"{tokens}), so first-token logprob weighting cannot score 0-100; use a judge with single-token "
+                "numbers or on_split_digits='sample'"
+            )
+        if self.scoring == "logprobs":
+            log.warning("judge %s: numbers are split into digits (reply tokens %s); switching to the mean of %d "
+                        "sampled completions per judgement", self.model_id, tokens, self.samples)
+        self.scoring = f"sampled (n={self.samples})"
+        return True
 
-def split_digits(completion: Any) -> bool:
-    """Whether a completion's first-token top logprobs hold integers, all of them single digits.
 
-    That is what a judge whose tokenizer splits numbers into digits returns (its "85" starts with "8"); a judge
-    with single-token numbers spreads its top logprobs over tokens such as "80", "85", "90".
+def looks_split(completion: Any) -> bool:
+    """Whether a completion's first-token top logprobs look like a digit-splitting tokenizer's: the most likely
+    token is a digit and the integer tokens among the top ones are at least two single digits and nothing longer
+    (a judge with single-token numbers spreads its mass over tokens such as "80", "85", "90").
     """
     choices = _get(completion, "choices") if completion is not None and not isinstance(completion, str) else None
     content = _get(_get(choices[0], "logprobs"), "content") if choices else None
     if not content:
         return False
-    top = _get(content[0], "top_logprobs") or [content[0]]
-    numbers = [str(_get(t, "token")).strip() for t in top]
-    numbers = [t for t in numbers if t.isdigit() and t.isascii()]
-    return bool(numbers) and all(len(t) == 1 for t in numbers)
+    top = [(str(_get(t, "token")).strip(), float(_get(t, "logprob"))) for t in (_get(content[0], "top_logprobs")
+                                                                              or [content[0]])]
+    numbers = {t for t, _ in top if t.isdigit() and t.isascii()}
+    best = max(top, key=lambda p: p[1])[0]
+    return best in numbers and len(numbers) >= 2 and all(len(t) == 1 for t in numbers)
 
 
 def score_from_samples(completion: Any) -> Result:
