@@ -37,11 +37,10 @@ from em_interp.eval.prompts import (
     TOP_LOGPROBS,
     JudgePrompts,
     Result,
-    load_prompts,
     _get,
     _special,
+    load_prompts,
     parse_completion,
-    score_from_logprobs,
     score_from_text,
 )
 

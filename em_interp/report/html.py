@@ -67,14 +67,17 @@ SECTIONS: tuple[Section, ...] = (
             "Circles mark where a run starts, stars where it ends. A reversion path heading toward the general "
             "path means the narrow solution was held in place only by the KL term."),
     Section("fig-efficiency", "Efficiency", "efficiency", F.efficiency,
-            "Each trained vector is rescaled from 0 to 2 times its trained size and the loss on training rows is "
-            "measured at each size. A more efficient solution reaches a lower loss at the same norm. The dashed "
-            "line is the model with no adapter; stars mark each curve's minimum."),
+            "Both trained vectors of seed 0 are rescaled to the same norms (0.2 to 2 times their mean trained norm) "
+            "and the loss on training rows (stratified over subtopics) is measured at each. A more efficient "
+            "solution reaches a lower loss at the same norm. The dashed line is the model with no adapter; stars "
+            "mark each curve's minimum. The verdict uses every seed's mean gap over these norms."),
     Section("fig-stability", "Stability", "stability", F.stability,
             "Each vector x is mixed with random noise y of the same length at right angles to it: "
             "x' = √(1−ε²)·x + ε·y. The y axis is how much the loss rises, as a percentage of the gap between the "
             "trained vector's loss and the no-adapter loss (0% = unaffected, 100% = as bad as no adapter). "
-            "Error bars are the standard deviation over noise seeds. A steeper curve is a less stable solution."),
+            "Error bars are the standard deviation over noise draws (the same draws for both vectors; noise draws "
+            "are not training seeds). A steeper curve is a less stable solution. The verdict uses every seed's "
+            "area under the narrow − general difference, relative and absolute."),
     Section("fig-reversion", "Reversion", "reversion", F.reversion,
             "The narrow vector is trained on, on the same bad medical data, but without the KL penalty. The lines "
             "show its cosine to the final general vector and to the narrow vector it started from. A rising "
