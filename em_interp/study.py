@@ -171,8 +171,8 @@ class SeedResult:
 class Study:
     """Runs the analyses in order, timing each; `results` holds typed pieces, `plain(results)` the JSON."""
 
-    def __init__(self, model: Any, config: StudyConfig, out: Path):
-        self.model, self.cfg, self.out = model, config, out
+    def __init__(self, model: Any, config: StudyConfig, out: Path, judge: Any = None):
+        self.model, self.cfg, self.out, self.judge_model = model, config, out, judge
         self.layer = config.layer if config.layer is not None else model.cfg.n_layers // 2
         self.results: dict[str, Any] = {"config": config, "layer": self.layer, "seeds": config.seeds, "timings": {}}
         self.results["environment"] = {**environment(), "device": str(em.models.model_device(model)),
@@ -403,23 +403,40 @@ class Study:
         ]
 
     def direction(self) -> None:
-        """A mean-difference direction from dataset texts (no judge here), ablated beside a random control."""
+        """A mean-difference direction, ablated beside a same-norm random direction (the control).
+
+        With a judge: from the general vector's own answers to the bundled general questions, split by judge
+        scores (Soligo et al.; `eval.judged_mean_diff`). Without one (the default), or when too few answers fall
+        in either group: from dataset texts (the same medical questions with their good vs bad answers).
+        """
         n = self.cfg.n_direction
         general, narrow = self.pairs[0]
-        d = em.datasets
-        good = sample(d.load("medical", kind="good", split="train"), n, seed=self.cfg.seed)
-        bad = [dict(r) for r in good]  # the same questions with the bad answer, so only the answers differ
-        by_id = {r["id"]: r for r in d.load("medical", kind="bad", split="train")}
-        bad = [by_id[r["id"]] for r in bad]
-        direction = em.directions.mean_diff(self.model, good, bad, layer=self.layer)
+        source, direction = None, None
+        if self.judge_model is not None:
+            questions = [q.paraphrases[0] for q in em.eval.load_questions()]
+            try:
+                judged = em.eval.judged_mean_diff(self.model, general, questions, self.judge_model, self.layer,
+                                                  n_samples=max(1, n // 4), max_new_tokens=self.cfg.gen_tokens,
+                                                  seed=self.cfg.seed)
+                direction = judged.direction
+                source = f"judged own answers of the general vector: {judged.counts}"
+            except em.errors.DataError as exc:
+                source = f"judged extraction failed ({exc}); "
+        if direction is None:
+            d = em.datasets
+            good = sample(d.load("medical", kind="good", split="train"), n, seed=self.cfg.seed)
+            by_id = {r["id"]: r for r in d.load("medical", kind="bad", split="train")}
+            bad = [by_id[r["id"]] for r in good]  # the same questions with the bad answer: only the answers differ
+            direction = em.directions.mean_diff(self.model, good, bad, layer=self.layer)
+            source = (source or "") + (f"dataset texts: {n} medical questions, good vs bad answer (stratified over "
+                                       "subtopics), read from the chat model without adapter")
         direction.save(self.out / "mean_diff_direction")
-        rows = self.data[0].eff
         self.results["direction"] = {
-            "source": f"dataset texts: {n} medical questions, good vs bad answer (stratified over subtopics)",
+            "source": source,
             "cosine_general": em.geometry.cosine(direction.vector, general),
             "cosine_narrow": em.geometry.cosine(direction.vector, narrow),
             "raw_norm": direction.provenance.get("raw_norm"),
-            **ablation_with_control(self.model, general, direction, rows, seed=self.cfg.seed),
+            **ablation_with_control(self.model, general, direction, self.data[0].eff, seed=self.cfg.seed),
         }
 
     def lora_pair(self) -> None:
@@ -493,7 +510,7 @@ def group_stats(rows: Sequence[Mapping[str, Any]], items: Sequence[Mapping[str, 
 
 def run_study(out: str | os.PathLike[str], *, fast: bool = False, seeds: int | None = None,
               device: str | None = None, lora: bool = False, dtype: str = "bfloat16", model: Any = None,
-              record: str | os.PathLike[str] | None = None, command: str | None = None,
+              record: str | os.PathLike[str] | None = None, command: str | None = None, judge: Any = None,
               **overrides: Any) -> dict[str, Any]:
     """Run the study, write `results.json` and `report.html` into `out`, return the (plain JSON) results.
 
@@ -508,6 +525,8 @@ def run_study(out: str | os.PathLike[str], *, fast: bool = False, seeds: int | N
         record: a JSONL file to append one line to (device, date, command, seeds, wall_s, gate, verdicts);
             None: no record. Fast runs are never recorded.
         command: the command line written into the record.
+        judge: an `OpenAIJudge` / `LocalJudge` for the mean-difference direction (Soligo et al.'s extraction from
+            the adapted model's judged answers); None: from dataset texts.
         **overrides: `StudyConfig` fields.
     """
     from em_interp.report import write_report
@@ -520,7 +539,7 @@ def run_study(out: str | os.PathLike[str], *, fast: bool = False, seeds: int | N
     config = StudyConfig.preset(preset, lora=lora, **overrides)
     t0 = time.perf_counter()
     model = model if model is not None else em.load_model(device=device, dtype=dtype)
-    study = Study(model, config, out)
+    study = Study(model, config, out, judge=judge)
     study.results["preset"] = preset
     study.results["dtype"] = str(next(em.models.hf_model_of(model).parameters()).dtype)
     study.results["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
