@@ -551,13 +551,22 @@ def run_study(out: str | os.PathLike[str], *, fast: bool = False, seeds: int | N
     os.replace(tmp, out / "results.json")
     write_report(results, out / "report.html")
     if record is not None and not fast:
-        line = {"device": results["environment"]["device"], "date": results["date"], "command": command,
-                "preset": preset, "seeds": config.seeds, "wall_s": results["timings"]["total"],
-                "timings": results["timings"], "gate": results["gate"], "verdicts": results["verdicts"]}
-        Path(record).parent.mkdir(parents=True, exist_ok=True)
-        with open(record, "a", encoding="utf-8") as f:
-            f.write(json.dumps(line) + "\n")
+        append_record(results, record, command)
     return results
+
+
+def append_record(results: Mapping[str, Any], path: str | os.PathLike[str], command: str | None = None) -> dict[str, Any]:
+    """Append one JSON line for a study run (device, date, command, preset, seeds, wall_s, timings, gate,
+    verdicts) to `path`, creating its folder; returns the line's dict."""
+    line = {"device": (results.get("environment") or {}).get("device"), "date": results.get("date"),
+            "command": command, "preset": results.get("preset"), "seeds": results.get("seeds"),
+            "wall_s": (results.get("timings") or {}).get("total"), "timings": results.get("timings"),
+            "gate": results.get("gate"), "verdicts": results.get("verdicts")}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(plain(line)) + "\n")
+    return line
 
 
 def _scales(c: StudyConfig) -> tuple[float, ...]:
@@ -598,4 +607,4 @@ def _text(x: Any) -> str:
 
 
 __all__ = ["StudyConfig", "Study", "StudyData", "SeedResult", "run_study", "study_data", "contrastive_items",
-           "group_shifts", "group_stats", "ablation_with_control"]
+           "group_shifts", "group_stats", "ablation_with_control", "append_record"]

@@ -210,3 +210,16 @@ def test_demo_fast_report_in_browser(demo_report, browser, tmp_path):  # demo_re
     for div_id in FIGURE_IDS:
         assert f'id="{div_id}"' in html, div_id
     check_in_browser(browser, demo_report, tmp_path / "demo.png")
+
+
+def test_study_record_line(tmp_path, results):
+    from em_interp.study import append_record
+
+    path = tmp_path / "deep" / "study.jsonl"
+    append_record(results, path, "em-interp demo --seeds 3")
+    append_record(results, path)
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert len(lines) == 2 and lines[0]["command"] == "em-interp demo --seeds 3" and lines[1]["command"] is None
+    assert {"device", "date", "command", "seeds", "wall_s", "gate", "verdicts"} <= set(lines[0])
+    assert lines[0]["seeds"] == 3 and lines[0]["wall_s"] == 14.0 and lines[0]["gate"]["passed"] is True
+    assert lines[0]["verdicts"]["efficiency"]["interval"] == [0.09, 0.13]
