@@ -43,10 +43,12 @@ def main() -> None:
     for scale in (1.0, 2.0):
         res = em.eval.contrastive_many(model, data.contrastive, conditions, scale=scale, progress=False)
         shifts[scale] = {name: em.study.group_shifts(r.items, data.contrastive) for name, r in res.items()}
+    means = {s: {name: {g: v["mean_shift"] for g, v in groups.items()} for name, groups in by_name.items()}
+             for s, by_name in shifts.items()}
     rows = []
     for c in args.coefs:
         gate = em.verdicts.narrowness_gate(
-            {s: shifts[s]["general"] for s in shifts}, {s: shifts[s][f"narrow_{c:g}"] for s in shifts})
+            {s: means[s]["general"] for s in means}, {s: means[s][f"narrow_{c:g}"] for s in means})
         rows.append({"kl_coef": c, "gate": em.report.plain(gate)})
         log.info("λ=%g: %s", c, gate.reason)
     record = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": str(em.models.model_device(model)),
