@@ -263,7 +263,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     record = args.record
     if record is None and Path("benchmarks/results").is_dir():
         record = "benchmarks/results/study.jsonl"  # in a checkout: every full run leaves a record
-    command = "em-interp " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["demo"] else None
+    command = "em-interp " + " ".join(sys.argv[1:]) if "demo" in sys.argv[1:] else None
     results = run_study(args.out, fast=args.fast, seeds=args.seeds, device=args.device, lora=args.lora,
                         dtype=args.dtype, record=None if args.no_record else record, command=command)
     out = Path(args.out).resolve()
