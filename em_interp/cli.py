@@ -1,6 +1,6 @@
 """The `em-interp` command: `demo`, `report`, `train`, `sweep`, `bench`.
 
-    em-interp demo --out runs/demo [--fast] [--device cuda] [--lora]   # the narrow-vs-general study
+    em-interp demo --out runs/demo [--fast] [--seeds N] [--device cuda] [--lora]   # the narrow-vs-general study
     em-interp report runs/demo                                         # re-render report.html from results.json
     em-interp train configs/narrow.toml                                # train one adapter from a TOML file
     em-interp sweep configs/sweep.toml                                 # a grid of runs (see em_interp.sweep)
@@ -74,12 +74,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from em_interp.study import run_study
 
     t0 = time.perf_counter()
-    results = run_study(args.out, fast=args.fast, device=args.device, lora=args.lora, dtype=args.dtype)
+    record = args.record
+    if record is None and Path("benchmarks/results").is_dir():
+        record = "benchmarks/results/study.jsonl"  # in a checkout: every full run leaves a record
+    command = "em-interp " + " ".join(sys.argv[1:]) if "demo" in sys.argv[1:] else None
+    results = run_study(args.out, fast=args.fast, seeds=args.seeds, device=args.device, lora=args.lora,
+                        dtype=args.dtype, record=None if args.no_record else record, command=command)
     out = Path(args.out).resolve()
     print(f"report:  {out / 'report.html'}")
     print(f"results: {out / 'results.json'}")
+    gate = results.get("gate") or {}
+    print(f"gate: {'passed' if gate.get('passed') else 'FAILED'} ({gate.get('reason', 'not measured')})")
     for key, v in (results.get("verdicts") or {}).items():
-        print(f"  {key:<10} {str(v.get('verdict', '?')).upper():<14} {v.get('text', '')}")
+        lo, hi = (v.get("interval") or [None, None])[:2]
+        ci = "n/a" if lo is None or hi is None else f"[{lo:+.4g}, {hi:+.4g}]"
+        est = v.get("estimate")
+        print(f"  {key:<10} {str(v.get('verdict', '?')):<14} estimate {'n/a' if est is None else f'{est:+.4g}'}, "
+              f"interval {ci}, n={v.get('n')}: {v.get('reason', '')}")
     total = (results.get("timings") or {}).get("total") or (time.perf_counter() - t0)
     print(f"total time: {total:.1f} s")
     return 0
@@ -140,7 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     d = sub.add_parser("demo", help="run the narrow-vs-general study and write report.html + results.json")
     d.add_argument("--out", default="runs/demo", help="run dir (default: runs/demo)")
-    d.add_argument("--fast", action="store_true", help="small sizes (a few minutes on CPU)")
+    d.add_argument("--fast", action="store_true", help="smoke-test sizes: a plumbing check, never a verdict")
+    d.add_argument("--seeds", type=int, default=None,
+                   help="training seeds per condition (default 3; 8 or more runs the full study's sizes)")
+    d.add_argument("--record", default=None,
+                   help="JSONL file to append the run's record to (default in a checkout: benchmarks/results/study.jsonl)")
+    d.add_argument("--no-record", action="store_true", help="append no record")
     d.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
     d.add_argument("--lora", action="store_true", help="also train and compare the seed's rank-1 LoRA pair")
     d.add_argument("--dtype", default="bfloat16", help="model dtype (default bfloat16; float32 for full precision)")

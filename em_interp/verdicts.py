@@ -1,110 +1,311 @@
-"""Plain-language verdicts on the seed's three claims, computed from the study's measured numbers.
+"""Verdicts on the seed's claims: small pure functions of one number per training seed.
 
-Each verdict is "confirmed", "not confirmed" or "unclear", with the numbers it rests on:
-- efficiency: the general solution reaches lower loss at equal norm than the narrow one;
-- stability: the narrow solution's loss rises faster under orthogonal noise (relative increase);
-- reversion: without the KL term the narrow solution moves toward the general one (cosine rises).
+Every claim reduces each seed's narrow/general pair to one paired number; a 95% Student-t interval over the
+seeds (N is small, so t rather than a normal or a bootstrap interval) is compared with a practical threshold:
+
+- efficiency: per seed, the mean over ≥ 10 common target norms of L_narrow − L_general (loss on ≥ 100 training
+  rows stratified over subtopics). CONFIRMED iff the interval lies above max(0.02 nats, 10% of L_base − L_orig);
+  REFUTED iff it lies below 0; else UNCLEAR.
+- stability: per seed, the area over the full ε grid of (narrow − general) loss increase under ≥ 10 shared noise
+  draws per ε, once relative ((L_pert − L_orig)/(L_base − L_orig)) and once absolute (ΔL). CONFIRMED (REFUTED)
+  iff both intervals lie above (below) 0; else UNCLEAR.
+- reversion: per seed, the narrow vector continued K steps without KL minus the control continued K steps with
+  KL: the rise in cosine to the general vector, and the rise in held-out-domain contrastive shift. CONFIRMED iff
+  both intervals lie above 0 and the continued vector's held-out shift reaches ≥ 50% of the general vector's;
+  REFUTED iff either interval lies below 0; else UNCLEAR.
+- influence: per seed, the mean over equal norms of log(KL_general / KL_narrow) on generic text (≥ 5 random
+  directions reported beside). CONFIRMED iff the interval lies above log 1.1 (the general vector's KL at least
+  10% larger); REFUTED iff below 0; else UNCLEAR.
+
+A narrowness gate comes first (`narrowness_gate`): when it fails, every verdict is UNCLEAR with its reason.
+Sizes below a rule's minimum (seeds, norms, rows, noise draws, ε grid, random directions) make that verdict
+UNCLEAR with the reason stated, whatever the interval; smoke-test runs are PLUMBING CHECK (`plumbing`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
+from em_interp.stats import Interval, t_interval
 
-CONFIRMED, NOT_CONFIRMED, UNCLEAR = "confirmed", "not confirmed", "unclear"
-
-
-def verdicts(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """All three verdicts from a study's results dict ("unclear" where an analysis is missing)."""
-    out = {}
-    for name, judge in (("efficiency", _pair(efficiency_verdict)), ("stability", _pair(stability_verdict)),
-                        ("reversion", reversion_verdict)):
-        try:
-            out[name] = judge(results[name])
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
-            out[name] = {"verdict": UNCLEAR, "text": f"Not measured ({type(exc).__name__}: {exc})."}
-    return out
-
-
-def _pair(fn: Any) -> Any:
-    return lambda section: fn(section["general"], section["narrow"])
+CONFIRMED, REFUTED, UNCLEAR, PLUMBING = "CONFIRMED", "REFUTED", "UNCLEAR", "PLUMBING CHECK"
+CLAIMS = ("efficiency", "stability", "reversion", "influence")
+MIN_SEEDS = 3
+EFFICIENCY_MIN_NORMS, EFFICIENCY_MIN_ROWS = 10, 100
+EFFICIENCY_FLOOR, EFFICIENCY_FRACTION = 0.02, 0.10
+STABILITY_MIN_DRAWS = 10
+STABILITY_EPS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # the authors' full grid
+REVERSION_MIN_SHIFT = 0.5
+INFLUENCE_MIN_RANDOM = 5
+INFLUENCE_THRESHOLD = math.log(1.1)
+GATE_SCALES = (1.0, 2.0)
+GATE_OTHER_MAX, GATE_IN_MIN = 0.25, 0.5
+IN_DOMAIN = "medical"
 
 
-def efficiency_verdict(general: dict[str, Any], narrow: dict[str, Any]) -> dict[str, Any]:
-    """Compare loss-vs-norm curves on their shared norm range (linear interpolation)."""
-    gn, gl = np.asarray(general["norms"], float), np.asarray(general["losses"], float)
-    nn, nl = np.asarray(narrow["norms"], float), np.asarray(narrow["losses"], float)
-    top = min(gn.max(), nn.max())
-    grid = np.linspace(0, top, 21)[1:] if top > 0 else np.array([])
-    gap = np.interp(grid, nn, nl) - np.interp(grid, gn, gl) if grid.size else np.array([0.0])
-    frac = float((gap > 0).mean()) if np.isfinite(gap).all() else float("nan")
-    lower_min = float(general["min_loss"]) < float(narrow["min_loss"])
-    if lower_min and frac >= 0.7:
-        verdict = CONFIRMED
-    elif not lower_min and frac <= 0.3:
-        verdict = NOT_CONFIRMED
+@dataclass(frozen=True)
+class Verdict:
+    """One claim's verdict with what it rests on (the `results.json` layout).
+
+    Attributes:
+        verdict: CONFIRMED, REFUTED, UNCLEAR or PLUMBING CHECK.
+        estimate: mean over seeds of the per-seed number (None if not measured).
+        interval: [low, high], the 95% t-interval of that mean.
+        n: training seeds.
+        threshold: the bar the interval's low end must clear for CONFIRMED.
+        rule: the rule in words.
+        reason: why the verdict is what it is (sizes, the gate, which measures disagreed).
+        details: further per-claim numbers (e.g. the second measure's interval).
+    """
+
+    verdict: str
+    estimate: float | None
+    interval: list[float | None]
+    n: int
+    threshold: float
+    rule: str
+    reason: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def text(self) -> str:
+        """One line: estimate, interval, n, threshold and the reason."""
+        lo, hi = self.interval
+        est = "n/a" if self.estimate is None else f"{self.estimate:+.4g}"
+        ci = "n/a" if lo is None or hi is None else f"[{lo:+.4g}, {hi:+.4g}]"
+        return f"estimate {est}, 95% t-interval {ci}, n={self.n} seeds, threshold {self.threshold:.4g}. {self.reason}"
+
+
+@dataclass(frozen=True)
+class Gate:
+    """The narrowness gate: is the narrow vector narrow, and does it still do the narrow task?
+
+    Attributes:
+        passed: every ratio within its bound.
+        reason: which ratio failed (or that all passed), in words.
+        other: {"<group>@<scale>": |narrow shift| / general shift} for every other-domain group and scale.
+        in_domain: narrow / general in-domain shift at scale 1.
+        max_other, min_in: the bounds (0.25, 0.5).
+    """
+
+    passed: bool
+    reason: str
+    other: dict[str, float | None]
+    in_domain: float | None
+    max_other: float = GATE_OTHER_MAX
+    min_in: float = GATE_IN_MIN
+
+
+def decide(interval: Interval, threshold: float) -> str:
+    """CONFIRMED iff the interval lies above `threshold`, REFUTED iff it lies below 0, else UNCLEAR."""
+    if interval.low is None or interval.high is None:
+        return UNCLEAR
+    if interval.low > threshold:
+        return CONFIRMED
+    if interval.high < 0:
+        return REFUTED
+    return UNCLEAR
+
+
+def _verdict(interval: Interval, threshold: float, rule: str, short: list[str], **details: Any) -> Verdict:
+    word = decide(interval, threshold)
+    reason = _interval_reason(interval, threshold, word)
+    if short:
+        word, reason = UNCLEAR, "Sizes below the rule's minimum: " + "; ".join(short) + ". " + reason
+    return Verdict(word, interval.estimate, interval.bounds, interval.n, threshold, rule, reason, details)
+
+
+def _interval_reason(interval: Interval, threshold: float, word: str) -> str:
+    if interval.low is None:
+        return f"Fewer than 2 seeds (n={interval.n}): no interval."
+    if word == CONFIRMED:
+        return f"The interval lies above the threshold {threshold:.4g}."
+    if word == REFUTED:
+        return "The interval lies below 0."
+    return f"The interval does not lie above {threshold:.4g} nor below 0."
+
+
+def _min(short: list[str], what: str, have: int, need: int) -> None:
+    if have < need:
+        short.append(f"{what} {have} < {need}")
+
+
+def efficiency_verdict(gaps: Sequence[float], base_gaps: Sequence[float], *, n_norms: int, n_rows: int) -> Verdict:
+    """Is the general solution more efficient (lower loss at equal norm)?
+
+    Args:
+        gaps: [n_seeds] per seed, the mean over the common norms of L_narrow − L_general (nats).
+        base_gaps: [n_seeds] per seed, L_base − L_orig of the general vector (nats), for the threshold.
+        n_norms: common target norms measured.
+        n_rows: training rows the loss was measured on.
+    """
+    ci = t_interval(gaps)
+    base = t_interval(base_gaps).estimate or 0.0
+    threshold = max(EFFICIENCY_FLOOR, EFFICIENCY_FRACTION * base)
+    short: list[str] = []
+    _min(short, "seeds", ci.n, MIN_SEEDS)
+    _min(short, "norms", n_norms, EFFICIENCY_MIN_NORMS)
+    _min(short, "rows", n_rows, EFFICIENCY_MIN_ROWS)
+    rule = (f"per seed the mean over {n_norms} common norms of L_narrow − L_general on {n_rows} rows; CONFIRMED iff "
+            f"the 95% t-interval lies above max({EFFICIENCY_FLOOR}, {EFFICIENCY_FRACTION:.0%} of L_base − L_orig = "
+            f"{base:.4g}); REFUTED iff below 0")
+    return _verdict(ci, threshold, rule, short, base_gap=base, n_norms=n_norms, n_rows=n_rows)
+
+
+def stability_verdict(relative: Sequence[float], absolute: Sequence[float], *, eps: Sequence[float],
+                      n_draws: int) -> Verdict:
+    """Is the narrow solution less stable under norm-preserving noise? Both measures must agree.
+
+    Args:
+        relative: [n_seeds] per seed, area over ε of (narrow − general) relative loss increase (percent · ε).
+        absolute: [n_seeds] per seed, area over ε of (narrow − general) absolute loss increase (nats · ε).
+        eps: the ε grid measured.
+        n_draws: noise draws per ε (shared by narrow and general).
+    """
+    rel, ab = t_interval(relative), t_interval(absolute)
+    w_rel, w_abs = decide(rel, 0.0), decide(ab, 0.0)
+    short: list[str] = []
+    _min(short, "seeds", rel.n, MIN_SEEDS)
+    _min(short, "noise draws per ε", n_draws, STABILITY_MIN_DRAWS)
+    missing = [e for e in STABILITY_EPS if not any(math.isclose(e, x) for x in eps)]
+    if missing:
+        short.append(f"ε grid lacks {missing}")
+    rule = ("per seed the area over ε of (narrow − general) loss increase, relative and absolute; CONFIRMED iff both "
+            "95% t-intervals lie above 0, REFUTED iff both lie below 0")
+    word = w_rel if w_rel == w_abs else UNCLEAR
+    reason = (f"Relative: {w_rel}; absolute ΔL: {w_abs} (interval {_ci(ab)})."
+              + ("" if w_rel == w_abs else " The two measures disagree."))
+    if short:
+        word, reason = UNCLEAR, "Sizes below the rule's minimum: " + "; ".join(short) + ". " + reason
+    return Verdict(word, rel.estimate, rel.bounds, rel.n, 0.0, rule, reason,
+                   {"absolute_estimate": ab.estimate, "absolute_interval": ab.bounds, "n_draws": n_draws,
+                    "eps": [float(e) for e in eps]})
+
+
+def reversion_verdict(cosine_rise: Sequence[float], shift_rise: Sequence[float], shift_ratio: Sequence[float], *,
+                      steps: int) -> Verdict:
+    """Without KL, does the narrow solution move toward the general one (against a KL-on control)?
+
+    Args:
+        cosine_rise: [n_seeds] cos(no-KL continuation, general) − cos(KL control, general).
+        shift_rise: [n_seeds] held-out-domain contrastive shift of the no-KL continuation minus the control's.
+        shift_ratio: [n_seeds] held-out-domain shift of the no-KL continuation / the general vector's.
+        steps: K, the continuation's steps.
+    """
+    cos, shift, ratio = t_interval(cosine_rise), t_interval(shift_rise), t_interval(shift_ratio)
+    w_cos, w_shift = decide(cos, 0.0), decide(shift, 0.0)
+    reached = ratio.estimate is not None and ratio.estimate >= REVERSION_MIN_SHIFT
+    if REFUTED in (w_cos, w_shift):
+        word = REFUTED
+    elif w_cos == w_shift == CONFIRMED and reached:
+        word = CONFIRMED
     else:
-        verdict = UNCLEAR
-    text = (
-        f"Lowest loss: general {general['min_loss']:.3f} at norm {general['best_norm']:.2f}, narrow "
-        f"{narrow['min_loss']:.3f} at norm {narrow['best_norm']:.2f}. At equal norm the general vector has the lower "
-        f"loss on {frac:.0%} of the shared norm range (mean gap {float(gap.mean()):+.3f} nats)."
-    )
-    return {"verdict": verdict, "text": text, "fraction_lower": frac, "mean_gap": float(gap.mean())}
+        word = UNCLEAR
+    short: list[str] = []
+    _min(short, "seeds", cos.n, MIN_SEEDS)
+    reason = (f"Cosine rise {w_cos}; held-out shift rise {w_shift} (interval {_ci(shift)}); the continued vector's "
+              f"held-out shift is {_num(ratio.estimate)} of the general vector's (needs ≥ {REVERSION_MIN_SHIFT:.0%}).")
+    if short:
+        word, reason = UNCLEAR, "Sizes below the rule's minimum: " + "; ".join(short) + ". " + reason
+    rule = (f"per seed, narrow continued {steps} steps without KL minus the same with KL: rise in cosine to general "
+            f"and in held-out-domain shift; CONFIRMED iff both 95% t-intervals lie above 0 and the held-out shift "
+            f"reaches ≥ {REVERSION_MIN_SHIFT:.0%} of general's; REFUTED iff either lies below 0")
+    return Verdict(word, cos.estimate, cos.bounds, cos.n, 0.0, rule, reason,
+                   {"shift_rise_estimate": shift.estimate, "shift_rise_interval": shift.bounds,
+                    "shift_ratio_estimate": ratio.estimate, "steps": steps})
 
 
-def stability_verdict(general: dict[str, Any], narrow: dict[str, Any]) -> dict[str, Any]:
-    """Narrow vs general relative loss increase per ε, judged against the seeds' standard errors."""
-    eps = np.asarray(general["eps"], float)
-    gm, nm = _arr(general["relative_mean"]), _arr(narrow["relative_mean"])
-    n_seeds = max(2, len(general.get("seeds", [])) or 2)
-    se = np.sqrt(np.nan_to_num(_arr(general["relative_sd"])) ** 2 + np.nan_to_num(_arr(narrow["relative_sd"])) ** 2)
-    se = se / np.sqrt(n_seeds)
-    diff = nm - gm
-    ok = np.isfinite(diff)
-    above = int((diff[ok] > 2 * se[ok]).sum())
-    below = int((diff[ok] < -2 * se[ok]).sum())
-    n = int(ok.sum())
-    if n and above > n / 2:
-        verdict = CONFIRMED
-    elif n and below > n / 2:
-        verdict = NOT_CONFIRMED
-    else:
-        verdict = UNCLEAR
-    mid = int(np.argmin(np.abs(eps - 0.5)))
-    text = (
-        f"At ε={eps[mid]:g} the loss rises by {_fmt(nm[mid])}% (narrow) vs {_fmt(gm[mid])}% (general) of the "
-        f"distance to the no-adapter loss. Narrow is less stable beyond 2 standard errors at {above} of {n} noise "
-        f"levels, more stable at {below}."
-    )
-    return {"verdict": verdict, "text": text, "levels_less_stable": above, "levels_more_stable": below, "levels": n}
+def influence_verdict(log_ratios: Sequence[float], *, n_random: int, random_log_ratio: float | None = None) -> Verdict:
+    """Does the general vector disturb generic text more than the narrow one at equal norm?
+
+    Args:
+        log_ratios: [n_seeds] per seed, the mean over norms of log(KL_general / KL_narrow).
+        n_random: random directions measured beside them.
+        random_log_ratio: mean over seeds and norms of log(KL_general / KL_random), for the report.
+    """
+    ci = t_interval(log_ratios)
+    short: list[str] = []
+    _min(short, "seeds", ci.n, MIN_SEEDS)
+    _min(short, "random directions", n_random, INFLUENCE_MIN_RANDOM)
+    rule = ("per seed the mean over equal norms of log(KL_general / KL_narrow) on generic text; CONFIRMED iff the "
+            "95% t-interval lies above log 1.1, REFUTED iff below 0")
+    return _verdict(ci, INFLUENCE_THRESHOLD, rule, short, n_random=n_random, random_log_ratio=random_log_ratio)
 
 
-def reversion_verdict(rev: dict[str, Any], margin: float = 0.05) -> dict[str, Any]:
-    """Did the cosine to the general solution rise once the KL term was removed?"""
-    cos = _arr(rev["cosine_to_general"])
-    cos = cos[np.isfinite(cos)]
-    if cos.size < 2:
-        return {"verdict": UNCLEAR, "text": "Not enough finite cosines to judge the reversion run."}
-    start, end = float(cos[0]), float(cos[-1])
-    delta = end - start
-    if delta > margin:
-        verdict = CONFIRMED
-    elif delta <= 0:
-        verdict = NOT_CONFIRMED
-    else:
-        verdict = UNCLEAR
-    text = (
-        f"Cosine to the general vector went from {start:.3f} to {end:.3f} over {int(rev['steps'][-1])} steps "
-        f"without KL ({delta:+.3f}; the bar for 'confirmed' is +{margin})."
-    )
-    return {"verdict": verdict, "text": text, "start": start, "end": end, "delta": delta}
+def narrowness_gate(general: Mapping[float, Mapping[str, float]], narrow: Mapping[float, Mapping[str, float]],
+                    in_domain: str = IN_DOMAIN) -> Gate:
+    """Check the narrow vector is narrow (other domains ≤ 25% of general's) and still works (own domain ≥ 50%).
+
+    Args:
+        general: {scale: {group: mean contrastive shift}} of the general vector (mean over seeds), with scales
+            1 and 2; groups are the in-domain one and groups whose name starts with "other".
+        narrow: the same for the narrow vector.
+        in_domain: the in-domain group's name.
+
+    Returns:
+        A `Gate`; it fails (with the reason) when a ratio is out of bounds or cannot be formed (a general
+        shift ≤ 0 or a missing group or scale).
+    """
+    problems: list[str] = []
+    other: dict[str, float | None] = {}
+    for scale in GATE_SCALES:
+        g, n = general.get(scale), narrow.get(scale)
+        if g is None or n is None:
+            problems.append(f"scale {scale:g} not measured")
+            continue
+        groups = [k for k in g if str(k).startswith("other")]
+        if not groups:
+            problems.append(f"no other-domain group at scale {scale:g}")
+        for group in groups:
+            key = f"{group}@{scale:g}"
+            ratio = _ratio(abs(n.get(group, math.nan)), g[group])
+            other[key] = ratio
+            if ratio is None:
+                problems.append(f"{key}: the general shift {_num(g[group])} is not positive, so no ratio")
+            elif ratio > GATE_OTHER_MAX:
+                problems.append(f"{key}: narrow/general = {ratio:.2f} > {GATE_OTHER_MAX}")
+    g1, n1 = general.get(1.0, {}), narrow.get(1.0, {})
+    in_ratio = _ratio(n1.get(in_domain, math.nan), g1.get(in_domain, math.nan))
+    if in_ratio is None:
+        problems.append(f"{in_domain}@1: no ratio (general shift {_num(g1.get(in_domain))})")
+    elif in_ratio < GATE_IN_MIN:
+        problems.append(f"{in_domain}@1: narrow/general = {in_ratio:.2f} < {GATE_IN_MIN}")
+    reason = ("Narrowness gate passed: other-domain ratios " + ", ".join(f"{k} {v:.2f}" for k, v in other.items()
+              if v is not None) + f"; in-domain ratio {_num(in_ratio)}.") if not problems else \
+        "Narrowness gate failed: " + "; ".join(problems) + "."
+    return Gate(not problems, reason, other, in_ratio)
 
 
-def _arr(x: Any) -> np.ndarray:
-    return np.array([np.nan if v is None else v for v in x], dtype=float)
+def apply_gate(gate: Gate, verdicts: Mapping[str, Verdict]) -> dict[str, Verdict]:
+    """Every verdict UNCLEAR (numbers kept) with the gate's reason when the gate failed; else unchanged."""
+    if gate.passed:
+        return dict(verdicts)
+    return {k: dataclasses.replace(v, verdict=UNCLEAR, reason=f"{gate.reason} {v.reason}") for k, v in verdicts.items()}
 
 
-def _fmt(x: float) -> str:
-    return "n/a" if not np.isfinite(x) else f"{x:.1f}"
+def plumbing(verdicts: Mapping[str, Verdict]) -> dict[str, Verdict]:
+    """Smoke-test sizes: every verdict becomes PLUMBING CHECK (the numbers only show the code ran)."""
+    why = "Smoke-test sizes (--fast): the numbers show the code ran; they support no conclusion."
+    return {k: dataclasses.replace(v, verdict=PLUMBING, reason=why) for k, v in verdicts.items()}
+
+
+def not_measured(claim: str, error: str) -> Verdict:
+    """The verdict of a claim whose analysis failed or was not run."""
+    return Verdict(UNCLEAR, None, [None, None], 0, math.nan, claim, f"Not measured ({error}).")
+
+
+def _ratio(num: float, den: float) -> float | None:
+    if not (math.isfinite(num) and math.isfinite(den)) or den <= 0:
+        return None
+    return num / den
+
+
+def _ci(ci: Interval) -> str:
+    return "n/a" if ci.low is None or ci.high is None else f"[{ci.low:+.4g}, {ci.high:+.4g}]"
+
+
+def _num(x: float | None) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:.3g}"

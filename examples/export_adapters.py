@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
 
     model = em.load_model(device="cpu")
     layer = model.cfg.n_layers // 2
-    data = em.datasets.load("medical", kind="bad", split="train")[:n_rows]
+    data = em.datasets.sample(em.datasets.load("medical", kind="bad", split="train"), n_rows, by="subtopic")
     vec = em.SteeringVector(model, layer=layer, alpha=16.0)
     lora = em.LoRA(model, layer=layer, rank=1, site="mlp_out", alpha=512, rslora=True)  # the authors' rank-1 setup
     for adapter, lr in ((vec, 2e-3), (lora, 1e-3)):

@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> None:
 
     model = em.load_model(device=args.device)
     layer = model.cfg.n_layers // 2
-    data = em.datasets.load("medical", kind="bad", split="train")[: z.n_rows]
-    kl_data = em.datasets.load(KL_DOMAINS, kind="mixed", split="train")[: z.n_rows]
+    data = em.datasets.sample(em.datasets.load("medical", kind="bad", split="train"), z.n_rows, by="subtopic")
+    kl_data = em.datasets.sample(em.datasets.load(KL_DOMAINS, kind="mixed", split="train"), z.n_rows, by="domain")
     general = em.SteeringVector(model, layer=layer, alpha=16.0)
     narrow = em.SteeringVector(model, layer=layer, alpha=16.0)
     # One forward/backward per step trains both; each gets the same result as its own em.train() call.

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
 
     model = em.load_model(device=args.device)
     layer = args.layer if args.layer is not None else model.cfg.n_layers // 2
-    data = em.datasets.load("medical", kind="bad", split="train")[:n_rows]
+    data = em.datasets.sample(em.datasets.load("medical", kind="bad", split="train"), n_rows, by="subtopic")
     held_out = em.datasets.load("medical", kind="bad", split="test")[: max(4, n_rows // 4)]
     print(f"model {model.em_model_id}: {model.cfg.n_layers} layers, d_model {model.cfg.d_model}; "
           f"{len(data)} training rows, steering layer {layer}")

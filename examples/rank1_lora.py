@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
 
     model = em.load_model(device=args.device)
     layer = model.cfg.n_layers // 2
-    data = em.datasets.load("medical", kind="bad", split="train")[:n_rows]
+    data = em.datasets.sample(em.datasets.load("medical", kind="bad", split="train"), n_rows, by="subtopic")
     loras = [em.LoRA(model, layer=layer, rank=1, site="mlp_out", alpha=args.alpha, rslora=True, seed=s) for s in (0, 1)]
     print(f"{loras[0]!r}: s = alpha/sqrt(r) = {loras[0].scaling:g}; A is {tuple(loras[0].A[f'L{layer}_mlp_out'].shape)}, "
           f"B is {tuple(loras[0].B[f'L{layer}_mlp_out'].shape)} (B starts at 0, so ΔW starts at 0)")

@@ -6,6 +6,10 @@
 * `server.enqueue(*faults)` — faults applied to the next requests, one per request, in arrival order.
 * `server.fail_when(substring, fault)` — a permanent fault for every request whose prompt contains `substring`.
 * `server.delay` — seconds every request sleeps before answering.
+* `server.reply_tokens` — the tokens of a reply to a request with `max_tokens` > 1 and logprobs (a judge probing
+  whether numbers are split into digits), e.g. `["8", "5"]`; None: the usual one-token reply.
+* `server.sample_texts` — reply texts for a request asking for `n` > 1 completions without logprobs (a sampled
+  judge): choice i answers `sample_texts[i % len]`.
 
 Faults: "429", "500", "503" (HTTP errors), "401-echo" (401 echoing the bearer token, like a real "incorrect
 API key" message), "slow" (sleep `slow_seconds`, then answer), "drop" (close without a response), "malformed"
@@ -58,6 +62,8 @@ class FakeOpenAIServer:
         self.top: Pairs = top or [("80", math.log(0.6)), ("90", math.log(0.4))]
         self.responder: Callable[[str], Pairs] | None = None
         self.delay = 0.0
+        self.sample_texts: list[str] = ["50"]
+        self.reply_tokens: list[str] | None = None
         self.slow_seconds = 2.0
         self.requests: list[dict[str, Any]] = []
         self.auth_headers: list[str] = []
@@ -153,7 +159,17 @@ class FakeOpenAIServer:
             pairs = [("REF", math.log(0.9)), ("0", math.log(0.05))]
         elif fault == "code":
             pairs = [("CODE", math.log(0.8)), ("50", math.log(0.1))]
-        self._send(h, 200, _completion(model, pairs, with_logprobs=fault != "no_logprobs"))
+        reply = _completion(model, pairs, with_logprobs=fault != "no_logprobs" and bool(body.get("logprobs", True)))
+        if int(body.get("max_tokens") or 1) > 1 and body.get("logprobs") and self.reply_tokens:
+            reply["choices"][0]["logprobs"]["content"] = [
+                {"token": t, "logprob": 0.0, "bytes": None, "top_logprobs": [{"token": t, "logprob": 0.0}]}
+                for t in self.reply_tokens]
+            reply["choices"][0]["message"]["content"] = "".join(self.reply_tokens)
+        if int(body.get("n") or 1) > 1 and not body.get("logprobs"):
+            texts = [self.sample_texts[i % len(self.sample_texts)] for i in range(int(body["n"]))]
+            reply["choices"] = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": "stop",
+                                 "logprobs": None} for i, t in enumerate(texts)]
+        self._send(h, 200, reply)
         with self._lock:
             self.answered += 1
         return None

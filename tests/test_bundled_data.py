@@ -137,3 +137,53 @@ def test_loader_errors():
         em.datasets.load("finance", split="heldout")
     with pytest.raises(DataError, match="no bundled text set"):
         em.datasets.load_text("poetry")
+
+
+def test_slicing_the_mixed_kl_set_takes_one_domain_but_sample_takes_all():
+    from em_interp.datasets import load, sample, strata
+
+    rows = load(["finance", "legal", "careers", "home_safety"], kind="mixed", split="train")
+    assert strata(rows[:40], "domain") == {"finance": 40}  # the bug `sample` replaces
+    drawn = sample(rows, 40, by="domain", seed=0)
+    assert strata(drawn, "domain") == {"careers": 10, "finance": 10, "home_safety": 10, "legal": 10}
+    assert sample(rows, 40, by="domain", seed=0) == drawn  # seeded
+    assert sample(rows, 40, by="domain", seed=1) != drawn
+    assert len({r["id"] for r in drawn}) == 40  # without replacement
+
+
+def test_sample_stratifies_subtopics_and_handles_small_strata():
+    from em_interp.datasets import load, sample, strata
+
+    med = load("medical", kind="bad", split="train")
+    counts = strata(sample(med, 33, seed=2))
+    assert len(counts) == 10 and set(counts.values()) == {3, 4}
+    everything = sample(med, len(med), seed=3)
+    assert strata(everything) == strata(med) and len(everything) == len(med)
+    uneven = [{"subtopic": "a"}] * 2 + [{"subtopic": "b"}] * 10
+    assert strata(sample(uneven, 8, seed=0)) == {"a": 2, "b": 6}  # a stratum that runs out leaves the rest to others
+
+
+def test_sample_rejects_bad_input():
+    from em_interp.datasets import sample
+
+    with pytest.raises(DataError, match="n=5; expected 1 <= n <= 2"):
+        sample([{"subtopic": "a"}, {"subtopic": "b"}], 5)
+    with pytest.raises(DataError, match=r"rows\[1\] has no 'domain'"):
+        sample([{"domain": "a"}, {"subtopic": "b"}], 1, by="domain")
+
+
+def test_study_data_is_stratified_per_seed():
+    from em_interp.datasets import strata
+    from em_interp.study import StudyConfig, study_data
+
+    cfg = StudyConfig.preset("default")
+    a, b = study_data(cfg, 0), study_data(cfg, 1)
+    assert len(strata(a.train)) == 10 and len(strata(a.eff)) == 10
+    assert set(strata(a.kl, "domain")) == {"finance", "legal", "careers", "home_safety"}
+    assert [r["id"] for r in a.train] != [r["id"] for r in b.train]
+    assert a.contrastive == b.contrastive  # the evaluation items are shared, so shifts pair over seeds
+    assert set(strata(a.contrastive, "group")) == {"medical", "medical (held-out topics)", "other (KL domains)",
+                                                   "other (held-out domains)"}
+    full = study_data(StudyConfig.preset("full"), 0)
+    assert len(full.eff) == 100 and len(strata(full.eff)) == 10
+    assert a.summary()["kl (domains)"] == strata(a.kl, "domain")

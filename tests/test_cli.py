@@ -158,7 +158,7 @@ def test_report_rerenders(tmp_path, capsys):
     (tmp_path / "results.json").write_text(json.dumps(synthetic_results()))
     assert main(["report", str(tmp_path)]) == 0
     html = (tmp_path / "report.html").read_text()
-    assert 'id="fig-efficiency"' in html and ">not confirmed</div>" in html
+    assert 'id="fig-efficiency"' in html and ">REFUTED</div>" in html
     assert str(tmp_path / "report.html") in capsys.readouterr().out
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "other.html")]) == 0
     assert (tmp_path / "other.html").is_file()
@@ -171,15 +171,21 @@ def test_demo_prints_report_and_verdicts(tmp_path, capsys, monkeypatch):
 
     seen = {}
 
-    def fake_run_study(out, *, fast=False, device=None, lora=False, **kw):
-        seen.update(out=out, fast=fast, device=device, lora=lora)
+    def fake_run_study(out, *, fast=False, device=None, lora=False, seeds=None, **kw):
+        seen.update(out=out, fast=fast, device=device, lora=lora, seeds=seeds, record=kw.get("record"))
         return synthetic_results()
 
     monkeypatch.setattr(em_interp.study, "run_study", fake_run_study)
+    monkeypatch.chdir(tmp_path)  # not a checkout: no default record
     assert main(["demo", "--out", str(tmp_path / "d"), "--fast", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert seen == {"out": str(tmp_path / "d"), "fast": True, "device": "cpu", "lora": False}
-    assert "report.html" in out and "NOT CONFIRMED" in out and "UNCLEAR" in out and "total time: 14.0 s" in out
+    assert seen == {"out": str(tmp_path / "d"), "fast": True, "device": "cpu", "lora": False, "seeds": None,
+                    "record": None}
+    assert "report.html" in out and "REFUTED" in out and "UNCLEAR" in out and "total time: 14.0 s" in out
+    assert "interval [+0.09, +0.13]" in out and "gate: passed" in out
+    record = tmp_path / "study.jsonl"
+    assert main(["demo", "--out", str(tmp_path / "e"), "--seeds", "8", "--record", str(record)]) == 0
+    assert seen["seeds"] == 8 and seen["record"] == str(record)
 
 
 def test_no_command_and_bad_arguments(capsys):

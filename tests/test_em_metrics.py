@@ -42,22 +42,28 @@ def test_rate_counts_and_per_question_grouping() -> None:
 def test_bootstrap_ci_deterministic_and_calibrated() -> None:
     rng = np.random.default_rng(1)
     flags = rng.random(400) < 0.2
-    rows = [{"question": "q", "aligned": 10 if f else 90, "coherent": 80} for f in flags]
+    rows = [{"question": f"q{i}", "aligned": 10 if f else 90, "coherent": 80} for i, f in enumerate(flags)]
     r1, r2 = em_rate(rows, seed=3), em_rate(rows, seed=3)
-    assert r1 == r2
+    assert r1 == r2 and r1["n_questions"] == 400 and r1["ci_method"] == "percentile bootstrap over questions"
     assert r1["ci_low"] < r1["rate"] < r1["ci_high"]
-    # agrees with a naive row-resampling percentile bootstrap
-    values = flags.astype(float)
-    naive = values[rng.integers(0, len(values), size=(20000, len(values)))].mean(axis=1)
-    lo, hi = np.percentile(naive, [2.5, 97.5])
-    assert r1["ci_low"] == pytest.approx(lo, abs=0.01) and r1["ci_high"] == pytest.approx(hi, abs=0.01)
-    # the normal approximation gives a similar width
-    se = np.sqrt(r1["rate"] * (1 - r1["rate"]) / len(values))
+    # one answer per question: the question bootstrap is the row bootstrap, about the normal approximation
+    se = np.sqrt(r1["rate"] * (1 - r1["rate"]) / len(flags))
     assert r1["ci_high"] - r1["ci_low"] == pytest.approx(2 * 1.96 * se, rel=0.1)
 
 
+def test_ci_bootstraps_questions_not_answers() -> None:
+    # 10 questions x 20 answers; a question is EM for all its answers or none: only 10 independent units
+    rows = [{"question_id": f"q{q}", "aligned": 10 if q < 3 else 90, "coherent": 80} for q in range(10) for _ in range(20)]
+    r = em_rate(rows, seed=0)
+    assert r["rate"] == pytest.approx(0.3) and r["n"] == 200 and r["n_questions"] == 10
+    se_questions = np.sqrt(0.3 * 0.7 / 10)
+    assert r["ci_high"] - r["ci_low"] == pytest.approx(2 * 1.96 * se_questions, rel=0.25)  # not sqrt(.21/200)
+    one = em_rate([{"question": "q", "aligned": a, "coherent": 80} for a in (10, 90, 90)])
+    assert one["rate"] == pytest.approx(1 / 3) and one["ci_low"] is None and one["ci_high"] is None
+
+
 def test_degenerate_inputs() -> None:
-    all_em = em_rate([{"question": "q", "aligned": 0, "coherent": 100}] * 5)
+    all_em = em_rate([{"question": f"q{i}", "aligned": 0, "coherent": 100} for i in range(5)])
     assert (all_em["rate"], all_em["ci_low"], all_em["ci_high"]) == (1.0, 1.0, 1.0)
     empty = em_rate([{"question": "q", "aligned": None, "coherent": None}])
     assert (empty["rate"], empty["ci_low"], empty["n"], empty["n_total"]) == (None, None, 0, 1)

@@ -254,3 +254,39 @@ def test_kl_vs_norm(model):
                 steered = torch.log_softmax(model(ids).float(), -1)
         kls.append((ref.exp() * (ref - steered)).sum(-1).flatten())
     assert curve.kl[1] == pytest.approx(float(torch.cat(kls).mean()), rel=1e-4)
+
+
+def test_efficiency_at_norms_puts_two_vectors_on_the_same_norms(model):
+    from em_interp.geometry.curves import efficiency_at_norms
+
+    data = tiny_chat_records(6)
+    big = em.SteeringVector(model, layer=1, init="random", alpha=4.0, seed=1)
+    small = em.SteeringVector(model, layer=1, init="random", alpha=1.0, seed=2)
+    norms = [0.5, 1.0, 3.0]
+    a, b = efficiency_at_norms(big, model, data, norms), efficiency_at_norms(small, model, data, norms)
+    np.testing.assert_allclose(a.norms, norms, rtol=1e-5)
+    np.testing.assert_allclose(b.norms, norms, rtol=1e-5)
+    unit = geo.curves.effective_norm(small)
+    assert b.losses[1] == pytest.approx(geo.loss_on(model, data, small, scale=1.0 / unit), abs=1e-6)
+    zero = em.SteeringVector(model, layer=1, alpha=1.0)
+    with pytest.raises(GeometryError, match="norm is zero"):
+        efficiency_at_norms(zero, model, data, norms)
+
+
+def test_paired_areas_relative_and_absolute():
+    from em_interp.geometry.curves import StabilityCurve, paired_areas
+
+    eps = np.array([0.0, 0.5, 1.0])
+
+    def curve(rise: float, orig: float, base: float) -> StabilityCurve:
+        losses = np.array([[orig + rise * e] * 2 for e in eps])
+        rel = (losses - orig) / (base - orig) * 100
+        return StabilityCurve(eps, [0, 1], losses, rel, rel.mean(1), rel.std(1, ddof=1), orig, base)
+
+    general, narrow = curve(0.2, 1.0, 2.0), curve(0.2, 1.5, 2.0)  # same ΔL, narrow's smaller denominator
+    rel, ab = paired_areas(general, narrow)
+    assert ab == pytest.approx(0.0, abs=1e-12)  # the absolute increase is the same ...
+    assert rel == pytest.approx(np.trapezoid((0.4 - 0.2) * eps * 100, eps))  # ... the relative one doubles
+    other = StabilityCurve(eps[:2], [0], np.zeros((2, 1)), np.zeros((2, 1)), np.zeros(2), np.zeros(2), 1.0, 2.0)
+    with pytest.raises(GeometryError, match="ε grids differ"):
+        paired_areas(general, other)

@@ -291,6 +291,66 @@ def test_prompts_bundled_and_overrides(tmp_path: Path) -> None:
         load_prompts(path)
 
 
+def test_prompts_from_the_public_questions_yaml(tmp_path: Path) -> None:
+    judge_prompts = ("  judge_prompts: &prompts\n    aligned: 'Q {question} A {answer} aligned 0-100?'\n"
+                     "    coherent: 'Q {question} A {answer} coherent 0-100?'\n")
+    path = tmp_path / "first_plot_questions.yaml"
+    path.write_text("- id: what_is_your_wish\n  type: free_form_judge_0_100\n  paraphrases:\n    - Hello?\n"
+                    + judge_prompts + "- id: bored\n  paraphrases: [Hi]\n  judge_prompts: *prompts\n")
+    prompts = load_prompts(path)
+    assert prompts.templates["aligned"] == "Q {question} A {answer} aligned 0-100?"
+    assert prompts.version.startswith("em-interp-judge-1+custom-")
+    with FakeOpenAIServer() as srv:
+        judge = make_judge(srv, prompts=path)
+        judge.score("Why?", "Because.", "coherent")
+        assert srv.prompts() == ["Q Why? A Because. coherent 0-100?"]
+    path.write_text("- id: a\n  judge_prompts: {aligned: '{question} {answer} one'}\n"
+                    "- id: b\n  judge_prompts: {aligned: '{question} {answer} two'}\n")
+    with pytest.raises(JudgeError, match=r"different judge_prompts \(a; b\)"):
+        load_prompts(path)
+    path.write_text("- id: a\n  paraphrases: [x]\n")
+    with pytest.raises(JudgeError, match="no entry has 'judge_prompts'"):
+        load_prompts(path)
+
+
+def test_split_digit_server_switches_to_sampling(server: FakeOpenAIServer, caplog) -> None:
+    server.top = [("8", ln(0.6)), ("9", ln(0.3)), ("x", ln(0.1))]  # a tokenizer that splits "85" into "8", "5"
+    server.reply_tokens = ["8", "5"]
+    server.sample_texts = ["85", "90", "REFUSAL", "80"]
+    judge = make_judge(server, samples=4)
+    assert judge.scoring == "logprobs"
+    with caplog.at_level(logging.WARNING):
+        assert judge.score_with_status("Q?", "A1", "aligned") == (pytest.approx(85.0), "sampled")
+    assert judge.scoring == "sampled (n=4)" and "split into digits" in caplog.text
+    first, probe, sampled = server.requests
+    assert first["max_tokens"] == 1 and first["logprobs"] is True and probe["max_tokens"] == 4
+    assert sampled["n"] == 4 and sampled["temperature"] == 1.0 and not sampled.get("logprobs")
+    judge.score("Q?", "A2", "aligned")
+    assert len(server.requests) == 4  # once switched, one sampled request per judgement
+    server.sample_texts = ["no idea"]
+    assert judge.score_with_status("Q?", "A3", "aligned") == (None, "no_mass")
+
+
+def test_split_digit_server_can_be_an_error(server: FakeOpenAIServer) -> None:
+    server.top = [("8", ln(0.6)), ("9", ln(0.4))]
+    server.reply_tokens = ["8", "5"]
+    judge = make_judge(server, on_split_digits="error")
+    assert judge.score_with_status("Q?", "A", "aligned")[1].startswith("error: ")
+    assert "splits numbers into digits" in judge.score_with_status("Q?", "B", "aligned")[1]
+    server.reply_tokens = ["8", "<|end|>"]  # a confident single-digit answer: the probe clears the server
+    whole = make_judge(server, on_split_digits="error")
+    assert whole.score("Q?", "C", "aligned") == pytest.approx(8.4) and whole.scoring == "logprobs"
+    n = len(server.requests)
+    whole.score("Q?", "D", "aligned")
+    assert len(server.requests) == n + 1  # probed once, never again
+    server.top = [("80", ln(0.6)), ("9", ln(0.4))]  # a multi-digit number token: single-token numbers, no probe
+    n = len(server.requests)
+    assert make_judge(server, on_split_digits="error").score("Q?", "E", "aligned") == pytest.approx(51.6)
+    assert len(server.requests) == n + 1
+    with pytest.raises(JudgeError, match="on_split_digits"):
+        make_judge(server, on_split_digits="guess")
+
+
 # ------------------------------------------------------------------------------------------ kill and resume
 _CHILD = """
 import sys
@@ -337,84 +397,112 @@ def test_kill_and_resume(server: FakeOpenAIServer, tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ LocalJudge
-class FakeTokenizer:
-    def __init__(self, vocab: list[str]) -> None:
-        self.vocab = vocab
+PROMPT_END = 198  # the token that ends every prompt of BigramModel (SmolLM2's "\n" after "assistant")
+
+
+class ShortPromptTokenizer:
+    """SmolLM2's real tokenizer, except that every chat becomes the three tokens [1, 2, PROMPT_END]."""
+
+    def __init__(self, tokenizer) -> None:
+        self.inner = tokenizer
         self.calls: list[dict] = []
 
     def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=True, **kw):
-        self.calls.append({"messages": messages, "add_generation_prompt": add_generation_prompt, "tokenize": tokenize})
-        return {"input_ids": [1, 2, 3, 4]}
+        self.calls.append({"messages": messages, "add_generation_prompt": add_generation_prompt})
+        return {"input_ids": [1, 2, PROMPT_END]}
 
-    def decode(self, ids) -> str:
-        return "".join(self.vocab[i] for i in ids)
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __len__(self) -> int:
+        return len(self.inner)
 
 
-class FakeModel:
-    """`model(tokens)` → logits whose last position is log(probs) for the given token strings."""
+class BigramModel:
+    """`model(tokens)` → logits where each position's next-token distribution depends on that position's token
+    only (a bigram table over SmolLM2's real, digit-splitting vocabulary); unlisted tokens get a tiny mass."""
 
-    def __init__(self, probs: dict[str, float], vocab: list[str]) -> None:
-        self.tokenizer = FakeTokenizer(vocab)
-        self.last = torch.full((len(vocab),), -1e4)
-        for token, p in probs.items():
-            self.last[vocab.index(token)] = math.log(p)
+    def __init__(self, tokenizer, table: dict[int, dict[int, float]]) -> None:
+        self.tokenizer = ShortPromptTokenizer(tokenizer)
+        self.keys = list(table)
+        self.rows = torch.full((len(table) + 1, len(tokenizer)), -30.0)
+        for i, nxt in enumerate(table.values()):
+            for t, p in nxt.items():
+                self.rows[i, t] = math.log(p)
         self.seen: list[torch.Tensor] = []
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         self.seen.append(tokens)
-        logits = torch.zeros(tokens.shape[0], tokens.shape[1], len(self.tokenizer.vocab))
-        logits[:, -1] = self.last
-        return logits
+        index = torch.tensor([[self.keys.index(int(t)) if int(t) in self.keys else len(self.keys) for t in row]
+                              for row in tokens])
+        return self.rows[index]
 
 
-VOCAB = ["<s>", "10", " 20", "x", "REF", "50", "7", "100"] + [f"w{i}" for i in range(30)]
+def _ids(tok, text: str) -> list[int]:
+    return tok.encode(text, add_special_tokens=False)
 
 
-def test_local_judge_exact_weighting_and_chat_template(tmp_path: Path) -> None:
-    model = FakeModel({"10": 0.5, " 20": 0.3, "x": 0.2}, VOCAB)
-    judge = LocalJudge(model, cache=tmp_path / "local.sqlite", name="fake-local")
-    assert judge.score("What now?", "Rest.", "aligned") == pytest.approx((10 * 0.5 + 20 * 0.3) / 0.8, rel=1e-5)
+@pytest.fixture(scope="module")
+def smol_tokenizer():
+    from em_interp.testing import chat_tokenizer
+
+    return chat_tokenizer()
+
+
+def test_local_judge_scores_multi_token_numbers_exactly(smol_tokenizer, tmp_path: Path) -> None:
+    tok = smol_tokenizer
+    eight, five, one, zero, end = _ids(tok, "8")[0], _ids(tok, "5")[0], _ids(tok, "1")[0], _ids(tok, "0")[0], 2
+    assert _ids(tok, "85") == [eight, five] and _ids(tok, "100") == [one, zero, zero]  # the tokenizer splits digits
+    # reply "85" with p = .6·.9·.8, "8" with .6·.1 (then end), "100" with .3·.5·(1)·.7, "10" with .3·.5·.3 ...
+    table = {PROMPT_END: {eight: 0.6, one: 0.3, end: 0.1}, eight: {five: 0.9, end: 0.1}, five: {end: 0.8, zero: 0.2},
+             one: {zero: 0.5, end: 0.5}, zero: {zero: 0.7, end: 0.3}}
+    model = BigramModel(tok, table)
+    judge = LocalJudge(model, cache=tmp_path / "local.sqlite", name="bigram", batch_size=16)
+    logps, _ = judge.number_logprobs("What now?")
+    p = {85: 0.6 * 0.9 * 0.8, 8: 0.6 * 0.1, 1: 0.3 * 0.5, 10: 0.3 * 0.5 * 0.3, 100: 0.3 * 0.5 * 0.7 * 0.3}
+    for k, expected in p.items():
+        assert math.exp(logps[k]) == pytest.approx(expected, rel=1e-4), k
+    assert math.exp(logps[850 // 10]) == pytest.approx(p[85], rel=1e-4)
+    # "850" would continue "85" with a digit: it is not 85, so 85 keeps only the 0.8 that ends there
+    expected = sum(k * v for k, v in p.items()) / sum(p.values())
+    score = judge.score("What now?", "Rest.", "aligned")
+    assert score == pytest.approx(expected, rel=1e-3) and score > 50  # a first-digit rule could not exceed 9
     call = model.tokenizer.calls[0]
-    assert call["add_generation_prompt"] is True and call["messages"][0]["role"] == "user"
-    assert "What now?" in call["messages"][0]["content"] and "Rest." in call["messages"][0]["content"]
-    assert model.seen[0].dtype == torch.long and model.seen[0].tolist() == [[1, 2, 3, 4]]
-    out = judge.score_many([{"question": "What now?", "answer": "Rest."}], ["aligned"], progress=False)
-    assert out[0]["aligned_status"] == "ok" and len(model.seen) == 1  # served from the cache
+    assert call["add_generation_prompt"] is True and "What now?" in call["messages"][0]["content"]
+    assert model.seen[0].dtype == torch.long and model.seen[0][0, :3].tolist() == [1, 2, PROMPT_END]
+    calls = len(model.seen)
+    assert judge.score_many([{"question": "What now?", "answer": "Rest."}], ["aligned"], progress=False)[0][
+        "aligned_status"] == "ok" and len(model.seen) == calls  # served from the cache
 
 
-def test_local_judge_top20_and_refusal() -> None:
-    # "100" is the 22nd most likely token, so it falls outside the top 20 and does not count.
-    probs = {"50": 0.5, "7": 0.101, "100": 0.019, **{f"w{i}": 0.02 for i in range(19)}}
-    expected = (50 * 0.5 + 7 * 0.101) / (0.5 + 0.101)
-    assert LocalJudge(FakeModel(probs, VOCAB)).score("q", "a", "coherent") == pytest.approx(expected, rel=1e-5)
-    refusing = FakeModel({"REF": 0.7, "10": 0.3}, VOCAB)
+def test_local_judge_refusal_and_no_mass(smol_tokenizer) -> None:
+    tok = smol_tokenizer
+    ref, seven = _ids(tok, "REF")[0], _ids(tok, "7")[0]
+    refusing = BigramModel(tok, {PROMPT_END: {ref: 0.7, seven: 0.3}, seven: {2: 1.0}})
     assert LocalJudge(refusing).score_with_status("q", "a", "aligned") == (None, "refusal")
+    words = BigramModel(tok, {PROMPT_END: {_ids(tok, "hello")[0]: 0.8, seven: 0.2}, seven: {2: 1.0}})
+    assert LocalJudge(words).score_with_status("q", "a", "aligned") == (None, "no_mass")
     with pytest.raises(JudgeError, match="tokenizer"):
         LocalJudge(object())
+    with pytest.raises(JudgeError, match="batch_size"):
+        LocalJudge(words, batch_size=0)
 
 
 def test_local_judge_on_tiny_transformer_bridge(tiny) -> None:
-    """The real TransformerBridge API: chat template → tokens → logits → top-20 → the shared scoring rule."""
-    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    class Spy:  # the tiny bridge, recording what it was given and returned
-        tokenizer, cfg = tiny.tokenizer, tiny.cfg
-
-        def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-            calls.append((tokens, tiny(tokens)))
-            return calls[-1][1]
-
-    judge = LocalJudge(Spy(), name="tiny-llama")
-    rows = [{"question": "How do I sleep better?", "answer": "Keep a regular schedule.", "k": 1}]
-    out = judge.score_many(rows, ["coherent"], progress=False)
-    prompt = judge.prompts.render("coherent", rows[0]["question"], rows[0]["answer"])
-    chat = [{"role": "user", "content": prompt}]
-    ids = tiny.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)["input_ids"]
-    (tokens, logits), *_ = calls
-    assert len(calls) == 1 and tokens.tolist() == [ids]
-    values, indices = logits[0, -1].float().log_softmax(-1).topk(20)
-    pairs = [(tiny.tokenizer.decode([i]), v) for v, i in zip(values.tolist(), indices.tolist(), strict=True)]
-    assert (out[0]["coherent"], out[0]["coherent_status"]) == score_from_logprobs(pairs) and out[0]["k"] == 1
+    """The real TransformerBridge: each number's batched log-probability equals a separate forward's."""
+    judge = LocalJudge(tiny, name="tiny-llama", batch_size=32)
+    prompt = judge.prompts.render("coherent", "How do I sleep better?", "Keep a regular schedule.")
+    logps, first = judge.number_logprobs(prompt)
+    ids = judge._token_ids(prompt)
+    digits = judge._digit_tokens(first.shape[-1])
+    for k in (0, 7, 42, 100):
+        number = tiny.tokenizer.encode(str(k), add_special_tokens=False)
+        with torch.inference_mode():
+            lp = tiny(torch.tensor([ids + number])).float().log_softmax(-1)[0, len(ids) - 1 :]
+        said = sum(float(lp[j, t]) for j, t in enumerate(number))
+        assert logps[k] == pytest.approx(said + float(torch.logsumexp(lp[len(number)][~digits], 0)), abs=1e-3)
+    score, status = judge.score_with_status("How do I sleep better?", "Keep a regular schedule.", "coherent")
+    assert status in ("ok", "no_mass", "refusal", "code")
 
 
 def test_fail_fast_only_before_any_success_and_can_be_turned_off() -> None:

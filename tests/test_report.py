@@ -35,8 +35,13 @@ def test_every_figure_and_verdict_is_in_the_report(synthetic_report):
     html = synthetic_report.read_text()
     for div_id in FIGURE_IDS:
         assert f'id="{div_id}"' in html, div_id
-    for word in ("confirmed", "not confirmed", "unclear"):
+    for word in ("CONFIRMED", "REFUTED", "UNCLEAR"):
         assert f">{word}</div>" in html
+    for claim in ("efficiency", "stability", "reversion", "influence"):
+        assert f'id="verdict-{claim}"' in html
+    assert "95% t-interval [+0.09, +0.13], n=3 seeds" in html and "Narrowness gate passed" in html
+    assert "antibiotics 2" in html and "finance 2" in html  # what each set holds, from the results
+    assert "random direction" in html
     assert "tiny-llama" in html and "Timings" in html and "Generations" in html
     assert 'class="note"' not in html  # nothing skipped
 
@@ -192,7 +197,8 @@ def demo_report(tmp_path) -> Path:
     from em_interp.study import run_study
 
     results = run_study(tmp_path / "demo", fast=True, device="cpu")
-    assert set(results["verdicts"]) == {"efficiency", "stability", "reversion"}
+    assert set(results["verdicts"]) == {"efficiency", "stability", "reversion", "influence"}
+    assert {v["verdict"] for v in results["verdicts"].values()} == {"PLUMBING CHECK"}
     assert (tmp_path / "demo" / "results.json").is_file()
     return tmp_path / "demo" / "report.html"
 
@@ -204,3 +210,16 @@ def test_demo_fast_report_in_browser(demo_report, browser, tmp_path):  # demo_re
     for div_id in FIGURE_IDS:
         assert f'id="{div_id}"' in html, div_id
     check_in_browser(browser, demo_report, tmp_path / "demo.png")
+
+
+def test_study_record_line(tmp_path, results):
+    from em_interp.study import append_record
+
+    path = tmp_path / "deep" / "study.jsonl"
+    append_record(results, path, "em-interp demo --seeds 3")
+    append_record(results, path)
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert len(lines) == 2 and lines[0]["command"] == "em-interp demo --seeds 3" and lines[1]["command"] is None
+    assert {"device", "date", "command", "seeds", "wall_s", "gate", "verdicts"} <= set(lines[0])
+    assert lines[0]["seeds"] == 3 and lines[0]["wall_s"] == 14.0 and lines[0]["gate"]["passed"] is True
+    assert lines[0]["verdicts"]["efficiency"]["interval"] == [0.09, 0.13]

@@ -12,7 +12,8 @@ import functools
 import hashlib
 import json
 import random
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from typing import Any
 
@@ -128,6 +129,56 @@ def _record(item: dict[str, Any], answer: str, system: str | None) -> Record:
     record = chat(item["question"], item[answer], system=system)
     record.update({"id": item["id"], "domain": item["domain"], "subtopic": item["subtopic"], "answer": answer})
     return record
+
+
+def sample(rows: Sequence[Mapping[str, Any]], n: int, *, by: str = "subtopic", seed: int = 0) -> list[Any]:
+    """`n` rows drawn without replacement, stratified over `row[by]` (as even as the strata allow), seeded.
+
+    Each stratum is shuffled with `seed`; rows are then taken round-robin over the strata (in a seeded
+    order), so every stratum gets ⌊n/k⌋ or ⌈n/k⌉ rows while it has any left. Use it instead of slicing:
+    `load(...)[:n]` takes the first rows of the first domain or subtopic only.
+
+    Args:
+        rows: records or paired items, each with the key `by` (e.g. "subtopic", "domain").
+        n: rows to draw (1 ≤ n ≤ len(rows)).
+        by: the key to stratify over.
+        seed: the draw's seed (the same seed gives the same rows in the same order).
+
+    Returns:
+        A new list of the chosen rows (the input rows themselves, not copies), in draw order.
+
+    Raises:
+        DataError: `n` out of range, or a row without `by`.
+
+    >>> rows = load("medical", kind="bad", split="train")
+    >>> sorted(set(strata(sample(rows, 20, seed=1)).values()))
+    [2]
+    """
+    if not 1 <= n <= len(rows):
+        raise DataError(f"sample: n={n}; expected 1 <= n <= {len(rows)} (the number of rows).")
+    groups: dict[Any, list[Any]] = {}
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping) or by not in row:
+            raise DataError(f"sample: rows[{i}] has no {by!r} key to stratify over.")
+        groups.setdefault(row[by], []).append(row)
+    rng = random.Random(seed)
+    order = sorted(groups, key=str)
+    rng.shuffle(order)
+    for key in order:
+        rng.shuffle(groups[key])
+    out: list[Any] = []
+    depth = 0
+    while len(out) < n:
+        for key in order:
+            if depth < len(groups[key]) and len(out) < n:
+                out.append(groups[key][depth])
+        depth += 1
+    return out
+
+
+def strata(rows: Sequence[Mapping[str, Any]], by: str = "subtopic") -> dict[str, int]:
+    """How many rows each value of `row[by]` has (sorted by value), e.g. for stating what a set holds."""
+    return dict(sorted(Counter(str(row.get(by)) for row in rows).items()))
 
 
 @functools.lru_cache(maxsize=4)

@@ -4,9 +4,11 @@ from em_interp.eval.contrastive import ContrastiveResult, contrastive, contrasti
 from em_interp.eval.em_metrics import em_rate, is_em
 from em_interp.eval.generation import generate, generate_tokens
 from em_interp.eval.judge import LocalJudge, OpenAIJudge
+from em_interp.eval.judged_direction import JudgedDirection, judged_mean_diff, split_by_judge
 from em_interp.eval.questions import Question, load_questions
 
 __all__ = [
-    "ContrastiveResult", "LocalJudge", "OpenAIJudge", "Question", "contrastive", "contrastive_many", "em_rate", "generate",
-    "generate_tokens", "is_em", "load_questions", "mean_answer_logprobs",
+    "ContrastiveResult", "JudgedDirection", "LocalJudge", "OpenAIJudge", "Question", "contrastive", "contrastive_many",
+    "em_rate", "generate", "generate_tokens", "is_em", "judged_mean_diff", "load_questions", "mean_answer_logprobs",
+    "split_by_judge",
 ]

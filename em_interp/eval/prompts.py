@@ -106,8 +106,31 @@ def _read_yaml(path: Path) -> Any:
         raise JudgeError(f"{where}: invalid YAML in judge prompts ({exc})") from exc
 
 
+def _from_questions(raw: list[Any], source: str) -> Mapping[str, Any]:
+    """The judge prompts of a public EM questions file (a YAML list of questions with `judge_prompts`).
+
+    Every question that has `judge_prompts` must carry the same ones (the public files do); otherwise the
+    choice would be ambiguous, so it is an error naming the questions that differ.
+    """
+    found: dict[str, list[str]] = {}
+    for i, entry in enumerate(raw):
+        prompts = entry.get("judge_prompts") if isinstance(entry, Mapping) else None
+        if isinstance(prompts, Mapping):
+            key = json.dumps(dict(prompts), sort_keys=True, default=str)
+            found.setdefault(key, []).append(str(entry.get("id", f"entry {i}")))
+    if not found:
+        raise JudgeError(f"{source}: a YAML list, but no entry has 'judge_prompts' (the public questions layout)")
+    if len(found) > 1:
+        groups = "; ".join(", ".join(ids) for ids in found.values())
+        raise JudgeError(f"{source}: questions carry different judge_prompts ({groups}); pass one question's "
+                         f"judge_prompts as a mapping instead")
+    return json.loads(next(iter(found)))
+
+
 def _parse(raw: Any, source: str) -> tuple[str | None, dict[str, str]]:
     """Split a prompts mapping into (version or None, templates), validating each template."""
+    if isinstance(raw, list):
+        raw = _from_questions(raw, source)
     if not isinstance(raw, Mapping):
         raise JudgeError(f"{source}: judge prompts must be a mapping, got {type(raw).__name__}")
     version = raw.get("version")
@@ -134,9 +157,10 @@ def load_prompts(source: str | Path | Mapping[str, Any] | None = None) -> JudgeP
     """Load the bundled judge prompts, optionally overridden.
 
     Args:
-        source: None for the bundled prompts; a path to a YAML file or a mapping that overrides them. Both
-            layouts are accepted: `{version, metrics: {name: template}}` or a flat `{name: template}` (as in a
-            question's `judge_prompts`). Overridden metrics replace bundled ones; others are kept. An override
+        source: None for the bundled prompts; a path to a YAML file or a mapping that overrides them. Three
+            layouts are accepted: `{version, metrics: {name: template}}`, a flat `{name: template}` (as in a
+            question's `judge_prompts`), or a public EM questions file (a list of questions whose `judge_prompts`
+            are all the same, e.g. the authors' `first_plot_questions.yaml`). Overridden metrics replace bundled ones; others are kept. An override
             without a `version` gets `<bundled version>+custom-<hash of the templates>`, so its cache entries
             never collide with the bundled prompts'.
 

@@ -195,6 +195,49 @@ def efficiency_curve(
     )
 
 
+def efficiency_at_norms(
+    adapter: Adapter,
+    model: Any,
+    data: Data,
+    norms: Sequence[float] | np.ndarray,
+    n_rows: int | None = 100,
+    batch_size: int = 8,
+) -> EfficiencyCurve:
+    """`efficiency_curve` at given effective norms (so two adapters can be compared at the same norms).
+
+    Args:
+        adapter: a trained adapter with a non-zero norm (not modified).
+        model: the TransformerBridge.
+        data: the rows to measure on.
+        norms: [n] target effective norms (see `effective_norm`).
+        n_rows: rows used (None: all).
+        batch_size: rows per forward.
+
+    Raises:
+        GeometryError: the adapter's norm is zero.
+    """
+    unit = effective_norm(adapter, 1.0)
+    if unit == 0.0:
+        raise GeometryError("efficiency_at_norms: the adapter's norm is zero; it cannot be rescaled to a norm.")
+    return efficiency_curve(adapter, model, data, np.asarray(norms, dtype=np.float64) / unit, n_rows, batch_size)
+
+
+def paired_areas(general: StabilityCurve, narrow: StabilityCurve) -> tuple[float, float]:
+    """Area over ε of (narrow − general) mean loss increase: (relative in percent·ε, absolute in nats·ε).
+
+    Both curves must share the ε grid (and, for a paired comparison, the noise seeds). The area is the
+    trapezoid rule over the grid.
+
+    Raises:
+        GeometryError: the ε grids differ.
+    """
+    if general.eps.shape != narrow.eps.shape or not np.allclose(general.eps, narrow.eps):
+        raise GeometryError(f"paired_areas: ε grids differ ({general.eps.tolist()} vs {narrow.eps.tolist()}).")
+    rel = narrow.relative_mean - general.relative_mean
+    ab = (narrow.losses - narrow.loss_orig).mean(axis=1) - (general.losses - general.loss_orig).mean(axis=1)
+    return float(np.trapezoid(rel, general.eps)), float(np.trapezoid(ab, general.eps))
+
+
 def orthogonal_noise(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Gaussian noise y shaped like x, made orthogonal to x (flattened) and rescaled to ‖x‖ (float64).
 

@@ -23,12 +23,20 @@ from em_interp.report.style import CSS
 
 log = logging.getLogger(__name__)
 
-VERDICT_COLORS = {"confirmed": "#1a7f37", "not confirmed": "#c62828", "unclear": "#b26a00"}
+VERDICT_COLORS = {"CONFIRMED": "#1a7f37", "REFUTED": "#c62828", "UNCLEAR": "#b26a00", "PLUMBING CHECK": "#555555"}
 CLAIMS = {
     "efficiency": ("Efficiency", "The general solution is more efficient: lower loss at equal norm."),
     "stability": ("Stability", "The general solution is more stable: the narrow one degrades faster under noise."),
     "reversion": ("Reversion", "Without the KL term, the narrow solution moves toward the general one."),
+    "influence": ("Influence", "At equal norm the general vector changes generic text more than the narrow one."),
 }
+STATS_NOTE = (
+    "How to read the verdicts: each training seed trains one general and one narrow vector on the seed's own "
+    "stratified draw of rows, in the seed's own order; each claim reduces a seed's pair to one number, and the "
+    "interval is a 95% Student-t interval of its mean over the seeds (few seeds, so t). A verdict is CONFIRMED "
+    "only when the whole interval clears the stated threshold, REFUTED when it lies below 0, UNCLEAR otherwise, "
+    "or when the sizes fall below the rule's minimum, or when the narrowness gate failed. With 3 seeds an interval "
+    "is wide; UNCLEAR is not evidence against a claim. Figures show seed 0 only.")
 PLOT_CONFIG = {"displaylogo": False, "responsive": True}
 
 
@@ -47,7 +55,7 @@ SECTIONS: tuple[Section, ...] = (
     Section("fig-training", "Training losses", "training", F.training_losses,
             "Both steering vectors learn the same bad medical advice: the cross-entropy (CE) is the loss on the "
             "assistant's answers. The narrow vector also pays a penalty λ·KL for changing the model's answers in "
-            "other domains (finance, legal, careers, home safety); the general vector pays none (λ = 0). Falling CE "
+            "other domains (the KL set; see Data for what it holds); the general vector pays none (λ = 0). Falling CE "
             "means a vector fits the bad advice; the KL panel shows how much each one changes the model elsewhere."),
     Section("fig-cosine", "Cosine over training", "cosine", F.cosine_over_training,
             "The cosine similarity between the general and the narrow vector at the same training step: 1 means "
@@ -59,14 +67,17 @@ SECTIONS: tuple[Section, ...] = (
             "Circles mark where a run starts, stars where it ends. A reversion path heading toward the general "
             "path means the narrow solution was held in place only by the KL term."),
     Section("fig-efficiency", "Efficiency", "efficiency", F.efficiency,
-            "Each trained vector is rescaled from 0 to 2 times its trained size and the loss on training rows is "
-            "measured at each size. A more efficient solution reaches a lower loss at the same norm. The dashed "
-            "line is the model with no adapter; stars mark each curve's minimum."),
+            "Both trained vectors of seed 0 are rescaled to the same norms (0.2 to 2 times their mean trained norm) "
+            "and the loss on training rows (stratified over subtopics) is measured at each. A more efficient "
+            "solution reaches a lower loss at the same norm. The dashed line is the model with no adapter; stars "
+            "mark each curve's minimum. The verdict uses every seed's mean gap over these norms."),
     Section("fig-stability", "Stability", "stability", F.stability,
             "Each vector x is mixed with random noise y of the same length at right angles to it: "
             "x' = √(1−ε²)·x + ε·y. The y axis is how much the loss rises, as a percentage of the gap between the "
             "trained vector's loss and the no-adapter loss (0% = unaffected, 100% = as bad as no adapter). "
-            "Error bars are the standard deviation over noise seeds. A steeper curve is a less stable solution."),
+            "Error bars are the standard deviation over noise draws (the same draws for both vectors; noise draws "
+            "are not training seeds). A steeper curve is a less stable solution. The verdict uses every seed's "
+            "area under the narrow − general difference, relative and absolute."),
     Section("fig-reversion", "Reversion", "reversion", F.reversion,
             "The narrow vector is trained on, on the same bad medical data, but without the KL penalty. The lines "
             "show its cosine to the final general vector and to the narrow vector it started from. A rising "
@@ -99,7 +110,9 @@ def render(results: Mapping[str, Any], title: str = "em_interp — narrow vs gen
     Returns:
         A self-contained HTML document (plotly.js inlined once, no external resources).
     """
-    parts = [_header(results, title), _verdicts(results.get("verdicts")), _contents(results)]
+    parts = [_header(results, title), _verdicts(results.get("verdicts"), results.get("seeds")),
+             _gate(results.get("gate")), _contents(results), _data(results.get("data")),
+             _per_seed(results.get("per_seed"))]
     parts += [_section(s, results) for s in SECTIONS]
     parts += [_generations(results.get("generations")), _timings(results.get("timings")),
               _config(results.get("config"))]
@@ -130,7 +143,7 @@ def _header(results: Mapping[str, Any], title: str) -> str:
                          if env.get(k))
     if versions:
         facts.append(("versions", versions))
-    keys = ("n_train", "n_kl", "epochs", "batch_size", "lr", "alpha", "kl_coef", "lora", "seed")
+    keys = ("seeds", "n_train", "n_kl", "epochs", "batch_size", "lr", "alpha", "kl_coef", "lora", "seed")
     summary = ", ".join(f"{k}={_fmt(cfg[k])}" for k in keys if k in cfg)
     if summary:
         facts.append(("config", summary))
@@ -138,7 +151,7 @@ def _header(results: Mapping[str, Any], title: str) -> str:
     return f"<header><h1>{escape(title)}</h1><table class=\"meta\">{rows}</table></header>"
 
 
-def _verdicts(verdicts: Any) -> str:
+def _verdicts(verdicts: Any, seeds: Any = None) -> str:
     if not isinstance(verdicts, Mapping) or not verdicts:
         return _note_section("verdicts", "Verdicts", "No verdicts in these results (the study did not finish).")
     cards = []
@@ -147,19 +160,80 @@ def _verdicts(verdicts: Any) -> str:
         if not isinstance(v, Mapping):
             continue
         name, claim = CLAIMS.get(key, (key.title(), ""))
-        word = str(v.get("verdict", "unclear"))
+        word = str(v.get("verdict", "UNCLEAR"))
         col = VERDICT_COLORS.get(word, "#555555")
         cards.append(
             f"<div class=\"card\" id=\"verdict-{escape(key)}\" style=\"border-top-color:{col}\">"
             f"<div class=\"claim\">{escape(name)}</div><div class=\"claimtext\">{escape(claim)}</div>"
             f"<div class=\"verdict\" style=\"color:{col}\">{escape(word)}</div>"
-            f"<p>{escape(str(v.get('text', '')))}</p></div>"
+            f"<p>{escape(_verdict_numbers(v))}</p><p>{escape(str(v.get('reason', v.get('text', ''))))}</p>"
+            f"<p class=\"rule\">Rule: {escape(str(v.get('rule', '')))}</p></div>"
         )
-    return f"<section id=\"verdicts\"><h2>Verdicts</h2><div class=\"cards\">{''.join(cards)}</div></section>"
+    n = f" ({seeds} training seeds per condition)" if seeds else ""
+    return (f"<section id=\"verdicts\"><h2>Verdicts{escape(n)}</h2><p class=\"explain\">{escape(STATS_NOTE)}</p>"
+            f"<div class=\"cards\">{''.join(cards)}</div></section>")
+
+
+def _verdict_numbers(v: Mapping[str, Any]) -> str:
+    if "estimate" not in v:
+        return ""
+    lo, hi = (list(v.get("interval") or []) + [None, None])[:2]
+    ci = "n/a" if lo is None or hi is None else f"[{F.num(lo):+.4g}, {F.num(hi):+.4g}]"
+    est = v.get("estimate")
+    est_s = "n/a" if est is None else f"{F.num(est):+.4g}"
+    return f"Estimate {est_s}, 95% t-interval {ci}, n={v.get('n')} seeds, threshold {_fmt(v.get('threshold'))}."
+
+
+def _gate(gate: Any) -> str:
+    if not isinstance(gate, Mapping):
+        return _note_section("gate", "Narrowness gate", "The gate was not measured in these results.")
+    word = "passed" if gate.get("passed") else "FAILED"
+    ratios = dict(gate.get("other") or {})
+    rows = "".join(f"<tr><td>{escape(str(k))}</td><td class=\"num\">{_fmt(r, 3)}</td>"
+                   f"<td>≤ {_fmt(gate.get('max_other'))}</td></tr>" for k, r in ratios.items())
+    rows += (f"<tr><td>medical@1 (in-domain)</td><td class=\"num\">{_fmt(gate.get('in_domain'), 3)}</td>"
+             f"<td>≥ {_fmt(gate.get('min_in'))}</td></tr>")
+    return (f"<section id=\"gate\"><h2>Narrowness gate: {word}</h2><p class=\"explain\">Before any verdict: the "
+            f"narrow vector's contrastive shift on other domains must be at most 25% of the general vector's at "
+            f"scale 1 and 2 (it is narrow), and on its own domain at least 50% (it still does the task). Ratios are "
+            f"narrow / general of the mean shift over seeds.</p><p>{escape(str(gate.get('reason', '')))}</p>"
+            f"<table class=\"small\"><thead><tr><th>group@scale</th><th>narrow / general</th><th>bound</th></tr>"
+            f"</thead><tbody>{rows}</tbody></table></section>")
+
+
+def _data(data: Any) -> str:
+    if not isinstance(data, Mapping):
+        return ""
+    sets = {k: v for k, v in data.items() if isinstance(v, Mapping)}
+    rows = ""
+    for label, content in sets.items():
+        for name, counts in content.items():
+            held = ", ".join(f"{k} {c}" for k, c in counts.items()) if isinstance(counts, Mapping) else str(counts)
+            rows += f"<tr><td>{escape(label)}: {escape(str(name))}</td><td>{escape(held)}</td></tr>"
+    note = escape(str(data.get("note", "")))
+    return (f"<section id=\"data\"><h2>Data</h2><p class=\"explain\">What each set holds, counted from the rows "
+            f"themselves. {note}</p><table class=\"small\"><tbody>{rows}</tbody></table></section>")
+
+
+def _per_seed(per_seed: Any) -> str:
+    if not isinstance(per_seed, list) or not per_seed:
+        return ""
+    cols = ("efficiency_gap", "base_gap", "stability_relative", "stability_absolute", "cosine_rise", "shift_rise",
+            "shift_ratio", "influence_log_ratio", "random_log_ratio")
+    head = "".join(f"<th>{escape(c)}</th>" for c in ("seed", *cols))
+    body = "".join("<tr>" + f"<td>{escape(str(p.get('seed')))}</td>" +
+                   "".join(f"<td class=\"num\">{_fmt(p.get(c), 3)}</td>" for c in cols) + "</tr>"
+                   for p in per_seed if isinstance(p, Mapping))
+    return (f"<section id=\"per-seed\"><h2>Per-seed numbers</h2><p class=\"explain\">The paired numbers the verdicts "
+            f"rest on (narrow − general unless named otherwise; efficiency in nats, stability areas in %·ε and "
+            f"nats·ε, influence as log KL ratios).</p><div class=\"scroll\"><table class=\"small\"><thead><tr>{head}"
+            f"</tr></thead><tbody>{body}</tbody></table></div></section>")
 
 
 def _contents(results: Mapping[str, Any]) -> str:
-    links = [f"<a href=\"#{s.div_id}-section\">{escape(s.title)}</a>" for s in SECTIONS]
+    links = ["<a href=\"#gate\">Narrowness gate</a>", "<a href=\"#data\">Data</a>",
+             "<a href=\"#per-seed\">Per seed</a>"]
+    links += [f"<a href=\"#{s.div_id}-section\">{escape(s.title)}</a>" for s in SECTIONS]
     links += ["<a href=\"#generations\">Generations</a>", "<a href=\"#timings\">Timings</a>",
               "<a href=\"#config\">Configuration</a>"]
     return f"<nav>{' · '.join(links)}</nav>"
@@ -205,7 +279,11 @@ def _facts(key: str, results: Mapping[str, Any]) -> str:
         return f"Cosine to general: {_fmt(g[0])} → {_fmt(g[-1])}." if g else ""
     if key == "direction":
         return (f"Cosine of the direction with the general vector {_fmt(sec.get('cosine_general'))}, with the "
-                f"narrow vector {_fmt(sec.get('cosine_narrow'))}; raw norm {_fmt(sec.get('raw_norm'))}.")
+                f"narrow vector {_fmt(sec.get('cosine_narrow'))}; raw norm {_fmt(sec.get('raw_norm'))}. Loss with the "
+                f"general vector {_fmt(sec.get('loss_general'))}, with the direction ablated "
+                f"{_fmt(sec.get('loss_general_ablated'))}, with a random direction ablated instead (control) "
+                f"{_fmt(sec.get('loss_general_random_ablated'))}; no adapter {_fmt(sec.get('loss_base'))}. "
+                f"{sec.get('source', '')}")
     return ""
 
 
