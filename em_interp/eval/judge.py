@@ -318,6 +318,10 @@ class OpenAIJudge(_Judge):
         self._lock = threading.Lock()
         self._successes = 0
         self._connection_errors = 0  # in a row, over all threads
+        self.on_split_digits = on_split_digits
+        self.samples = samples
+        self.scoring = "logprobs"
+        self._numbers_checked = False
 
     def _check_reachable(self, last: Exception | None = None) -> None:
         """Raise `JudgeUnreachable` once `fail_fast` connection errors in a row came before any success."""
@@ -340,10 +344,6 @@ class OpenAIJudge(_Judge):
             else:
                 self._successes += 1
                 self._connection_errors = 0
-        self.on_split_digits = on_split_digits
-        self.samples = samples
-        self.scoring = "logprobs"
-        self._numbers_checked = False
 
     def __repr__(self) -> str:
         return (
