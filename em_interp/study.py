@@ -153,11 +153,11 @@ class Study:
 
     def geometry_basics(self) -> None:
         g = em.geometry
-        self.results["cosine"] = {"general_narrow": g.cosine(self.general, self.narrow)}
-        self.results["cosine"]["over_training"] = [
+        over_training = [
             g.cosine(a, b) if a.norm() > 0 and b.norm() > 0 else None
             for a, b in zip(self.runs[0].trajectory, self.runs[1].trajectory, strict=False)
         ]
+        self.results["cosine"] = {"general_narrow": g.cosine(self.general, self.narrow), "over_training": over_training}
 
     def efficiency(self) -> None:
         out = {}

@@ -111,13 +111,14 @@ def train(
         TrainingError: bad settings, `kl_data` without `kl_coef` (or the reverse), `max_length` over the
             model's context, a non-finite loss, or a checkpoint written with other settings.
     """
-    settings = dict(
-        lr=lr, epochs=epochs, steps=steps, batch_size=batch_size, kl_batch_size=kl_batch_size, grad_accum=grad_accum,
-        warmup_steps=warmup_steps, schedule=schedule, weight_decay=weight_decay, record_every=record_every,
-        max_length=max_length, ce_tokens=ce_tokens, kl_tokens=kl_tokens, kl_reduction=kl_reduction, method=method,
+    config = TrainConfig(
+        lr=lr, epochs=epochs, steps=steps, batch_size=batch_size, kl_batch_size=kl_batch_size, kl_coef=float(kl_coef),
+        grad_accum=grad_accum, warmup_steps=warmup_steps, schedule=schedule, weight_decay=weight_decay,
+        record_every=record_every, seed=int(seed), max_length=max_length, ce_tokens=ce_tokens, kl_tokens=kl_tokens,
+        kl_reduction=kl_reduction, method=method,
     )
-    return train_many([adapter], model, data, kl_data=kl_data, kl_coef=kl_coef, seed=seed, checkpoint_dir=checkpoint_dir,
-                      cache=cache, progress=progress, on_step=on_step, device=device, **settings)[0]
+    return _train([adapter], model, data, [config], kl_data=kl_data, checkpoint_dir=checkpoint_dir, cache=cache,
+                  progress=progress, on_step=on_step, device=device)[0]
 
 
 def train_many(
@@ -173,6 +174,26 @@ def train_many(
     if unknown:
         raise TrainingError(f"unknown training settings: {', '.join(sorted(unknown))}; see help(em_interp.train).")
     configs = [TrainConfig(**settings, kl_coef=float(c), seed=int(s)) for c, s in zip(coefs, seeds, strict=True)]
+    return _train(adapters, model, data, configs, kl_data=kl_data, checkpoint_dir=checkpoint_dir, cache=cache,
+                  progress=progress, on_step=on_step, device=device, chunk_size=chunk_size)
+
+
+def _train(
+    adapters: Sequence[Adapter],
+    model: Any,
+    data: Sequence[Record] | TokenizedChats,
+    configs: list[TrainConfig],
+    *,
+    kl_data: Sequence[Record] | TokenizedChats | None,
+    checkpoint_dir: str | os.PathLike[str] | None,
+    cache: ActivationCache | None,
+    progress: bool,
+    on_step: Callable[[int, list[dict[str, float]]], None] | None,
+    device: str | torch.device | None,
+    chunk_size: int | None = None,
+) -> list[TrainRun]:
+    """Train `adapters[i]` with `configs[i]` (one config per adapter; they differ at most in kl_coef and seed)."""
+    n = len(adapters)
     if n > 1 and configs[0].method != "cached":
         raise TrainingError(f"method={configs[0].method!r} trains one adapter at a time; use train() per adapter.")
     _check_kl(kl_data, [c.kl_coef for c in configs])
