@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from em_interp import checkpoint
 from em_interp.adapters.base import Adapter
 from em_interp.config import TrainConfig
-from em_interp.datasets.records import Record
+from em_interp.datasets.records import Record, check_records
 from em_interp.datasets.tokenize import TokenizedChats
 from em_interp.engine import LossComputer
 from em_interp.errors import TrainingError
@@ -455,12 +455,10 @@ def _check_same_settings(where: Path, saved: list[dict[str, Any]], configs: list
 def _tokenized(data: Any, model: Any, max_length: int, name: str) -> TokenizedChats:
     if isinstance(data, TokenizedChats):
         return data
-    if isinstance(data, (str, os.PathLike)):
-        raise TrainingError(f"{name}={str(data)!r} is a path; load the rows first, e.g. "
-                            f"em_interp.datasets.load_jsonl({str(data)!r}).")
-    if not data:
+    rows = check_records(data, name)  # DataError naming `name` for a path, one record, or rows that are not chats
+    if not rows:
         raise TrainingError(f"{name} is empty.")
-    tok = TokenizedChats(list(data), model.tokenizer, max_length=max_length, on_too_long="truncate")
+    tok = TokenizedChats(rows, model.tokenizer, max_length=max_length, on_too_long="truncate")
     if tok.n_truncated:
         log.warning("%s: %d of %d rows are longer than max_length=%d tokens; the end of their answer was cut off "
                     "(raise max_length to keep it).", name, tok.n_truncated, len(tok), max_length)
