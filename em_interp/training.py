@@ -108,6 +108,7 @@ def train(
         The `TrainRun` (losses per step, trajectory snapshots, `TrainConfig`, wall time).
 
     Raises:
+        DataError: `data` or `kl_data` is a path, a single record, or holds rows that are not chat records.
         TrainingError: bad settings, `kl_data` without `kl_coef` (or the reverse), `max_length` over the
             model's context, a non-finite loss, or a checkpoint written with other settings.
     """
@@ -163,6 +164,7 @@ def train_many(
         One `TrainRun` per adapter (losses per step, trajectory snapshots, config, wall time).
 
     Raises:
+        DataError: `data` or `kl_data` is a path, a single record, or holds rows that are not chat records.
         TrainingError: bad settings, `kl_data` without any `kl_coef > 0` (or the reverse), `max_length` over
             the model's context, a non-finite loss (names the step; the last good state is restored and
             saved), or a checkpoint written with other settings (names the differing keys).
