@@ -7,7 +7,7 @@
 """
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from em_interp import datasets
 from em_interp._version import __version__ as __version__
@@ -17,6 +17,10 @@ from em_interp.forward import ActivationCache
 from em_interp.models import load_model
 from em_interp.runs import TrainRun
 from em_interp.training import TrainConfig, continue_run, train, train_many
+
+if TYPE_CHECKING:  # imported lazily at run time (see __getattr__); listed here for type checkers and IDEs
+    from em_interp import directions, eval, geometry  # noqa: A004
+    from em_interp.eval.generation import generate
 
 _LAZY = {"geometry": "em_interp.geometry", "directions": "em_interp.directions", "eval": "em_interp.eval"}
 

@@ -18,7 +18,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import torch
@@ -148,6 +148,7 @@ def _fit(method: str, rows_a: Tensor, rows_b: Tensor) -> tuple[Tensor, dict[str,
         center = (a + b) / 2
         train = np.concatenate([a - center, b - center])
     pca = PCA(n_components=1, whiten=False).fit(train)
+    assert pca.components_ is not None  # set by fit
     direction = pca.components_[0].copy()
     higher = np.mean(b @ direction > a @ direction)  # repeng's sign rule: most pairs project higher on b
     if higher < np.mean(b @ direction < a @ direction):
@@ -155,6 +156,16 @@ def _fit(method: str, rows_a: Tensor, rows_b: Tensor) -> tuple[Tensor, dict[str,
     return torch.from_numpy(direction), {"explained_variance_ratio": float(pca.explained_variance_ratio_[0])}
 
 
+@overload
+def mean_diff(
+    model: Any, texts_a: Sequence[Any], texts_b: Sequence[Any], layer: int, positions: ReadPositions = ...,
+    hook: str = ..., batch_size: int = ..., max_length: int = ..., method: str = ...,
+) -> Direction: ...
+@overload
+def mean_diff(
+    model: Any, texts_a: Sequence[Any], texts_b: Sequence[Any], layer: Sequence[int], positions: ReadPositions = ...,
+    hook: str = ..., batch_size: int = ..., max_length: int = ..., method: str = ...,
+) -> dict[int, Direction]: ...
 def mean_diff(
     model: Any,
     texts_a: Sequence[Any],

@@ -104,6 +104,13 @@ def is_bridge(module: nn.Module) -> bool:
     )
 
 
+def _original(bridge: nn.Module) -> nn.Module:
+    """The HF module a bridge component wraps."""
+    inner = bridge.original_component
+    assert isinstance(inner, nn.Module), f"{type(bridge).__name__}.original_component is a {type(inner).__name__}"
+    return inner
+
+
 def _hook_dicts(m: nn.Module) -> tuple[dict[Any, Any], ...]:
     return (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)
 
@@ -152,7 +159,7 @@ class _Walk:
 def _plain(module: nn.Module, cache: dict[str, Any], walk: _Walk) -> nn.Module:
     """A plain-HF version of a hook-free module subtree, sharing parameters (cached by module)."""
     if is_bridge(module):
-        return _plain(module.original_component, cache, walk)
+        return _plain(_original(module), cache, walk)
     if not walk.bridged(module):
         return module
     clones: dict[int, tuple[nn.Module, nn.Module]] = cache.setdefault("clones", {})
@@ -233,7 +240,7 @@ def plain_modules(root: nn.Module, owner: Any, *, compile_layers: bool | None = 
                 parent._modules[name] = plain
                 undo.append((parent, name, child))
             else:
-                swap(child.original_component if is_bridge(child) else child)
+                swap(_original(child) if is_bridge(child) else child)
 
     try:
         swap(root)

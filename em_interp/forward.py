@@ -61,9 +61,12 @@ def model_dtype(model: Any) -> torch.dtype:
 def start_layer(model: Any, interventions: Sequence[Any]) -> int:
     """The block a forward may resume at with `interventions` applied: the lowest `first_layer` among them,
     at most the last block; 0 when one of them does not declare an int `first_layer` (it may act anywhere)."""
-    layers = [getattr(a, "first_layer", None) for a in interventions]
-    if not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
-        return 0
+    layers: list[int] = []
+    for a in interventions:
+        first = getattr(a, "first_layer", None)
+        if not isinstance(first, int) or isinstance(first, bool):
+            return 0
+        layers.append(first)
     return min([*layers, int(model.cfg.n_layers) - 1])
 
 

@@ -301,7 +301,9 @@ def _build_embedded_cache(gguf: Path, folder: Path, *, with_model: bool = True) 
     model = None
     if with_model:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        model.hf_quantizer = None  # the weights are dequantized float32 now; save them as such
+        # The weights are dequantized float32 now; save them as such. (nn.Module.__setattr__ takes any value;
+        # torch annotates it as Tensor | Module only.)
+        model.hf_quantizer = None  # pyright: ignore[reportArgumentType]
         model.config.__dict__.pop("quantization_config", None)
     with atomic_directory(folder) as tmp:
         if model is not None:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from em_interp import checkpoint
 from em_interp.adapters.base import Adapter
 from em_interp.config import TrainConfig
-from em_interp.datasets.records import Record
+from em_interp.datasets.records import Record, check_records
 from em_interp.datasets.tokenize import TokenizedChats
 from em_interp.engine import LossComputer
 from em_interp.errors import TrainingError
@@ -109,16 +109,18 @@ def train(
         The `TrainRun` (losses per step, trajectory snapshots, `TrainConfig`, wall time).
 
     Raises:
+        DataError: `data` or `kl_data` is a path, a single record, or holds rows that are not chat records.
         TrainingError: bad settings, `kl_data` without `kl_coef` (or the reverse), `max_length` over the
             model's context, a non-finite loss, or a checkpoint written with other settings.
     """
-    settings = dict(
-        lr=lr, epochs=epochs, steps=steps, batch_size=batch_size, kl_batch_size=kl_batch_size, grad_accum=grad_accum,
-        warmup_steps=warmup_steps, schedule=schedule, weight_decay=weight_decay, record_every=record_every,
-        max_length=max_length, ce_tokens=ce_tokens, kl_tokens=kl_tokens, kl_reduction=kl_reduction, method=method,
+    config = TrainConfig(
+        lr=lr, epochs=epochs, steps=steps, batch_size=batch_size, kl_batch_size=kl_batch_size, kl_coef=float(kl_coef),
+        grad_accum=grad_accum, warmup_steps=warmup_steps, schedule=schedule, weight_decay=weight_decay,
+        record_every=record_every, seed=int(seed), max_length=max_length, ce_tokens=ce_tokens, kl_tokens=kl_tokens,
+        kl_reduction=kl_reduction, method=method,
     )
-    return train_many([adapter], model, data, kl_data=kl_data, kl_coef=kl_coef, seed=seed, checkpoint_dir=checkpoint_dir,
-                      cache=cache, progress=progress, on_step=on_step, device=device, **settings)[0]
+    return _train([adapter], model, data, [config], kl_data=kl_data, checkpoint_dir=checkpoint_dir, cache=cache,
+                  progress=progress, on_step=on_step, device=device)[0]
 
 
 def train_many(
@@ -164,6 +166,7 @@ def train_many(
         One `TrainRun` per adapter (losses per step, trajectory snapshots, config, wall time).
 
     Raises:
+        DataError: `data` or `kl_data` is a path, a single record, or holds rows that are not chat records.
         TrainingError: bad settings, `kl_data` without any `kl_coef > 0` (or the reverse), `max_length` over
             the model's context, a non-finite loss (names the step; the last good state is restored and
             saved), or a checkpoint written with other settings (names the differing keys).
@@ -175,6 +178,26 @@ def train_many(
     if unknown:
         raise TrainingError(f"unknown training settings: {', '.join(sorted(unknown))}; see help(em_interp.train).")
     configs = [TrainConfig(**settings, kl_coef=float(c), seed=int(s)) for c, s in zip(coefs, seeds, strict=True)]
+    return _train(adapters, model, data, configs, kl_data=kl_data, checkpoint_dir=checkpoint_dir, cache=cache,
+                  progress=progress, on_step=on_step, device=device, chunk_size=chunk_size)
+
+
+def _train(
+    adapters: Sequence[Adapter],
+    model: Any,
+    data: Sequence[Record] | TokenizedChats,
+    configs: list[TrainConfig],
+    *,
+    kl_data: Sequence[Record] | TokenizedChats | None,
+    checkpoint_dir: str | os.PathLike[str] | None,
+    cache: ActivationCache | None,
+    progress: bool,
+    on_step: Callable[[int, list[dict[str, float]]], None] | None,
+    device: str | torch.device | None,
+    chunk_size: int | None = None,
+) -> list[TrainRun]:
+    """Train `adapters[i]` with `configs[i]` (one config per adapter; they differ at most in kl_coef and seed)."""
+    n = len(adapters)
     if n > 1 and configs[0].method != "cached":
         raise TrainingError(f"method={configs[0].method!r} trains one adapter at a time; use train() per adapter.")
     _check_kl(kl_data, [c.kl_coef for c in configs])
@@ -445,12 +468,10 @@ def _check_same_settings(where: Path, saved: list[dict[str, Any]], configs: list
 def _tokenized(data: Any, model: Any, max_length: int, name: str) -> TokenizedChats:
     if isinstance(data, TokenizedChats):
         return data
-    if isinstance(data, (str, os.PathLike)):
-        raise TrainingError(f"{name}={str(data)!r} is a path; load the rows first, e.g. "
-                            f"em_interp.datasets.load_jsonl({str(data)!r}).")
-    if not data:
+    rows = check_records(data, name)  # DataError naming `name` for a path, one record, or rows that are not chats
+    if not rows:
         raise TrainingError(f"{name} is empty.")
-    tok = TokenizedChats(list(data), model.tokenizer, max_length=max_length, on_too_long="truncate")
+    tok = TokenizedChats(rows, model.tokenizer, max_length=max_length, on_too_long="truncate")
     if tok.n_truncated:
         log.warning("%s: %d of %d rows are longer than max_length=%d tokens; the end of their answer was cut off "
                     "(raise max_length to keep it).", name, tok.n_truncated, len(tok), max_length)

@@ -195,6 +195,8 @@ def test_set_of_vectors_and_mapping(pair, tmp_path):
     assert list(directions) == [1, 3] and float(directions[3][0]) == 2.0
     with pytest.raises(AdapterError, match="direction.0"):
         export_control_vector({0: torch.ones(64)}, tmp_path / "bad.gguf")
+    with pytest.raises(AdapterError, match="mapping key '2' is a str"):
+        export_control_vector({"2": torch.ones(64)}, tmp_path / "bad.gguf")
     assert not (tmp_path / "bad.gguf").exists()
 
 

@@ -69,7 +69,7 @@ def test_adapter_save_keeps_foreign_files(tiny, tmp_path, umask):
 
 def test_train_run_save_keeps_foreign_files(tiny, tmp_path, umask):
     vec = em.SteeringVector(tiny, layer=1, init="random")
-    run = TrainRun(adapter=vec, config={"lr": 1e-3}, losses=[{"step": 1, "ce": 2.0, "kl": 0.0, "total": 2.0}])
+    run = TrainRun(adapter=vec, config=em.TrainConfig(lr=1e-3), losses=[{"step": 1, "ce": 2.0, "kl": 0.0, "total": 2.0}])
     run.record_snapshot(0)
     foreign = _foreign(tmp_path / "run")
     (tmp_path / "run" / "adapter").mkdir()

@@ -318,7 +318,7 @@ def test_kl_data_and_kl_coef_must_come_together(tiny, data, kl_data):
     with pytest.raises(TrainingError, match="kl_data is given but kl_coef is 0"):
         em.train_many([vec, em.SteeringVector(tiny, layer=1)], tiny, data, kl_data=kl_data, kl_coef=[0.0, 0.0],
                       progress=False)
-    with pytest.raises(TrainingError, match=r"data='rows.jsonl' is a path; .*load_jsonl"):
+    with pytest.raises(DataError, match=r"data='rows.jsonl' is a path, .*load_jsonl"):
         em.train(vec, tiny, "rows.jsonl", progress=False)
     assert torch.equal(vec.vector, torch.zeros_like(vec.vector))  # nothing trained
 

@@ -181,7 +181,7 @@ class Adapter(nn.Module):
     @property
     def norm(self) -> float:
         """L2 norm of all parameters together (LoRA overrides with the norm of its ΔW)."""
-        return float(torch.sqrt(sum((p.detach().float() ** 2).sum() for p in self.parameters())))
+        return float(torch.sqrt(sum(((p.detach().float() ** 2).sum() for p in self.parameters()), torch.zeros(()))))
 
     def state(self) -> dict[str, Tensor]:
         """Detached float32 copies of the parameters, by name."""

@@ -265,7 +265,11 @@ def control_vector_directions(
         vectors = [vectors]
     out: dict[int, Tensor] = {}
     if isinstance(vectors, Mapping):
-        items = [(int(k), torch.as_tensor(v).detach().float().cpu()) for k, v in vectors.items()]
+        items = []
+        for k, v in vectors.items():
+            if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+                raise AdapterError(f"mapping key {k!r} is a {type(k).__name__}; expected an int block index.")
+            items.append((int(k), torch.as_tensor(v).detach().float().cpu()))
     else:
         items = []
         for vec in vectors:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +64,9 @@ class LoRA(Adapter):
     ):
         super().__init__(model)
         n_layers = model.cfg.n_layers
-        one = isinstance(layer, str) or getattr(layer, "ndim", None) == 0 or not hasattr(layer, "__iter__")
-        layers = [layer] if one else list(layer)
+        layers: list[Any] = [layer]  # checked one by one below (a 0-d array or tensor is one index)
+        if isinstance(layer, Iterable) and not isinstance(layer, str) and getattr(layer, "ndim", None) != 0:
+            layers = list(layer)
         sites = list(ALL_SITES) if site == "all" else [site] if isinstance(site, str) else list(site)
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise AdapterError(f"LoRA: rank={rank!r}; expected an int >= 1.")

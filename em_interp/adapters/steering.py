@@ -188,7 +188,7 @@ class SteeringSet(Adapter):
     @property
     def norm(self) -> float:
         """‖alpha · [v_L for all L]‖: the size of all added vectors together at scale 1."""
-        return float(torch.sqrt(sum((d.detach().float() ** 2).sum() for d in self.deltas(1.0).values())))
+        return float(torch.sqrt(sum(((d.detach().float() ** 2).sum() for d in self.deltas(1.0).values()), torch.zeros(()))))
 
     def deltas(self, scale: float | None = None) -> dict[int, Tensor]:
         """{layer: the vector added there, `scale · alpha · v_L` [d_model]}; scale defaults to `self.scale`."""

@@ -84,8 +84,9 @@ def em_rate(
     """
     if n_boot < 0:
         raise DataError(f"em_rate: n_boot must be >= 0, got {n_boot}")
-    if hasattr(scores, "to_dict") and not isinstance(scores, Mapping):
-        scores = scores.to_dict("records")  # pandas DataFrame
+    to_dict: Any = getattr(scores, "to_dict", None)
+    if to_dict is not None and not isinstance(scores, Mapping):
+        scores = to_dict("records")  # pandas DataFrame
     flags: list[bool] = []
     labels: list[Any] = []
     groups: dict[Any, list[bool]] = {}

@@ -178,8 +178,9 @@ class _Judge:
             DataError: A row is not a mapping or lacks a string `question` / `answer`.
             JudgeError: An unknown metric.
         """
-        if hasattr(rows, "to_dict") and not isinstance(rows, Mapping):
-            rows = rows.to_dict("records")  # a pandas DataFrame
+        to_dict: Any = getattr(rows, "to_dict", None)
+        if to_dict is not None and not isinstance(rows, Mapping):
+            rows = to_dict("records")  # a pandas DataFrame
         metric_list = [metrics] if isinstance(metrics, str) else list(metrics)
         resolved = {m: self._resolve(m) for m in metric_list}
         out: list[dict[str, Any]] = []

@@ -113,6 +113,7 @@ def trajectory_pca(
     if k < 1:
         raise GeometryError(f"trajectory_pca: n_components={n_components}; expected >= 1.")
     pca = PCA(n_components=k).fit(stacked)
+    assert pca.components_ is not None  # set by fit
     return TrajectoryPCA(
         explained_variance_ratio=pca.explained_variance_ratio_,
         components=pca.components_,

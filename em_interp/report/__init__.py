@@ -92,8 +92,9 @@ def plain(x: Any) -> Any:
         return {str(k): plain(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [plain(v) for v in x]
-    if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch tensor (torch is not imported here)
-        return plain(x.detach().cpu().numpy())
+    detach: Any = getattr(x, "detach", None)
+    if detach is not None and hasattr(x, "cpu"):  # a torch tensor (torch is not imported here)
+        return plain(detach().cpu().numpy())
     if isinstance(x, np.ndarray):
         return plain(x.tolist())
     if isinstance(x, (bool, np.bool_)):
