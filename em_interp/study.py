@@ -29,7 +29,10 @@ import torch
 import em_interp as em
 from em_interp import verdicts as V
 from em_interp.datasets.bundled import sample, strata
+from em_interp.datasets.records import Record
 from em_interp.fileio import write_json
+from em_interp.geometry import curves as curves_mod
+from em_interp.geometry import similarity
 from em_interp.report import plain
 from em_interp.runs import environment
 from em_interp.stats import bootstrap_interval
@@ -156,7 +159,7 @@ class SeedResult:
     seed: int
     norms: dict[str, float]
     final_losses: dict[str, dict[str, float]]
-    shifts: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # "<name>@<scale>" → group → shift
+    shifts: dict[str, dict[str, float]] = field(default_factory=dict)  # "<name>@<scale>" → group → shift
     efficiency_gap: float | None = None
     base_gap: float | None = None
     stability_relative: float | None = None
@@ -266,9 +269,9 @@ class Study:
     def efficiency(self) -> None:
         c = self.cfg
         for i, ((general, narrow), data, res) in enumerate(zip(self.pairs, self.data, self.per_seed, strict=True)):
-            mean_norm = (em.geometry.curves.effective_norm(general) + em.geometry.curves.effective_norm(narrow)) / 2
+            mean_norm = (curves_mod.effective_norm(general) + curves_mod.effective_norm(narrow)) / 2
             norms = np.linspace(0.2, 2.0, c.eff_norms) * mean_norm
-            curves = {n: em.geometry.curves.efficiency_at_norms(v, self.model, data.eff, norms, n_rows=None)
+            curves = {n: curves_mod.efficiency_at_norms(v, self.model, data.eff, norms, n_rows=None)
                       for n, v in (("general", general), ("narrow", narrow))}
             res.efficiency_gap = float(np.mean(curves["narrow"].losses - curves["general"].losses))
             orig = em.geometry.loss_on(self.model, data.eff, general)
@@ -283,7 +286,7 @@ class Study:
             draws = [1000 * (c.seed + i) + k for k in range(c.noise_draws)]  # shared by narrow and general
             curves = {n: em.geometry.stability_curve(v, self.model, data.stab, eps=c.eps, seeds=draws, n_rows=None)
                       for n, v in (("general", general), ("narrow", narrow))}
-            res.stability_relative, res.stability_absolute = em.geometry.curves.paired_areas(
+            res.stability_relative, res.stability_absolute = curves_mod.paired_areas(
                 curves["general"], curves["narrow"])
             if i == 0:
                 self.results["stability"] = curves
@@ -395,7 +398,7 @@ class Study:
 
     def generations(self) -> None:
         general, narrow = self.pairs[0]
-        kw = dict(max_new_tokens=self.cfg.gen_tokens, temperature=0.0)
+        kw: dict[str, Any] = dict(max_new_tokens=self.cfg.gen_tokens, temperature=0.0)
         gens = {"base": em.generate(self.model, list(PROMPTS), **kw)}
         for name, vec in (("general", general), ("narrow", narrow)):
             gens[name] = em.generate(self.model, list(PROMPTS), adapters=[vec], **kw)
@@ -460,7 +463,7 @@ class Study:
         self.results["lora"] = out
 
 
-def ablation_with_control(model: Any, adapter: Any, direction: Any, rows: Sequence[Mapping[str, Any]],
+def ablation_with_control(model: Any, adapter: Any, direction: Any, rows: Sequence[Record],
                           seed: int = 0) -> dict[str, float]:
     """Loss with `adapter` applied: as is, with `direction` ablated at every layer, and with a random direction
     of the same norm (a unit direction, like `direction`) ablated instead — the control every ablation needs.
@@ -573,8 +576,8 @@ def _scales(c: StudyConfig) -> tuple[float, ...]:
 
 
 def _cos(state: Any, target: Any, template: Any) -> float | None:
-    v = em.geometry.similarity.state_vector(template, state, "params").double()
-    t = em.geometry.similarity.as_flat(target, "params").double()
+    v = similarity.state_vector(template, state, "params").double()
+    t = similarity.as_flat(target, "params").double()
     denom = float(v.norm() * t.norm())
     return None if denom == 0.0 else float(v @ t) / denom
 
