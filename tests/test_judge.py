@@ -490,7 +490,7 @@ def test_local_judge_refusal_and_no_mass(smol_tokenizer) -> None:
 
 def test_local_judge_on_tiny_transformer_bridge(tiny) -> None:
     """The real TransformerBridge: each number's batched log-probability equals a separate forward's."""
-    judge = LocalJudge(tiny, name="tiny-llama", batch_size=32)
+    judge = LocalJudge(tiny, name="tiny-llama", batch_size=32, min_prefix_prob=0)  # exact: every prefix expanded
     prompt = judge.prompts.render("coherent", "How do I sleep better?", "Keep a regular schedule.")
     logps, first = judge.number_logprobs(prompt)
     ids = judge._token_ids(prompt)
@@ -521,3 +521,18 @@ def test_fail_fast_only_before_any_success_and_can_be_turned_off() -> None:
     assert [r["aligned"] for r in rows] == [None] * 3
     with pytest.raises(JudgeUnreachable, match=rf"{url}.*2 connection errors in a row"):
         OpenAIJudge("fake-judge", base_url=url, fail_fast=2, sleep=sleeps.append, timeout=5).score("q", "a", "aligned")
+
+
+def test_local_judge_prunes_unlikely_prefixes(smol_tokenizer) -> None:
+    """Pruning skips the forwards of improbable number prefixes and changes the score by less than the mass it
+    leaves out."""
+    tok = smol_tokenizer
+    eight, five, end = _ids(tok, "8")[0], _ids(tok, "5")[0], 2
+    table = {PROMPT_END: {eight: 0.9, end: 0.1}, eight: {five: 0.9, end: 0.1}, five: {end: 1.0}}
+    exact_model, pruned_model = BigramModel(tok, table), BigramModel(tok, table)
+    exact = LocalJudge(exact_model, min_prefix_prob=0, batch_size=1).score("q", "a", "aligned")
+    pruned = LocalJudge(pruned_model, batch_size=1).score("q", "a", "aligned")
+    assert pruned == pytest.approx(exact, abs=1e-3)
+    assert len(pruned_model.seen) < len(exact_model.seen) / 5  # ~100 prefixes exactly, a handful pruned
+    with pytest.raises(JudgeError, match="min_prefix_prob"):
+        LocalJudge(exact_model, min_prefix_prob=1.5)

@@ -476,6 +476,8 @@ class LocalJudge(_Judge):
         name: Judge name in cache keys; default `model.em_model_id` (set by `em_interp.load_model`), else
             `model.cfg.model_name` or the class name (pass a name when caching: the generic ones can collide).
         batch_size: number rows per forward in `number_logprobs`.
+        min_prefix_prob: number prefixes less likely than this are not expanded in `number_logprobs` (their
+            numbers score 0 probability); 0 scores all 101 numbers exactly (about 100 forwards per judgement).
     """
 
     _catch_errors = False
@@ -489,10 +491,13 @@ class LocalJudge(_Judge):
         cache: str | Path | JudgeCache | None = None,
         name: str | None = None,
         batch_size: int = 8,
+        min_prefix_prob: float = 1e-6,
     ) -> None:
-        if batch_size < 1:
-            raise JudgeError(f"LocalJudge: batch_size must be >= 1, got {batch_size}")
+        if batch_size < 1 or not 0 <= min_prefix_prob < 1:
+            raise JudgeError(f"LocalJudge: batch_size={batch_size}, min_prefix_prob={min_prefix_prob}; expected "
+                             "batch_size >= 1 and 0 <= min_prefix_prob < 1")
         self.batch_size = batch_size
+        self.min_prefix_prob = min_prefix_prob
         tokenizer = getattr(model, "tokenizer", None)
         if tokenizer is None or not hasattr(tokenizer, "apply_chat_template"):
             raise JudgeError("LocalJudge: model.tokenizer with apply_chat_template() is required")
@@ -553,11 +558,14 @@ class LocalJudge(_Judge):
         return self._digits
 
     def number_logprobs(self, prompt: str) -> tuple[list[float], Any]:
-        """Exact log-probabilities of the replies "0" .. "100" to `prompt`, and the first token's log-softmax.
+        """Log-probabilities of the replies "0" .. "100" to `prompt`, and the first token's log-softmax.
 
         log p_k = Σ log P(token_j of str(k) | prompt, earlier tokens) + log P(next token does not start with a
-        digit). Every number is scored with all its tokens, so a tokenizer that splits "85" into "8", "5"
-        is handled; rows are batched `batch_size` at a time (right-padded: causal attention never sees the pad).
+        digit). Every number is scored with all its tokens, so a tokenizer that splits "85" into "8", "5" is
+        handled. The numbers' token prefixes form a tree, expanded one depth at a time (one forward per prefix,
+        `batch_size` rows at once, right-padded: causal attention never sees the pad); a prefix whose probability
+        is below `min_prefix_prob` is not expanded and its numbers get log p = -inf, so at most
+        101 · `min_prefix_prob` of probability is left out (0 scores every number exactly).
 
         Returns:
             ([101] log p_k, [d_vocab] float32 log-softmax of the first reply token).
@@ -565,27 +573,42 @@ class LocalJudge(_Judge):
         import torch
 
         ids = self._token_ids(prompt)
-        numbers = self._number_ids()
-        width = max(len(n) for n in numbers)
-        start = len(ids) - 1  # logits at `start` predict the reply's first token
-        out: list[float] = []
-        first = None
-        for lo in range(0, len(numbers), self.batch_size):
-            chunk = numbers[lo : lo + self.batch_size]
-            rows = [ids + n + [n[-1]] * (width - len(n)) for n in chunk]
+        numbers = [tuple(n) for n in self._number_ids()]
+        prefixes = {n[:j] for n in numbers for j in range(len(n) + 1)}  # every prefix needs its next-token dist.
+        floor = math.log(self.min_prefix_prob) if self.min_prefix_prob > 0 else -math.inf
+        logp: dict[tuple[int, ...], float] = {(): 0.0}  # log P(prefix | prompt)
+        nxt: dict[tuple[int, ...], Any] = {}  # prefix -> [vocab] log-softmax of the token after it
+        for depth in range(max(len(n) for n in numbers) + 1):
+            level = [q for q in prefixes if len(q) == depth and logp.get(q, -math.inf) >= floor]
+            nxt.update(self._next_logprobs(ids, sorted(level)))
+            for q in prefixes:
+                if len(q) == depth + 1 and q[:-1] in nxt:
+                    logp[q] = logp[q[:-1]] + float(nxt[q[:-1]][q[-1]])
+        first = nxt[()]
+        digits = self._digit_tokens(first.shape[-1])
+        out = []
+        for n in numbers:
+            dist = nxt.get(n)
+            stop = float(torch.logsumexp(dist[~digits], dim=0)) if dist is not None else -math.inf
+            out.append(logp.get(n, -math.inf) + stop)
+        return out, first
+
+    def _next_logprobs(self, ids: list[int], prefixes: list[tuple[int, ...]]) -> dict[tuple[int, ...], Any]:
+        """{prefix: [vocab] float32 log-softmax of the token after prompt + prefix}, batched."""
+        import torch
+
+        out: dict[tuple[int, ...], Any] = {}
+        for lo in range(0, len(prefixes), self.batch_size):
+            chunk = prefixes[lo : lo + self.batch_size]
+            width = max(len(q) for q in chunk)
+            rows = [ids + list(q) + [ids[-1]] * (width - len(q)) for q in chunk]
             tokens = torch.tensor(rows, dtype=torch.long, device=self._device())
             with torch.inference_mode():
                 logits = self.model(tokens)
             logits = getattr(logits, "logits", logits)
-            lp = logits[:, start:].float().log_softmax(dim=-1).cpu()  # [rows, width + 1, vocab]
-            if first is None:
-                first = lp[0, 0]
-            digits = self._digit_tokens(lp.shape[-1])
-            for r, n in enumerate(chunk):
-                said = sum(float(lp[r, j, t]) for j, t in enumerate(n))
-                stop = float(torch.logsumexp(lp[r, len(n)][~digits], dim=0))
-                out.append(said + stop)
-        return out, first
+            for r, q in enumerate(chunk):
+                out[q] = logits[r, len(ids) - 1 + len(q)].float().log_softmax(dim=-1).cpu()
+        return out
 
     def _judge_prompt(self, prompt: str) -> Result:
         logps, first = self.number_logprobs(prompt)
