@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{len(rows)} prompts from {len(questions)} questions x 2 conditions, up to {tokens} new tokens each")
 
     if args.local_judge:
-        judge = em.eval.LocalJudge(model, cache=cache)
+        # --fast: a plumbing check; only number prefixes with probability >= 1% are expanded (a few forwards)
+        judge = em.eval.LocalJudge(model, cache=cache, min_prefix_prob=1e-2 if args.fast else 1e-4)
     else:
         judge = em.eval.OpenAIJudge(model=args.judge_model, base_url=args.base_url, cache=cache)
     print(f"judge: {judge!r}")

@@ -477,7 +477,8 @@ class LocalJudge(_Judge):
             `model.cfg.model_name` or the class name (pass a name when caching: the generic ones can collide).
         batch_size: number rows per forward in `number_logprobs`.
         min_prefix_prob: number prefixes less likely than this are not expanded in `number_logprobs` (their
-            numbers score 0 probability); 0 scores all 101 numbers exactly (about 100 forwards per judgement).
+            numbers score 0 probability; at most 101 × this is left out, usually far less); 0 scores all 101
+            numbers exactly (about 100 forwards of the prompt per judgement).
     """
 
     _catch_errors = False
@@ -491,7 +492,7 @@ class LocalJudge(_Judge):
         cache: str | Path | JudgeCache | None = None,
         name: str | None = None,
         batch_size: int = 8,
-        min_prefix_prob: float = 1e-6,
+        min_prefix_prob: float = 1e-4,
     ) -> None:
         if batch_size < 1 or not 0 <= min_prefix_prob < 1:
             raise JudgeError(f"LocalJudge: batch_size={batch_size}, min_prefix_prob={min_prefix_prob}; expected "
