@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from em_interp.datasets.tokenize import tokenize_chat
-from em_interp.errors import AdapterError, DataError
+from em_interp.errors import AdapterError, DataError, ModelLoadError
 from em_interp.forward import attention_bridges, hf_model_of, model_device, unembed
 from em_interp.hooks import position_offset
 
@@ -206,7 +206,7 @@ def _check_cache_filled(cache: DynamicCache, expected: int) -> None:
     TransformerLens pair would otherwise make generation silently ignore the prompt)."""
     seen = cache.get_seq_length()
     if seen != expected:
-        raise RuntimeError(
+        raise ModelLoadError(
             f"KV cache holds {seen} positions after a forward over {expected}: this transformers / "
             "transformer-lens pair does not fill the cache through the bridge. See docs/compatibility.md."
         )
