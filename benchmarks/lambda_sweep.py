@@ -1,10 +1,12 @@
-"""Choose the study's KL weight λ: train one general vector (λ = 0) and narrow vectors at several λ together,
-then measure the narrowness gate's ratios (contrastive shift of narrow / general per group, at scale 1 and 2).
+"""Choose the study's narrow-training settings: for each (adapter kind, layer, training length), train one general
+adapter (λ = 0) and narrow adapters at several λ together, then measure the narrowness gate's ratios (contrastive
+shift of narrow / general per group, at scale 1 and 2).
 
-    PYTHONPATH=. python benchmarks/lambda_sweep.py --coefs 5 20 80 --seed 0
+    PYTHONPATH=. python benchmarks/lambda_sweep.py --coefs 4 16 64 --layers 15 --seed 0
+    PYTHONPATH=. python benchmarks/lambda_sweep.py --adapter lora --layers 9 15 21 --n-train 208 --epochs 4
 
-Appends one JSON line per run to benchmarks/results/lambda_sweep.jsonl. The data, sizes and training settings are
-the study's default preset (em_interp.study.StudyConfig), so the chosen λ carries over.
+Appends one JSON line per (adapter, layer) to benchmarks/results/lambda_sweep.jsonl. Unless overridden, the data,
+sizes and training settings are the study preset's (em_interp.study.StudyConfig), so a chosen setting carries over.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import em_interp as em
 from em_interp.study import StudyConfig, study_data
@@ -21,44 +25,75 @@ from em_interp.study import StudyConfig, study_data
 log = logging.getLogger("lambda_sweep")
 
 
+def make_adapters(model: Any, kind: str, layer: int, n: int, cfg: StudyConfig) -> list[Any]:
+    """`n` fresh adapters of one kind at `layer`, initialised as the study does."""
+    if kind == "vector":
+        return [em.SteeringVector(model, layer, alpha=cfg.alpha) for _ in range(n)]
+    return [em.LoRA(model, layer, rank=1, site="mlp_out", alpha=cfg.lora_alpha, rslora=True, seed=cfg.seed)
+            for _ in range(n)]
+
+
+def gate_of(model: Any, items: list[dict[str, Any]], conditions: dict[str, Any], coefs: list[float]
+            ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Contrastive shifts per group at scales 1 and 2, and the gate of each narrow λ against the general one."""
+    shifts = {}
+    for scale in (1.0, 2.0):
+        res = em.eval.contrastive_many(model, items, conditions, scale=scale, progress=False)
+        shifts[scale] = {name: em.study.group_shifts(r.items, items) for name, r in res.items()}
+    means = {s: {name: {g: v["mean_shift"] for g, v in groups.items()} for name, groups in by_name.items()}
+             for s, by_name in shifts.items()}
+    rows = []
+    for c in coefs:
+        gate = em.verdicts.narrowness_gate(
+            {s: means[s]["general"] for s in means}, {s: means[s][f"narrow_{c:g}"] for s in means})
+        rows.append({"kl_coef": c, "gate": em.report.plain(gate)})
+        log.info("  λ=%g: %s", c, gate.reason)
+    return shifts, rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--coefs", type=float, nargs="+", default=[5.0, 20.0, 80.0])
+    p.add_argument("--coefs", type=float, nargs="+", default=[4.0, 16.0, 64.0])
+    p.add_argument("--adapter", choices=["vector", "lora"], nargs="+", default=["vector"])
+    p.add_argument("--layers", type=int, nargs="+", default=None, help="default: the middle layer")
+    p.add_argument("--preset", default="default", help="StudyConfig preset for data and sizes")
+    p.add_argument("--n-train", type=int, default=None)
+    p.add_argument("--n-kl", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None, help="vector lr (LoRA uses the preset's lora_lr × lr/cfg.lr)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "lambda_sweep.jsonl"))
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = StudyConfig.preset("default")
-    t0 = time.perf_counter()
+    overrides = {k: v for k, v in (("n_train", args.n_train), ("n_kl", args.n_kl), ("epochs", args.epochs))
+                 if v is not None}
+    cfg = StudyConfig.preset(args.preset, seed=args.seed, **overrides)
+    lr_scale = 1.0 if args.lr is None else args.lr / cfg.lr
     model = em.load_model(device=args.device, dtype="bfloat16")
-    layer = model.cfg.n_layers // 2
     data = study_data(cfg, args.seed)
-    vecs = [em.SteeringVector(model, layer, alpha=cfg.alpha) for _ in range(1 + len(args.coefs))]
-    runs = em.train_many(vecs, model, data.train, kl_data=data.kl, kl_coef=[0.0, *args.coefs], seed=args.seed,
-                         lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.batch_size, kl_batch_size=cfg.batch_size,
-                         warmup_steps=2, record_every=cfg.epochs * 100, schedule="constant", progress=False)
-    conditions = {"general": vecs[0], **{f"narrow_{c:g}": v for c, v in zip(args.coefs, vecs[1:], strict=True)}}
-    shifts = {}
-    for scale in (1.0, 2.0):
-        res = em.eval.contrastive_many(model, data.contrastive, conditions, scale=scale, progress=False)
-        shifts[scale] = {name: em.study.group_shifts(r.items, data.contrastive) for name, r in res.items()}
-    means = {s: {name: {g: v["mean_shift"] for g, v in groups.items()} for name, groups in by_name.items()}
-             for s, by_name in shifts.items()}
-    rows = []
-    for c in args.coefs:
-        gate = em.verdicts.narrowness_gate(
-            {s: means[s]["general"] for s in means}, {s: means[s][f"narrow_{c:g}"] for s in means})
-        rows.append({"kl_coef": c, "gate": em.report.plain(gate)})
-        log.info("λ=%g: %s", c, gate.reason)
-    record = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": str(em.models.model_device(model)),
-              "seed": args.seed, "layer": layer, "config": em.report.plain(cfg),
-              "final_losses": [r.final_losses() for r in runs], "norms": [v.norm for v in vecs],
-              "shifts": em.report.plain({str(s): v for s, v in shifts.items()}), "results": rows,
-              "wall_s": round(time.perf_counter() - t0, 1)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    for kind in args.adapter:
+        for layer in args.layers or [model.cfg.n_layers // 2]:
+            t0 = time.perf_counter()
+            adapters = make_adapters(model, kind, layer, 1 + len(args.coefs), cfg)
+            lr = (cfg.lr if kind == "vector" else cfg.lora_lr) * lr_scale
+            runs = em.train_many(adapters, model, data.train, kl_data=data.kl, kl_coef=[0.0, *args.coefs],
+                                 seed=args.seed, lr=lr, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                                 kl_batch_size=cfg.batch_size, warmup_steps=2, record_every=cfg.epochs * 1000,
+                                 schedule="constant", progress=False)
+            conditions = {"general": adapters[0],
+                          **{f"narrow_{c:g}": a for c, a in zip(args.coefs, adapters[1:], strict=True)}}
+            log.info("%s layer %d, %d rows × %d epochs, lr %g:", kind, layer, len(data.train), cfg.epochs, lr)
+            shifts, rows = gate_of(model, data.contrastive, conditions, args.coefs)
+            record = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": str(em.models.model_device(model)),
+                      "command": " ".join(["python", *sys.argv]), "seed": args.seed, "adapter": kind,
+                      "layer": layer, "lr": lr, "config": em.report.plain(cfg),
+                      "final_losses": [r.final_losses() for r in runs], "norms": [a.norm for a in adapters],
+                      "shifts": em.report.plain({str(s): v for s, v in shifts.items()}), "results": rows,
+                      "wall_s": round(time.perf_counter() - t0, 1)}
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            with open(args.out, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from em_interp.adapters.steering import SteeringVector
 from em_interp.datasets.records import Record
 from em_interp.datasets.tokenize import TokenizedChats
 from em_interp.errors import GeometryError
-from em_interp.geometry.loss import first_rows, loss_on
+from em_interp.geometry.loss import first_rows, loss_on, loss_on_each
 from em_interp.geometry.similarity import as_flat, state_vector
 from em_interp.runs import TrainRun
 from em_interp.training import TrainConfig, train
@@ -146,6 +146,13 @@ def _span(x: Any) -> str:
     return f"{x.min():.3g}..{x.max():.3g}" if x.size else "(none)"
 
 
+def rescaled(adapter: Adapter, scale: float) -> Adapter:
+    """A copy of `adapter` whose own `scale` is multiplied by `scale` (the original is not touched)."""
+    clone = copy.deepcopy(adapter)
+    clone.scale = float(scale) * adapter.scale
+    return clone
+
+
 def effective_norm(adapter: Adapter, scale: float = 1.0) -> float:
     """The adapter's size at `scale` (times its own `scale`): ‖delta‖ for a vector, mean ‖ΔW‖_F for a LoRA."""
     s = float(scale) * adapter.scale
@@ -186,7 +193,7 @@ def efficiency_curve(
     scales_arr = np.asarray(scales, dtype=np.float64)
     if scales_arr.ndim != 1 or scales_arr.size == 0:
         raise GeometryError(f"efficiency_curve: scales must be a non-empty 1-D sequence; got shape {scales_arr.shape}.")
-    losses = np.array([loss_on(model, rows, adapter, scale=float(s), batch_size=batch_size) for s in scales_arr])
+    losses = np.array(loss_on_each(model, rows, [rescaled(adapter, float(s)) for s in scales_arr], batch_size=batch_size))
     norms = np.array([effective_norm(adapter, float(s)) for s in scales_arr])
     best = int(np.argmin(losses))
     return EfficiencyCurve(
@@ -315,14 +322,15 @@ def stability_curve(
             log.warning("stability_curve: parameter %s is zero; a norm-preserving perturbation leaves it zero.", name)
     loss_orig = loss_on(model, rows, adapter, batch_size=batch_size)
     loss_base = loss_on(model, rows, batch_size=batch_size)
-    clone = copy.deepcopy(adapter)
-    losses = np.zeros((eps_arr.size, len(seed_list)))
-    for j, seed in enumerate(seed_list):
+    variants = []
+    for seed in seed_list:
         g = torch.Generator().manual_seed(seed)
         noise = {name: orthogonal_noise(x, g) for name, x in state.items()}
-        for i, e in enumerate(eps_arr):
+        for e in eps_arr:
+            clone = copy.deepcopy(adapter)
             clone.load_state({name: perturb(x, float(e), noise[name]) for name, x in state.items()})
-            losses[i, j] = loss_on(model, rows, clone, batch_size=batch_size)
+            variants.append(clone)
+    losses = np.array(loss_on_each(model, rows, variants, batch_size=batch_size)).reshape(len(seed_list), -1).T
     gap = loss_base - loss_orig
     if gap == 0.0:
         log.warning("stability_curve: the adapter's loss equals the base loss; relative increases are NaN.")

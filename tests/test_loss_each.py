@@ -1,0 +1,68 @@
+"""`loss_on_each`: many adapters scored in stacked forwards give the numbers of separate `loss_on` calls."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import em_interp as em
+from em_interp.errors import AdapterError, GeometryError
+from em_interp.geometry import curves
+from em_interp.geometry.loss import STACK_TOKENS, loss_on, loss_on_each
+
+
+def _random_adapters(model, kind: str, n: int = 5) -> list:
+    out = []
+    for s in range(n):
+        a = em.SteeringVector(model, 1, alpha=1.0) if kind == "vector" else \
+            em.LoRA(model, 1, rank=1, site="mlp_out", seed=s)
+        g = torch.Generator().manual_seed(s)
+        a.load_state({k: torch.randn(v.shape, generator=g) for k, v in a.state().items()})
+        a.scale = 0.5 + s
+        out.append(a)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["vector", "lora"])
+def test_each_equals_separate_calls(tiny, records, kind):
+    adapters = _random_adapters(tiny, kind)
+    separate = [loss_on(tiny, records, a, batch_size=4) for a in adapters]
+    assert len(set(np.round(separate, 6))) == len(adapters)  # the adapters really differ
+    np.testing.assert_allclose(loss_on_each(tiny, records, adapters, batch_size=4), separate, rtol=1e-5)
+
+
+def test_each_in_small_stacks_matches_one_stack(tiny, records, monkeypatch):
+    adapters = _random_adapters(tiny, "vector")
+    one = loss_on_each(tiny, records, adapters, batch_size=4)
+    monkeypatch.setitem(STACK_TOKENS, "cpu", 1)  # one adapter per forward
+    em.geometry.clear_loss_cache(tiny)
+    np.testing.assert_allclose(loss_on_each(tiny, records, adapters, batch_size=4), one, rtol=1e-5)
+
+
+def test_each_with_caller_hooks_applies_them(tiny, records):
+    a, b = _random_adapters(tiny, "vector", 2)
+    with a.applied(tiny):
+        got = loss_on_each(tiny, records, [b], batch_size=4)
+        want = loss_on(tiny, records, b, batch_size=4)
+    assert got == pytest.approx([want], rel=1e-6)
+    assert got[0] != pytest.approx(loss_on(tiny, records, b, batch_size=4), rel=1e-4)
+
+
+def test_each_rejects_empty_and_mixed(tiny, records):
+    with pytest.raises(GeometryError, match="no adapters"):
+        loss_on_each(tiny, records, [])
+    with pytest.raises(AdapterError, match=r"adapters\[1\]"):
+        loss_on_each(tiny, records, [_random_adapters(tiny, "vector", 1)[0], _random_adapters(tiny, "lora", 1)[0]])
+
+
+def test_curves_leave_the_adapter_unchanged(tiny, records):
+    vec = _random_adapters(tiny, "vector", 1)[0]
+    before = copy.deepcopy(vec.state()), vec.scale
+    curves.efficiency_curve(vec, tiny, records, scales=[0.0, 1.0, 2.0])
+    curves.stability_curve(vec, tiny, records, eps=(0.5,), seeds=2)
+    assert vec.scale == before[1]
+    for k, v in vec.state().items():
+        assert torch.equal(v, before[0][k])
