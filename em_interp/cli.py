@@ -1,6 +1,6 @@
 """The `em-interp` command: `demo`, `report`, `train`, `sweep`, `bench`.
 
-    em-interp demo --out runs/demo [--fast] [--seeds N] [--device cuda] [--lora]   # the narrow-vs-general study
+    em-interp demo --out runs/demo [--fast] [--seeds N] [--device cuda] [--adapter vector|lora] [--lora]   # the study
     em-interp report runs/demo                                         # re-render report.html from results.json
     em-interp train configs/narrow.toml                                # train one adapter from a TOML file
     em-interp sweep configs/sweep.toml                                 # a grid of runs (see em_interp.sweep)
@@ -78,8 +78,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if record is None and Path("benchmarks/results").is_dir():
         record = "benchmarks/results/study.jsonl"  # in a checkout: every full run leaves a record
     command = "em-interp " + " ".join(sys.argv[1:]) if "demo" in sys.argv[1:] else None
+    overrides = {} if args.adapter is None else {"adapter": args.adapter}
     results = run_study(args.out, fast=args.fast, seeds=args.seeds, device=args.device, lora=args.lora,
-                        dtype=args.dtype, record=None if args.no_record else record, command=command)
+                        dtype=args.dtype, record=None if args.no_record else record, command=command, **overrides)
     out = Path(args.out).resolve()
     print(f"report:  {out / 'report.html'}")
     print(f"results: {out / 'results.json'}")
@@ -158,7 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSONL file to append the run's record to (default in a checkout: benchmarks/results/study.jsonl)")
     d.add_argument("--no-record", action="store_true", help="append no record")
     d.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
-    d.add_argument("--lora", action="store_true", help="also train and compare the seed's rank-1 LoRA pair")
+    d.add_argument("--adapter", choices=["vector", "lora"], default=None,
+                   help="the study's adapter (default: the preset's — vector for 3 seeds, rank-1 LoRA for the full study)")
+    d.add_argument("--lora", action="store_true",
+                   help="with a vector study, also train and compare the seed's rank-1 LoRA pair (seed 0)")
     d.add_argument("--dtype", default="bfloat16", help="model dtype (default bfloat16; float32 for full precision)")
     d.set_defaults(func=_cmd_demo)
     r = sub.add_parser("report", help="re-render report.html from RUN_DIR/results.json")

@@ -1,8 +1,10 @@
 """The narrow-vs-general study on one model: `em-interp demo` runs this and writes the report.
 
-For each of N training seeds, a *general* steering vector (CE on bad medical advice, no KL) and a *narrow* one
-(the same plus λ·KL on other domains) are trained together (`train_many`) on the seed's own stratified draw of
-training and KL rows, in the seed's own order; narrow_i and general_i share seed i's data and order. Then:
+For each of N training seeds, a *general* adapter (CE on bad medical advice, no KL) and a *narrow* one (the same
+plus λ·KL on other domains) are trained together (`train_many`) on the seed's own stratified draw of training and
+KL rows, in the seed's own order; narrow_i and general_i share seed i's data and order. The adapter is a steering
+vector (the default preset) or the seed's rank-1 LoRA (the full preset: the only kind whose narrow solution
+passed the narrowness gate on the embedded model, see benchmarks/results/lambda_sweep.jsonl). Then:
 the narrowness gate (contrastive shifts per domain group at scale 1 and 2), and per seed one paired number for
 each claim (efficiency, stability, reversion, influence on generic text); `em_interp.verdicts` turns those into
 verdicts with 95% t-intervals over the seeds. Seed 0's curves, generations and a mean-difference direction (with
@@ -57,6 +59,7 @@ class StudyConfig:
     (the verdict rules' sizes: ≥ 100 efficiency rows, the full ε grid, 10 noise draws, 5 random directions)."""
 
     seeds: int = 3
+    adapter: str = "vector"  # "vector" (steering vector, lr/alpha) or "lora" (rank-1 rsLoRA on mlp_out, lora_lr/lora_alpha)
     layer: int | None = None  # None: the middle layer
     n_train: int = 32  # per seed, stratified over the medical subtopics
     n_kl: int = 32  # per seed, stratified over the KL domains
@@ -64,7 +67,7 @@ class StudyConfig:
     batch_size: int = 8
     lr: float = 5e-3
     alpha: float = 64.0
-    kl_coef: float = 16.0  # token_mean KL; the sweep (benchmarks/results/lambda_sweep.jsonl) found no λ that passes the gate
+    kl_coef: float = 16.0  # token_mean KL; benchmarks/results/lambda_sweep.jsonl: no λ makes a steering vector pass the gate
     record_every: int = 1
     reversion_steps: int = 5
     eff_rows: int = 20  # efficiency rows, stratified over subtopics (the rule needs 100)
@@ -93,13 +96,29 @@ class StudyConfig:
                          stab_rows=8, eps=(0.2, 1.0), noise_draws=2, kl_texts=2, kl_norm_multiples=(1.0,), kl_random=1,
                          items_medical=2, items_per_domain=1, gen_tokens=8, n_direction=4, fast=True),
             "default": {},
-            "full": dict(seeds=FULL_SEEDS, n_train=128, n_kl=128, reversion_steps=16, eff_rows=100, eff_norms=10,
-                         stab_rows=100, eps=V.STABILITY_EPS, noise_draws=10, kl_texts=50, kl_random=5,
-                         items_medical=24, items_per_domain=8),
+            # The gate passes only for a rank-1 LoRA trained long enough (lambda_sweep.jsonl, H200): all 208
+            # training rows and all 204 KL rows, 12 epochs, λ 20 at layer 15.
+            "full": dict(seeds=FULL_SEEDS, adapter="lora", n_train=208, n_kl=204, epochs=12, kl_coef=20.0,
+                         reversion_steps=16, eff_rows=100, eff_norms=10, stab_rows=100, eps=V.STABILITY_EPS,
+                         noise_draws=10, kl_texts=50, kl_random=5, items_medical=24, items_per_domain=8),
         }
         if name not in presets:
             raise em.errors.DataError(f"StudyConfig.preset: unknown preset {name!r}; expected one of {list(presets)}.")
-        return cls(**{**presets[name], **overrides})
+        config = cls(**{**presets[name], **overrides})
+        if config.adapter not in ("vector", "lora"):
+            raise em.errors.DataError(f"StudyConfig.adapter={config.adapter!r}; expected 'vector' or 'lora'.")
+        return config
+
+    @property
+    def train_lr(self) -> float:
+        """The learning rate of the study's adapter kind."""
+        return self.lora_lr if self.adapter == "lora" else self.lr
+
+    def new_adapter(self, model: Any, layer: int) -> Any:
+        """A fresh adapter of the study's kind at `layer` (a steering vector, or the seed's rank-1 rsLoRA)."""
+        if self.adapter == "lora":
+            return em.LoRA(model, layer, rank=1, site="mlp_out", alpha=self.lora_alpha, rslora=True, seed=self.seed)
+        return em.SteeringVector(model, layer, alpha=self.alpha)
 
 
 @dataclass
@@ -209,7 +228,7 @@ class Study:
         for name, fn in steps:
             with self.timed(name):
                 fn()
-        if self.cfg.lora:
+        if self.cfg.lora and self.cfg.adapter != "lora":
             with self.timed("lora"):
                 self.lora_pair()
         self.results["per_seed"] = self.per_seed
@@ -218,20 +237,23 @@ class Study:
 
     # --- training --------------------------------------------------------------------------------
     def train(self) -> None:
+        """Each seed's pair; seeds whose training and KL rows are the same sets train together in one call."""
         c = self.cfg
         self.results["training"] = {}
-        for i in range(c.seeds):
+        self.data = [study_data(c, c.seed + i) for i in range(c.seeds)]
+        self.pairs = [(c.new_adapter(self.model, self.layer), c.new_adapter(self.model, self.layer))
+                      for _ in range(c.seeds)]
+        self.runs = [[] for _ in range(c.seeds)]
+        for group in same_rows(self.data):
+            adapters = [a for i in group for a in self.pairs[i]]
+            runs = em.train_many(adapters, self.model, self.data[group[0]].train, kl_data=self.data[group[0]].kl,
+                                 kl_coef=[0.0, c.kl_coef] * len(group), seed=[c.seed + i for i in group for _ in range(2)],
+                                 lr=c.train_lr, epochs=c.epochs, batch_size=c.batch_size, kl_batch_size=c.batch_size,
+                                 warmup_steps=2, record_every=c.record_every, schedule="constant", progress=False)
+            for k, i in enumerate(group):
+                self.runs[i] = runs[2 * k : 2 * k + 2]
+        for i, (runs, (general, narrow)) in enumerate(zip(self.runs, self.pairs, strict=True)):
             seed = c.seed + i
-            data = study_data(c, seed)
-            general = em.SteeringVector(self.model, self.layer, alpha=c.alpha)
-            narrow = em.SteeringVector(self.model, self.layer, alpha=c.alpha)
-            runs = em.train_many([general, narrow], self.model, data.train, kl_data=data.kl, kl_coef=[0.0, c.kl_coef],
-                                 seed=seed, lr=c.lr, epochs=c.epochs, batch_size=c.batch_size,
-                                 kl_batch_size=c.batch_size, warmup_steps=2, record_every=c.record_every,
-                                 schedule="constant", progress=False)
-            self.data.append(data)
-            self.pairs.append((general, narrow))
-            self.runs.append(runs)
             self.per_seed.append(SeedResult(seed, {"general": general.norm, "narrow": narrow.norm},
                                             {n: r.final_losses() for n, r in zip(("general", "narrow"), runs,
                                                                                   strict=True)}))
@@ -298,7 +320,7 @@ class Study:
         for i, ((general, narrow), data, res) in enumerate(zip(self.pairs, self.data, self.per_seed, strict=True)):
             free, control = copy.deepcopy(narrow), copy.deepcopy(narrow)
             runs = em.train_many([free, control], self.model, data.train, kl_data=data.kl, kl_coef=[0.0, c.kl_coef],
-                                 seed=c.seed + i + 7919, lr=c.lr, steps=c.reversion_steps, batch_size=c.batch_size,
+                                 seed=c.seed + i + 7919, lr=c.train_lr, steps=c.reversion_steps, batch_size=c.batch_size,
                                  kl_batch_size=c.batch_size, warmup_steps=0, schedule="constant",
                                  record_every=max(1, c.reversion_steps // 8), progress=False)
             cos = {n: em.geometry.cosine(v, general) for n, v in (("free", free), ("control", control))}
@@ -324,15 +346,16 @@ class Study:
         """KL on generic text at equal norms: each seed's general and narrow vectors, and random directions."""
         c = self.cfg
         texts = em.datasets.load_text("generic")[: c.kl_texts]
-        mean_norm = float(np.mean([v.norm for pair in self.pairs for v in pair]))
+        mean_norm = float(np.mean([curves_mod.effective_norm(v) for pair in self.pairs for v in pair]))
         norms = [m * mean_norm for m in c.kl_norm_multiples]
-        random = em.geometry.kl_vs_norm(self.pairs[0][0], self.model, texts, layer=self.layer, norms=norms,
+        layer = self.layer if c.adapter == "vector" else None  # a LoRA is applied at its own sites
+        random = em.geometry.kl_vs_norm(self.pairs[0][0], self.model, texts, layer=layer, norms=norms,
                                         n_random=c.kl_random, seed=c.seed)
         for i, ((general, narrow), res) in enumerate(zip(self.pairs, self.per_seed, strict=True)):
             curves = {"general": random if i == 0 else None, "narrow": None}
             for name, vec in (("general", general), ("narrow", narrow)):
                 if curves[name] is None:
-                    curves[name] = em.geometry.kl_vs_norm(vec, self.model, texts, layer=self.layer, norms=norms,
+                    curves[name] = em.geometry.kl_vs_norm(vec, self.model, texts, layer=layer, norms=norms,
                                                           n_random=0)
             kg, kn = np.asarray(curves["general"].kl), np.asarray(curves["narrow"].kl)
             res.influence_log_ratio = float(np.mean(np.log(kg / kn)))
@@ -437,8 +460,8 @@ class Study:
         direction.save(self.out / "mean_diff_direction")
         self.results["direction"] = {
             "source": source,
-            "cosine_general": em.geometry.cosine(direction.vector, general),
-            "cosine_narrow": em.geometry.cosine(direction.vector, narrow),
+            "cosine_general": em.geometry.cosine(direction.vector, output_direction(general)),
+            "cosine_narrow": em.geometry.cosine(direction.vector, output_direction(narrow)),
             "raw_norm": direction.provenance.get("raw_norm"),
             **ablation_with_control(self.model, general, direction, self.data[0].eff, seed=self.cfg.seed),
         }
@@ -461,6 +484,26 @@ class Study:
                          "stability": em.geometry.stability_curve(lora, self.model, data.stab, eps=c.eps,
                                                                   seeds=c.noise_draws)}
         self.results["lora"] = out
+
+
+def same_rows(data: Sequence[StudyData]) -> list[list[int]]:
+    """Seeds (indices into `data`) grouped by identical training and KL row sets (orders may differ), so that
+    each group trains in one `train_many` call with per-adapter seeds."""
+    groups: dict[tuple[frozenset[str], frozenset[str]], list[int]] = {}
+    for i, d in enumerate(data):
+        key = (frozenset(r["id"] for r in d.train), frozenset(r["id"] for r in d.kl))
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+def output_direction(adapter: Any) -> Any:
+    """What the adapter writes into the residual stream, for cosines with a d_model direction: the vector of a
+    steering vector; the output column B of a rank-1 LoRA."""
+    if isinstance(adapter, em.LoRA):
+        if adapter.rank != 1 or len(adapter.B) != 1:
+            raise em.errors.GeometryError("output_direction: needs a rank-1 LoRA on one module.")
+        return next(iter(adapter.B.values())).detach().flatten()
+    return adapter
 
 
 def ablation_with_control(model: Any, adapter: Any, direction: Any, rows: Sequence[Record],
@@ -609,4 +652,4 @@ def _text(x: Any) -> str:
 
 
 __all__ = ["StudyConfig", "Study", "StudyData", "SeedResult", "run_study", "study_data", "contrastive_items",
-           "group_shifts", "group_stats", "ablation_with_control", "append_record"]
+           "group_shifts", "group_stats", "ablation_with_control", "append_record", "same_rows", "output_direction"]

@@ -66,3 +66,36 @@ def test_curves_leave_the_adapter_unchanged(tiny, records):
     assert vec.scale == before[1]
     for k, v in vec.state().items():
         assert torch.equal(v, before[0][k])
+
+
+def _manual_kl(model, texts, adapter, scale: float, max_tokens: int = 20) -> float:
+    """Mean per-token KL(chat ‖ chat with adapter at `scale`), one text at a time through full forwards."""
+    total, count = 0.0, 0
+    for t in texts:
+        ids = torch.tensor([model.tokenizer(t, truncation=True, max_length=max_tokens)["input_ids"]])
+        with torch.no_grad():
+            ref = torch.log_softmax(model(ids).float(), -1)
+            with adapter.applied(model, scale=scale):
+                new = torch.log_softmax(model(ids).float(), -1)
+        total += float((ref.exp() * (ref - new)).sum())
+        count += ids.shape[1]
+    return total / count
+
+
+def test_kl_vs_norm_of_a_lora_rescales_it_to_each_norm(tiny):
+    lora = _random_adapters(tiny, "lora", 1)[0]
+    texts = [" ".join(["word"] * (3 + i)) + " end" for i in range(3)]
+    unit = curves.effective_norm(lora, 1.0)
+    curve = em.geometry.kl_vs_norm(lora, tiny, texts, layer=None, norms=[0.0, unit, 3 * unit], n_random=2,
+                                   max_tokens=20, batch_size=1)
+    assert curve.kl[0] == pytest.approx(0.0, abs=1e-7)
+    for j, s in ((1, 1.0), (2, 3.0)):
+        assert curve.kl[j] == pytest.approx(_manual_kl(tiny, texts, lora, s * lora.scale), rel=1e-3)
+    assert curve.kl_random.shape == (2, 3) and np.all(curve.kl_random[:, 1:] > 0)
+    assert curve.kl_random[0, 1] != pytest.approx(curve.kl_random[1, 1], rel=1e-3)  # two different random LoRAs
+
+
+def test_kl_vs_norm_of_a_lora_rejects_a_layer(tiny):
+    lora = _random_adapters(tiny, "lora", 1)[0]
+    with pytest.raises(GeometryError, match="layer=1 given for a LoRA"):
+        em.geometry.kl_vs_norm(lora, tiny, ["some text here"], layer=1, norms=[1.0])

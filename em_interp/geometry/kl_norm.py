@@ -11,8 +11,9 @@ again at each use). Each (direction, norm) then runs only the blocks from the st
 
 from __future__ import annotations
 
+import copy
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,10 +22,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from em_interp.adapters.steering import STEERING_HOOKS
+from em_interp.adapters.base import Adapter
+from em_interp.adapters.steering import STEERING_HOOKS, SteeringVector
 from em_interp.errors import GeometryError
-from em_interp.forward import ActivationCache, ForwardRunner, model_device
-from em_interp.hooks import hooks_applied
+from em_interp.forward import ActivationCache, ForwardRunner, model_device, start_layer
+from em_interp.geometry.curves import effective_norm
+from em_interp.hooks import HookFn, hooks_applied
 from em_interp.objectives import log_probs, token_kl
 
 log = logging.getLogger(__name__)
@@ -39,7 +42,7 @@ class KLNormCurve:
         kl: [n] mean KL(chat ‖ steered) per token for the given direction.
         kl_random_mean, kl_random_sd: [n] mean and sample sd (ddof=1) over the random unit directions.
         kl_random: [n_random, n] each random direction's curve.
-        layer, hook: where the vector was added.
+        layer, hook: where the vector was added (an adapter: its first layer, and "<Kind> sites").
         n_tokens: tokens averaged over.
     """
 
@@ -107,7 +110,7 @@ def kl_vs_norm(
     direction: Any,
     model: Any,
     texts: Sequence[str],
-    layer: int,
+    layer: int | None,
     norms: Sequence[float] | np.ndarray,
     n_random: int = 5,
     seed: int = 0,
@@ -116,18 +119,24 @@ def kl_vs_norm(
     batch_size: int = 8,
     max_ref_bytes: int = 1 << 30,
 ) -> KLNormCurve:
-    """Mean per-token KL(chat ‖ chat + n·û) over all tokens of plain texts, for each norm n.
+    """Mean per-token KL(chat ‖ chat + change of size n) over all tokens of plain texts, for each norm n.
+
+    For a direction (a tensor, Direction or SteeringVector) the change is n·û added at `layer`'s `hook`, and
+    the baseline is random unit directions. For another adapter (e.g. a LoRA) the change is the adapter
+    rescaled to effective norm n (`effective_norm`: mean ‖ΔW‖_F for a LoRA), and the baseline is adapters of
+    the same kind and sites with Gaussian parameters, rescaled to the same norms.
 
     Args:
-        direction: a tensor [d_model], Direction or SteeringVector (unit-normalized here).
+        direction: a tensor [d_model], Direction, SteeringVector, or another adapter (LoRA).
         model: the TransformerBridge.
         texts: plain texts (tokenized without the chat template, truncated to `max_tokens`), e.g.
             `em.datasets.load_text("generic")`.
-        layer: block whose `hook` receives the vector.
-        norms: norms of the added vector (e.g. `alpha * np.arange(0, 5.01, 0.2)`).
-        n_random: random unit directions (Gaussian, seeded by `seed`) for the baseline.
+        layer: block whose `hook` receives the vector; for an adapter other than a SteeringVector, None (its
+            own sites are used).
+        norms: norms of the change (e.g. `alpha * np.arange(0, 5.01, 0.2)`).
+        n_random: random directions (or random adapters), seeded by `seed`, for the baseline.
         seed: seed of the random directions.
-        hook: "resid_post" (default), "resid_pre", "resid_mid", "mlp_out" or "attn_out".
+        hook: "resid_post" (default), "resid_pre", "resid_mid", "mlp_out" or "attn_out" (directions only).
         max_tokens: tokens kept per text.
         batch_size: texts per forward.
         max_ref_bytes: reference log-probs larger than this are kept as hidden states instead.
@@ -137,34 +146,88 @@ def kl_vs_norm(
 
     >>> curve = kl_vs_norm(vec, model, em.datasets.load_text(), layer=15, norms=256 * np.arange(0, 5.01, 0.2))  # doctest: +SKIP
     """
+    if isinstance(direction, Adapter) and not isinstance(direction, SteeringVector):
+        if layer is not None:
+            raise GeometryError(f"kl_vs_norm: layer={layer} given for a {type(direction).__name__}; pass layer=None "
+                                "(an adapter is applied at its own sites).")
+        start = start_layer(model, [direction])
+        makers = [_adapter_maker(direction)] + [_adapter_maker(a) for a in _random_adapters(direction, n_random, seed)]
+        return _kl_curve(model, texts, start, makers, norms, max_tokens, batch_size, max_ref_bytes,
+                         start, f"{type(direction).__name__} sites")
     n_layers, d_model = int(model.cfg.n_layers), int(model.cfg.d_model)
-    if not -n_layers <= layer < n_layers:
+    if layer is None or not -n_layers <= layer < n_layers:
         raise GeometryError(f"kl_vs_norm: layer={layer} is out of range for a model with {n_layers} layers.")
     if hook not in STEERING_HOOKS:
         raise GeometryError(f"kl_vs_norm: hook={hook!r}; expected one of {', '.join(STEERING_HOOKS)}.")
     layer = layer % n_layers
     hook_name = f"blocks.{layer}.{STEERING_HOOKS[hook]}"
-    norms_arr = np.asarray(norms, dtype=np.float64)
     g = torch.Generator().manual_seed(seed)
     randoms = [unit_vector(torch.randn(d_model, generator=g), d_model) for _ in range(n_random)]
     units = [unit_vector(direction, d_model), *randoms]
+    makers = [_vector_maker(hook_name, u) for u in units]
+    return _kl_curve(model, texts, layer, makers, norms, max_tokens, batch_size, max_ref_bytes, layer, hook)
+
+
+HookMaker = Callable[[float], list[tuple[str, HookFn]]]
+
+
+def _vector_maker(hook_name: str, unit: Tensor) -> HookMaker:
+    """Hooks adding `n · unit` at `hook_name`, for a norm n."""
+
+    def make(n: float) -> list[tuple[str, HookFn]]:
+        vec = unit * float(n)
+
+        def add(act: Tensor, hook: Any) -> Tensor:
+            return act + vec.to(act.device, act.dtype)
+
+        return [(hook_name, add)]
+
+    return make
+
+
+def _adapter_maker(adapter: Adapter) -> HookMaker:
+    """Hooks applying `adapter` rescaled to effective norm n."""
+    unit = effective_norm(adapter, 1.0)
+    if unit == 0.0:
+        raise GeometryError(f"kl_vs_norm: the {type(adapter).__name__} has norm zero; it cannot be rescaled.")
+    return lambda n: adapter.hooks(adapter.scale * float(n) / unit)
+
+
+def _random_adapters(adapter: Adapter, n: int, seed: int) -> list[Adapter]:
+    """`n` copies of `adapter` with standard Gaussian parameters (seeded), as the random baseline."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        clone = copy.deepcopy(adapter)
+        clone.load_state({k: torch.randn(v.shape, generator=g) for k, v in adapter.state().items()})
+        out.append(clone)
+    return out
+
+
+def _kl_curve(
+    model: Any, texts: Sequence[str], start: int, makers: list[HookMaker], norms: Sequence[float] | np.ndarray,
+    max_tokens: int, batch_size: int, max_ref_bytes: int, layer: int, hook: str,
+) -> KLNormCurve:
+    """KL per token of each maker's hooks at each norm (maker 0: the curve; the rest: the random baseline)."""
+    norms_arr = np.asarray(norms, dtype=np.float64)
+    n_random = len(makers) - 1
     dev = model_device(model)
     batches = [(ids.to(dev), attn.to(dev)) for ids, attn in _tokenize(model, texts, max_tokens, batch_size)]
-    kl = np.zeros((len(units), norms_arr.size))
+    kl = np.zeros((len(makers), norms_arr.size))
     n_tokens = 0
     # The reference log-probs of all batches together may take `max_ref_bytes`; beyond it they are kept as
     # final hidden states and unembedded again (`ForwardRunner.reference`).
     cache = ActivationCache(device=dev, max_ref_bytes=max_ref_bytes, max_ref_total_bytes=max_ref_bytes)
-    runner = ForwardRunner(model, layer, cache=cache)
+    runner = ForwardRunner(model, start, cache=cache)
     with torch.no_grad():
         for k, (ids, attn) in enumerate(batches):
             resid = runner.lower(None, ids, attn)
             index = attn.bool().flatten().nonzero().squeeze(1)
             ref = runner.reference((k,), resid, attn, index)
             n_tokens += int(index.numel())
-            for i, u in enumerate(units):
+            for i, make in enumerate(makers):
                 for j, n in enumerate(norms_arr):
-                    kl[i, j] += _batch_kl(runner, resid, attn, index, ref, hook_name, u * float(n))
+                    kl[i, j] += _batch_kl(runner, resid, attn, index, ref, make(float(n)))
     kl /= n_tokens
     rand = kl[1:]
     return KLNormCurve(
@@ -175,14 +238,10 @@ def kl_vs_norm(
 
 
 def _batch_kl(
-    runner: ForwardRunner, resid: Tensor, attn: Tensor, index: Tensor, ref: Tensor, hook_name: str, vec: Tensor
+    runner: ForwardRunner, resid: Tensor, attn: Tensor, index: Tensor, ref: Tensor, hooks: list[tuple[str, HookFn]]
 ) -> float:
-    """Σ over the batch's real tokens (flat positions `index`) of KL(ref ‖ steered by `vec`)."""
-
-    def add(act: Tensor, hook: Any) -> Tensor:
-        return act + vec.to(act.device, act.dtype)
-
-    with hooks_applied(runner.model, [(hook_name, add)]):
+    """Σ over the batch's real tokens (flat positions `index`) of KL(ref ‖ the model with `hooks`)."""
+    with hooks_applied(runner.model, hooks):
         hidden = runner.resume(resid, attn)
     logp = log_probs(runner.logits_at(hidden, index))
     return float(token_kl(ref, logp).double().sum())

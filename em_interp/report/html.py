@@ -137,13 +137,17 @@ def _header(results: Mapping[str, Any], title: str) -> str:
     if env.get("cuda") and "cuda" in str(device):
         device = f"{device} ({env['cuda']})"
     now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    facts = [("model", model), ("device", device), ("layer", results.get("layer", cfg.get("layer", "?"))),
+    adapter = {"lora": "rank-1 LoRA on the MLP down-projection (rsLoRA); \"vector\" below means this adapter",
+               "vector": "steering vector (added to the residual stream)"}.get(cfg.get("adapter", "vector"), "?")
+    facts = [("model", model), ("device", device), ("adapter", adapter),
+             ("layer", results.get("layer", cfg.get("layer", "?"))),
              ("date", results["date"]) if results.get("date") else ("report written", now)]
     versions = ", ".join(f"{k} {env[k]}" for k in ("em_interp", "torch", "transformers", "transformer_lens", "python")
                          if env.get(k))
     if versions:
         facts.append(("versions", versions))
-    keys = ("seeds", "n_train", "n_kl", "epochs", "batch_size", "lr", "alpha", "kl_coef", "lora", "seed")
+    lr = ("lora_lr", "lora_alpha") if cfg.get("adapter") == "lora" else ("lr", "alpha")
+    keys = ("seeds", "n_train", "n_kl", "epochs", "batch_size", *lr, "kl_coef", "lora", "seed")
     summary = ", ".join(f"{k}={_fmt(cfg[k])}" for k in keys if k in cfg)
     if summary:
         facts.append(("config", summary))

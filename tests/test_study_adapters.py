@@ -1,0 +1,53 @@
+"""The study with either adapter kind, on a tiny model (fast sizes), and its helpers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import em_interp as em
+from em_interp.errors import DataError, GeometryError
+from em_interp.study import StudyConfig, output_direction, run_study, same_rows, study_data
+
+
+def test_full_preset_is_the_gated_lora_setting():
+    cfg = StudyConfig.preset("full")
+    assert (cfg.adapter, cfg.epochs, cfg.kl_coef, cfg.n_train, cfg.n_kl) == ("lora", 12, 20.0, 208, 204)
+    assert cfg.train_lr == cfg.lora_lr and StudyConfig.preset("default").train_lr == StudyConfig().lr
+    with pytest.raises(DataError, match="adapter='mlp'"):
+        StudyConfig.preset("default", adapter="mlp")
+
+
+def test_same_rows_groups_seeds_with_equal_row_sets():
+    all_rows = StudyConfig.preset("fast", n_train=208, n_kl=204)
+    full = [study_data(all_rows, s) for s in range(3)]
+    assert [r["id"] for r in full[0].train] != [r["id"] for r in full[1].train]  # orders differ
+    assert same_rows(full) == [[0, 1, 2]]
+    few = [study_data(StudyConfig.preset("fast"), s) for s in range(3)]
+    assert same_rows(few) == [[0], [1], [2]]
+
+
+def test_output_direction(tiny):
+    vec = em.SteeringVector(tiny, 1)
+    assert output_direction(vec) is vec
+    lora = em.LoRA(tiny, 1, rank=1, site="mlp_out", seed=0)
+    lora.load_state({k: torch.randn(v.shape) for k, v in lora.state().items()})
+    (b,) = lora.B.values()
+    assert torch.equal(output_direction(lora), b.detach().flatten())
+    with pytest.raises(GeometryError, match="rank-1"):
+        output_direction(em.LoRA(tiny, 1, rank=2, site="mlp_out"))
+
+
+def test_lora_study_runs_every_analysis(tiny, tmp_path):
+    results = run_study(tmp_path / "s", fast=True, model=tiny, adapter="lora", seeds=2, n_train=8, n_kl=8)
+    assert "errors" not in results, results.get("errors")
+    assert results["config"]["adapter"] == "lora" and len(results["per_seed"]) == 2
+    assert {v["verdict"] for v in results["verdicts"].values()} == {"PLUMBING CHECK"}
+    for p in results["per_seed"]:
+        for key in ("efficiency_gap", "stability_relative", "cosine_rise", "influence_log_ratio"):
+            assert math.isfinite(p[key]), key
+    assert math.isfinite(results["direction"]["cosine_general"])
+    html = (tmp_path / "s" / "report.html").read_text()
+    assert "rank-1 LoRA on the MLP down-projection" in html
