@@ -314,33 +314,45 @@ class Study:
                 self.results["stability"] = curves
 
     def reversion(self) -> None:
-        """Per seed: narrow continued K steps without KL, and the control with KL, batched in one run."""
+        """Per seed: narrow continued K steps without KL, and the control with KL; seeds sharing row sets are
+        continued together in one `train_many` call."""
         c = self.cfg
         items = [it for it in self.data[0].contrastive if it["group"] == HELDOUT_GROUP]
-        for i, ((general, narrow), data, res) in enumerate(zip(self.pairs, self.data, self.per_seed, strict=True)):
-            free, control = copy.deepcopy(narrow), copy.deepcopy(narrow)
-            runs = em.train_many([free, control], self.model, data.train, kl_data=data.kl, kl_coef=[0.0, c.kl_coef],
-                                 seed=c.seed + i + 7919, lr=c.train_lr, steps=c.reversion_steps, batch_size=c.batch_size,
-                                 kl_batch_size=c.batch_size, warmup_steps=0, schedule="constant",
-                                 record_every=max(1, c.reversion_steps // 8), progress=False)
+        copies = [(copy.deepcopy(narrow), copy.deepcopy(narrow)) for _, narrow in self.pairs]
+        runs: list[list[Any]] = [[] for _ in self.pairs]
+        for group in same_rows(self.data):
+            data = self.data[group[0]]
+            seeds = [c.seed + i + 7919 for i in group for _ in range(2)]
+            out = em.train_many([a for i in group for a in copies[i]], self.model, data.train, kl_data=data.kl,
+                                kl_coef=[0.0, c.kl_coef] * len(group), seed=seeds, lr=c.train_lr,
+                                steps=c.reversion_steps, batch_size=c.batch_size,
+                                kl_batch_size=c.batch_size, warmup_steps=0, schedule="constant",
+                                record_every=max(1, c.reversion_steps // 8), progress=False)
+            for k, i in enumerate(group):
+                runs[i] = out[2 * k : 2 * k + 2]
+        conditions = {f"{n}_{i}": v for i, ((general, _), (free, control)) in enumerate(zip(self.pairs, copies,
+                                                                                          strict=True))
+                      for n, v in (("free", free), ("control", control), ("general", general))}
+        shifts = em.eval.contrastive_many(self.model, items, conditions, progress=False)
+        for i, ((general, narrow), (free, control), res) in enumerate(zip(self.pairs, copies, self.per_seed,
+                                                                          strict=True)):
             cos = {n: em.geometry.cosine(v, general) for n, v in (("free", free), ("control", control))}
-            shifts = em.eval.contrastive_many(self.model, items, {"free": free, "control": control,
-                                                                  "general": general}, progress=False)
-            held = {n: float(np.mean([row["shift"] for row in r.items])) for n, r in shifts.items()}
+            held = {n: float(np.mean([row["shift"] for row in shifts[f"{n}_{i}"].items]))
+                    for n in ("free", "control", "general")}
             res.cosine_rise = cos["free"] - cos["control"]
             res.shift_rise = held["free"] - held["control"]
             res.shift_ratio = held["free"] / held["general"] if held["general"] > 0 else None
-            res.reversion_kl = {n: [row["kl"] for row in r.losses] for n, r in zip(("free", "control"), runs,
+            res.reversion_kl = {n: [row["kl"] for row in r.losses] for n, r in zip(("free", "control"), runs[i],
                                                                                   strict=True)}
             if i == 0:
-                runs[0].save(self.out / "runs" / "reversion")
-                self.reversion_run = runs[0]
+                runs[0][0].save(self.out / "runs" / "reversion")
+                self.reversion_run = runs[0][0]
                 self.results["reversion"] = {
-                    "steps": runs[0].snapshot_steps,
-                    "cosine_to_general": [_cos(s, general, free) for s in runs[0].snapshots],
-                    "cosine_to_narrow": [_cos(s, narrow, free) for s in runs[0].snapshots],
-                    "control_cosine_to_general": [_cos(s, general, control) for s in runs[1].snapshots],
-                    "losses": runs[0].losses, "control_losses": runs[1].losses, "heldout_shift": held}
+                    "steps": runs[0][0].snapshot_steps,
+                    "cosine_to_general": [_cos(s, general, free) for s in runs[0][0].snapshots],
+                    "cosine_to_narrow": [_cos(s, narrow, free) for s in runs[0][0].snapshots],
+                    "control_cosine_to_general": [_cos(s, general, control) for s in runs[0][1].snapshots],
+                    "losses": runs[0][0].losses, "control_losses": runs[0][1].losses, "heldout_shift": held}
 
     def kl_norm(self) -> None:
         """KL on generic text at equal norms: each seed's general and narrow vectors, and random directions."""
