@@ -12,6 +12,7 @@ sizes and training settings are the study preset's (em_interp.study.StudyConfig)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -23,14 +24,6 @@ import em_interp as em
 from em_interp.study import StudyConfig, study_data
 
 log = logging.getLogger("lambda_sweep")
-
-
-def make_adapters(model: Any, kind: str, layer: int, n: int, cfg: StudyConfig) -> list[Any]:
-    """`n` fresh adapters of one kind at `layer`, initialised as the study does."""
-    if kind == "vector":
-        return [em.SteeringVector(model, layer, alpha=cfg.alpha) for _ in range(n)]
-    return [em.LoRA(model, layer, rank=1, site="mlp_out", alpha=cfg.lora_alpha, rslora=True, seed=cfg.seed)
-            for _ in range(n)]
 
 
 def gate_of(model: Any, items: list[dict[str, Any]], conditions: dict[str, Any], coefs: list[float]
@@ -75,8 +68,9 @@ def main() -> None:
     for kind in args.adapter:
         for layer in args.layers or [model.cfg.n_layers // 2]:
             t0 = time.perf_counter()
-            adapters = make_adapters(model, kind, layer, 1 + len(args.coefs), cfg)
-            lr = (cfg.lr if kind == "vector" else cfg.lora_lr) * lr_scale
+            kind_cfg = dataclasses.replace(cfg, adapter=kind)
+            adapters = [kind_cfg.new_adapter(model, layer, args.seed) for _ in range(1 + len(args.coefs))]
+            lr = kind_cfg.train_lr * lr_scale
             runs = em.train_many(adapters, model, data.train, kl_data=data.kl, kl_coef=[0.0, *args.coefs],
                                  seed=args.seed, lr=lr, epochs=cfg.epochs, batch_size=cfg.batch_size,
                                  kl_batch_size=cfg.batch_size, warmup_steps=2, record_every=cfg.epochs * 1000,

@@ -114,10 +114,11 @@ class StudyConfig:
         """The learning rate of the study's adapter kind."""
         return self.lora_lr if self.adapter == "lora" else self.lr
 
-    def new_adapter(self, model: Any, layer: int) -> Any:
-        """A fresh adapter of the study's kind at `layer` (a steering vector, or the seed's rank-1 rsLoRA)."""
+    def new_adapter(self, model: Any, layer: int, seed: int) -> Any:
+        """A fresh adapter of the study's kind at `layer` (a steering vector, or the seed's rank-1 rsLoRA whose
+        random A is drawn with `seed`)."""
         if self.adapter == "lora":
-            return em.LoRA(model, layer, rank=1, site="mlp_out", alpha=self.lora_alpha, rslora=True, seed=self.seed)
+            return em.LoRA(model, layer, rank=1, site="mlp_out", alpha=self.lora_alpha, rslora=True, seed=seed)
         return em.SteeringVector(model, layer, alpha=self.alpha)
 
 
@@ -241,8 +242,8 @@ class Study:
         c = self.cfg
         self.results["training"] = {}
         self.data = [study_data(c, c.seed + i) for i in range(c.seeds)]
-        self.pairs = [(c.new_adapter(self.model, self.layer), c.new_adapter(self.model, self.layer))
-                      for _ in range(c.seeds)]
+        self.pairs = [(c.new_adapter(self.model, self.layer, c.seed + i), c.new_adapter(self.model, self.layer, c.seed + i))
+                      for i in range(c.seeds)]  # general_i and narrow_i start from the same point
         self.runs = [[] for _ in range(c.seeds)]
         for group in same_rows(self.data):
             adapters = [a for i in group for a in self.pairs[i]]
