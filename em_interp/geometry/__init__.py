@@ -23,12 +23,12 @@ from em_interp.geometry.curves import (
 )
 from em_interp.geometry.direction import Direction, as_direction
 from em_interp.geometry.kl_norm import KLNormCurve, kl_vs_norm, unit_vector
-from em_interp.geometry.loss import clear_loss_cache, loss_on
+from em_interp.geometry.loss import clear_loss_cache, loss_on, loss_on_each
 from em_interp.geometry.pca import TrajectoryPCA, trajectory_pca
 from em_interp.geometry.similarity import CosineMatrix, as_flat, cosine, cosine_matrix, state_vector
 
 __all__ = [
     "DEFAULT_EPS", "DEFAULT_SCALES", "CosineMatrix", "Direction", "EfficiencyCurve", "KLNormCurve", "Reversion", "StabilityCurve", "TrajectoryPCA", "as_direction", "as_flat",
-    "clear_loss_cache", "cosine", "cosine_matrix", "effective_norm", "efficiency_curve", "kl_vs_norm", "loss_on",
+    "clear_loss_cache", "cosine", "cosine_matrix", "effective_norm", "efficiency_curve", "kl_vs_norm", "loss_on", "loss_on_each",
     "orthogonal_noise", "perturb", "perturb_adapter", "reversion", "stability_curve", "state_vector", "trajectory_pca", "unit_vector",
 ]
