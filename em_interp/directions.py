@@ -8,15 +8,15 @@ that `steer(model, d, +8)` pushes towards misalignment and `ablate(model, d)` re
 >>> with ablate(model, d, layers="all"):  # doctest: +SKIP
 ...     text = em.generate(model, prompts)
 
-`Direction` (a unit vector with layer, hook and provenance; `save`/`load`) is defined in
-`em_interp.geometry.direction` and re-exported here.
+`Direction` (a unit vector with layer, hook and provenance; `save`/`load`), `steer`, `ablate`, `Steering`
+and `Ablation` are defined in `em_interp.interventions` (one protocol with the adapters) and re-exported here.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, overload
 
@@ -30,13 +30,24 @@ from em_interp.datasets.records import Record, chat
 from em_interp.datasets.tokenize import ChatBatch, TokenizedChats
 from em_interp.errors import DataError, GeometryError
 from em_interp.forward import lower_forward, model_device
-from em_interp.geometry.direction import Direction, as_direction, check_fits
-from em_interp.geometry.loss import as_adapters, loss_on
-from em_interp.hooks import Positions, check_positions, hooks_applied, position_weight
+from em_interp.geometry.loss import loss_on
+from em_interp.hooks import Positions, hooks_applied
+from em_interp.interventions import (
+    Ablation,
+    Direction,
+    Steering,
+    ablate,
+    ablation_hooks,
+    as_direction,
+    as_interventions,
+    check_fits,
+    steer,
+)
+from em_interp.positions import ALL, ANSWER, LAST, PROMPT
 
 log = logging.getLogger(__name__)
 
-EXTRACT_POSITIONS = ("answer", "prompt", "all", "last")
+EXTRACT_POSITIONS = (ANSWER, PROMPT, ALL, LAST)  # the names of em_interp.positions, plus "last"
 EXTRACT_METHODS = ("mean", "pca_diff", "pca_center", "logistic")
 ReadPositions = str | int | Callable[[ChatBatch], Tensor]
 
@@ -262,113 +273,6 @@ def _label(positions: ReadPositions) -> str | int:
     return positions if isinstance(positions, (str, int)) else "mask"
 
 
-# --- interventions ------------------------------------------------------------------------------
-@contextlib.contextmanager
-def steer(model: Any, direction: Direction | Adapter, scale: float, positions: Positions = "all") -> Iterator[Direction]:
-    """Context manager adding `scale · r̂` at the direction's hook (its layer); removed on exit.
-
-    Args:
-        model: the TransformerBridge.
-        direction: a Direction (or a SteeringVector / rank-1 LoRA, see `as_direction`).
-        scale: the norm of the added vector (the authors steer with 8 for mean-diff directions).
-        positions: "all", an int k (tokens at position >= k) or a Bool [batch, pos] mask.
-    """
-    d = as_direction(direction)
-    check_fits(d, model, "steer")
-    check_positions(positions)
-    unit = d.vector
-
-    def add(act: Tensor, hook: Any) -> Tensor:
-        delta = (unit * float(scale)).to(act.device, act.dtype)
-        weight = position_weight(positions, act)
-        return act + (delta if weight is None else weight * delta)
-
-    with hooks_applied(model, [(d.hook_name, add)]):
-        yield d
-
-
-def ablation_hooks(model: Any, direction: Direction, layers: str | Sequence[int] = "all") -> list[str]:
-    """The hook names `ablate` projects at: with layers="all", `blocks.0.hook_resid_pre` (the embeddings)
-    and every block's `hook_resid_post`; with a list, `hook_resid_post` of those blocks only."""
-    n_layers = int(model.cfg.n_layers)
-    if isinstance(layers, str):
-        if layers != "all":
-            raise GeometryError(f"ablate: layers={layers!r}; expected 'all' or a list of block indices.")
-        return ["blocks.0.hook_resid_pre"] + [f"blocks.{i}.hook_resid_post" for i in range(n_layers)]
-    chosen = []
-    for lyr in layers:
-        if not -n_layers <= int(lyr) < n_layers:
-            raise GeometryError(f"ablate: layer {lyr} is out of range for a model with {n_layers} layers.")
-        chosen.append(int(lyr) % n_layers)
-    return [f"blocks.{i}.hook_resid_post" for i in sorted(set(chosen))]
-
-
-@contextlib.contextmanager
-def ablate(
-    model: Any, direction: Direction | Adapter, layers: str | Sequence[int] = "all", positions: Positions = "all"
-) -> Iterator[Direction]:
-    """Context manager projecting r̂ out of the residual stream: h ← h − (h·r̂) r̂.
-
-    With `layers="all"` the projection is applied to the embeddings (`blocks.0.hook_resid_pre`) and
-    after every block (`hook_resid_post`), so no block ever reads the direction. The authors add
-    −(h·r̂)r̂ to every layer's *output* only; pass `layers=range(n_layers)` for exactly that. The
-    projection is computed in float32.
-
-    Args:
-        model: the TransformerBridge.
-        direction: a Direction (or SteeringVector / rank-1 LoRA, see `as_direction`).
-        layers: "all" or block indices.
-        positions: "all", an int k or a Bool [batch, pos] mask.
-    """
-    d = as_direction(direction)
-    check_fits(d, model, "ablate")
-    check_positions(positions)
-    unit = d.vector
-
-    def project(act: Tensor, hook: Any) -> Tensor:
-        u = unit.to(act.device)
-        removed = (act.float() @ u).unsqueeze(-1) * u
-        weight = position_weight(positions, act)
-        return act - (removed if weight is None else weight.float() * removed).to(act.dtype)
-
-    with hooks_applied(model, [(name, project) for name in ablation_hooks(model, d, layers)]):
-        yield d
-
-
-@dataclass
-class Steering:
-    """`steer` as an object with `.applied(model)`, to pass among adapters (`em.generate`, `eval.contrastive`).
-
-    `applied(model, scale=s)` adds `s · scale · r̂` (s multiplies, as for an adapter's scale).
-    """
-
-    direction: Direction
-    scale: float
-    positions: Positions = "all"
-
-    def applied(self, model: Any, scale: float | None = None, positions: Positions | None = None) -> Any:
-        factor = 1.0 if scale is None else float(scale)
-        return steer(model, self.direction, factor * self.scale, self.positions if positions is None else positions)
-
-    def __repr__(self) -> str:
-        return f"Steering({self.direction.hook_name}, scale={self.scale:g})"
-
-
-@dataclass
-class Ablation:
-    """`ablate` as an object with `.applied(model)`, to pass among adapters; a `scale` passed in is ignored."""
-
-    direction: Direction
-    layers: str | Sequence[int] = "all"
-    positions: Positions = "all"
-
-    def applied(self, model: Any, scale: float | None = None, positions: Positions | None = None) -> Any:
-        return ablate(model, self.direction, self.layers, self.positions if positions is None else positions)
-
-    def __repr__(self) -> str:
-        return f"Ablation(layers={self.layers!r}, d_model={self.direction.d_model})"
-
-
 # --- transfer -----------------------------------------------------------------------------------
 @dataclass
 class TransferResult:
@@ -421,7 +325,7 @@ def transfer(
     data: Sequence[Any],
     *,
     model: Any = None,
-    adapters: Adapter | Sequence[Adapter] | None = (),
+    adapters: Any = (),
     scale: float = 8.0,
     layers: str | Sequence[int] = "all",
     positions: Positions = "all",
@@ -436,7 +340,7 @@ def transfer(
         data: chat records (loss on their answers) or paired items (dicts with "question", "good",
             "bad": loss on bad and good answers, plus `eval.contrastive` when it exists).
         model: the model when `to` is an adapter.
-        adapters: further adapters applied on the target in every condition.
+        adapters: further interventions (adapters, `Steering`, `Ablation`) applied on the target in every condition.
         scale: the steering norm (the authors use 8).
         layers: layers ablated ("all" or indices, see `ablate`).
         positions: token positions steered / ablated.
@@ -451,7 +355,7 @@ def transfer(
             adapter without `model`.
     """
     d = as_direction(direction)
-    chosen = as_adapters(adapters)
+    chosen = as_interventions(adapters)
     if isinstance(to, Adapter):
         if model is None:
             raise GeometryError("transfer: `to` is an adapter; pass the model it applies to as model=...")

@@ -49,7 +49,7 @@ class LossComputer:
         data: the CE data; kl_data: the KL data (None: no KL term).
         batch_size: rows per CE batch; kl_batch_size: rows per KL batch.
         start_layer: the lowest block any adapter touches (the cached method resumes there).
-        ce_tokens: "assistant" or "all"; kl_tokens: the same for the KL positions.
+        ce_tokens: "answer" or "all" (see `em_interp.positions`); kl_tokens: the same for the KL positions.
         kl_reduction: see `em_interp.objectives`.
         method: one of `METHODS` (see the module docstring).
         cache: an `ActivationCache` shared across runs (default: a new one).
@@ -64,8 +64,8 @@ class LossComputer:
         batch_size: int,
         kl_batch_size: int,
         start_layer: int,
-        ce_tokens: str = "assistant",
-        kl_tokens: str = "assistant",
+        ce_tokens: str = "answer",
+        kl_tokens: str = "answer",
         kl_reduction: str = "token_mean",
         method: str = "cached",
         cache: ActivationCache | None = None,
@@ -171,7 +171,7 @@ class LossComputer:
         sizes = [b.input_ids.shape[0] for b in host]
         owner = torch.repeat_interleave(torch.arange(len(host)), torch.tensor(sizes)).to(self.device, non_blocking=True)
         index, targets, rows = self._targets(host, width, tokens, self.device)
-        hooks = adapters[0].hooks(adapters[0].scale) if len(adapters) == 1 else stacked_hooks(adapters, owner)
+        hooks = adapters[0].scaled_hooks(adapters[0].scale) if len(adapters) == 1 else stacked_hooks(adapters, owner)
         with hooks_applied(self._hooks_view, hooks):
             hidden = self.runner.resume(res, self._mask(host, attn))
         dev = hidden.device  # the last block's device when the model is spread over several
@@ -184,7 +184,7 @@ class LossComputer:
     def _full_forwards(self, adapter: Adapter, k: int, kl_k: int | None) -> tuple[Tensor, Tensor]:
         """The authors' step: full forwards, full-vocabulary log-softmax at every position."""
         batch = self._batch("train", k)
-        hooks = adapter.hooks(adapter.scale)
+        hooks = adapter.scaled_hooks(adapter.scale)
         with hooks_applied(self._hooks_view, hooks):
             logp = self._full_log_probs(batch)
         mask = batch.target_mask(self.ce_tokens).to(logp.device)  # logits sit on the last block's device

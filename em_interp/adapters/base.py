@@ -103,7 +103,10 @@ def model_signature(model: Any) -> dict[str, Any]:
 class Adapter(nn.Module):
     """Base class: parameters, hook list, `applied()` context manager, scale, norm, state, save/load.
 
-    Subclasses implement `hooks(scale, positions)` and `config()` (the constructor arguments to save).
+    An adapter is an `em_interp.interventions.Intervention`: `hooks(model, scale, positions)`,
+    `first_layer`, `applied(model, scale, positions)`; `scale` multiplies its own `scale`.
+    Subclasses implement `scaled_hooks(total, positions)`, `first_layer` and `config()` (the constructor
+    arguments to save).
     """
 
     kind: ClassVar[str] = "adapter"
@@ -116,7 +119,7 @@ class Adapter(nn.Module):
 
     @property
     def scale(self) -> float:
-        """The default multiplier used by `attach`/`applied` (must be finite)."""
+        """The adapter's own multiplier (must be finite); `applied(model, scale=s)` applies `s · scale`."""
         return self._scale
 
     @scale.setter
@@ -127,10 +130,21 @@ class Adapter(nn.Module):
         super().__init_subclass__(**kwargs)
         _REGISTRY[cls.kind] = cls
 
-    # --- hooks ---------------------------------------------------------------------------------
-    def hooks(self, scale: float, positions: Positions = "all") -> list[tuple[str, HookFn]]:
-        """(hook_name, fn) pairs that apply this adapter with the given scale."""
+    # --- hooks (the `em_interp.interventions.Intervention` protocol) ------------------------------
+    def scaled_hooks(self, total: float, positions: Positions = "all") -> list[tuple[str, HookFn]]:
+        """(hook_name, fn) pairs applying this adapter at the total factor `total` (its own `scale` already
+        folded in by the caller; `hooks` does that). Subclasses implement this."""
         raise NotImplementedError
+
+    def hooks(self, model: Any, scale: float = 1.0, positions: Positions | None = None) -> list[tuple[str, HookFn]]:
+        """(hook_name, fn) pairs applying this adapter to `model` at `scale` × `self.scale`.
+
+        Raises:
+            AdapterError: a model of another shape, a non-finite `scale`, or bad `positions`.
+        """
+        self.check_model(model)
+        factor = 1.0 if scale is None else check_finite(scale, "scale", f"{type(self).__name__}.applied")
+        return self.scaled_hooks(self.scale * factor, check_positions("all" if positions is None else positions))
 
     @property
     def first_layer(self) -> int:
@@ -141,30 +155,30 @@ class Adapter(nn.Module):
         """Constructor arguments needed to rebuild this adapter (saved as metadata)."""
         raise NotImplementedError
 
-    def attach(self, model: Any, scale: float | None = None, positions: Positions = "all") -> HookHandle:
-        """Add this adapter's hooks to `model` until `handle.remove()`.
+    def attach(self, model: Any, scale: float = 1.0, positions: Positions | None = None) -> HookHandle:
+        """Add this adapter's hooks to `model` until `handle.remove()`; `scale` multiplies `self.scale`.
 
         Raises:
             AdapterError: the adapter is already attached to `model` (applying it twice would silently
                 double it; pass `scale=2` instead), a non-finite `scale`, or a model of another shape.
         """
-        self.check_model(model)
-        scale = self.scale if scale is None else check_finite(scale, "scale", f"{type(self).__name__}.applied")
+        hooks = self.hooks(model, scale, positions)
         attached = _ATTACHED.setdefault(self, set())
         if id(model) in attached:
             raise AdapterError(
                 f"This {type(self).__name__} is already applied to this model; nesting `applied`/`attach` of the same adapter would add it "
                 "twice. Use one `applied(model, scale=...)` with the total scale, or a copy.deepcopy of the adapter."
             )
-        handle = attach_hooks(model, self.hooks(scale, check_positions(positions)))
+        handle = attach_hooks(model, hooks)
         attached.add(id(model))
         return _AdapterHandle(handle, self, id(model))
 
     @contextlib.contextmanager
-    def applied(self, model: Any, scale: float | None = None, positions: Positions = "all") -> Iterator[Adapter]:
-        """Context manager applying the adapter; its hooks are removed on exit, even on error.
+    def applied(self, model: Any, scale: float = 1.0, positions: Positions | None = None) -> Iterator[Adapter]:
+        """Context manager applying the adapter at `scale` × `self.scale`; its hooks are removed on exit, even
+        on error.
 
-        >>> with vec.applied(model, scale=2.0):  # doctest: +SKIP
+        >>> with vec.applied(model, scale=2.0):  # twice the vector as trained  # doctest: +SKIP
         ...     logits = model(tokens)
         """
         handle = self.attach(model, scale, positions)

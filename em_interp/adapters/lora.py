@@ -117,12 +117,12 @@ class LoRA(Adapter):
             norms = [self.delta_weight(lyr, s).float().norm() for lyr, s in self.modules()]
         return float(torch.stack(norms).mean())
 
-    def hooks(self, scale: float, positions: Positions = "all") -> list[tuple[str, HookFn]]:
+    def scaled_hooks(self, total: float, positions: Positions = "all") -> list[tuple[str, HookFn]]:
         pairs: list[tuple[str, HookFn]] = []
         for lyr, s in self.modules():
             prefix = f"blocks.{lyr}.{LORA_SITES[s][0]}"
             pairs.append((f"{prefix}.hook_in", self._store_input(_key(lyr, s))))
-            pairs.append((f"{prefix}.hook_out", self._add_update(_key(lyr, s), scale, positions)))
+            pairs.append((f"{prefix}.hook_out", self._add_update(_key(lyr, s), total, positions)))
         return pairs
 
     def _store_input(self, key: str) -> HookFn:

@@ -26,7 +26,7 @@ def check_stackable(adapters: Sequence[Adapter]) -> None:
     for i, a in enumerate(adapters[1:], start=1):
         if type(a) is not type(first):
             raise AdapterError(f"adapters[{i}] is a {type(a).__name__}; adapters[0] is a {type(first).__name__}.")
-        if [name for name, _ in a.hooks(1.0)] != [name for name, _ in first.hooks(1.0)]:
+        if [name for name, _ in a.scaled_hooks(1.0)] != [name for name, _ in first.scaled_hooks(1.0)]:
             raise AdapterError(f"adapters[{i}] hooks other sites than adapters[0]; stacked training needs the same sites.")
 
 

@@ -85,9 +85,9 @@ class SteeringVector(Adapter):
         """The vector actually added, `scale · alpha · v` [d_model]."""
         return self.vector * (scale * self.alpha)
 
-    def hooks(self, scale: float, positions: Positions = "all") -> list[tuple[str, HookFn]]:
+    def scaled_hooks(self, total: float, positions: Positions = "all") -> list[tuple[str, HookFn]]:
         def add_vector(act: Tensor, hook: Any) -> Tensor:
-            delta = self.delta(scale).to(act.device, act.dtype)
+            delta = self.delta(total).to(act.device, act.dtype)
             weight = position_weight(positions, act)
             return act + (delta if weight is None else weight * delta)
 
@@ -195,10 +195,10 @@ class SteeringSet(Adapter):
         factor = (self.scale if scale is None else float(scale)) * self.alpha
         return {layer: self.vectors[f"L{layer}"] * factor for layer in self.layers}
 
-    def hooks(self, scale: float, positions: Positions = "all") -> list[tuple[str, HookFn]]:
+    def scaled_hooks(self, total: float, positions: Positions = "all") -> list[tuple[str, HookFn]]:
         def make(layer: int) -> HookFn:
             def add_vector(act: Tensor, hook: Any) -> Tensor:
-                delta = (self.vectors[f"L{layer}"] * (scale * self.alpha)).to(act.device, act.dtype)
+                delta = (self.vectors[f"L{layer}"] * (total * self.alpha)).to(act.device, act.dtype)
                 weight = position_weight(positions, act)
                 return act + (delta if weight is None else weight * delta)
 

@@ -16,7 +16,8 @@ from typing import Any
 
 from em_interp.errors import DataError
 from em_interp.eval.em_metrics import _number
-from em_interp.eval.generation import adapters_applied, generate
+from em_interp.eval.generation import generate
+from em_interp.interventions import interventions_applied
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ def judged_mean_diff(model: Any, adapters: Any, questions: Sequence[str], judge:
     rng = random.Random(seed)
     aligned, misaligned = rng.sample(aligned, n), rng.sample(misaligned, n)
     log.info("judged_mean_diff: %s, %d per group after balancing", counts, n)
-    with adapters_applied(model, adapters):
+    with interventions_applied(model, adapters):
         direction = mean_diff(model, aligned, misaligned, layer=layer, **mean_diff_kwargs)
     direction.provenance.update(source="judged own answers", **{f"n_{k}": v for k, v in counts.items()})
     return JudgedDirection(direction, aligned, misaligned, counts)

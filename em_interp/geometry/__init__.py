@@ -21,11 +21,11 @@ from em_interp.geometry.curves import (
     reversion,
     stability_curve,
 )
-from em_interp.geometry.direction import Direction, as_direction
 from em_interp.geometry.kl_norm import KLNormCurve, kl_vs_norm, unit_vector
 from em_interp.geometry.loss import clear_loss_cache, loss_on
 from em_interp.geometry.pca import TrajectoryPCA, trajectory_pca
 from em_interp.geometry.similarity import CosineMatrix, as_flat, cosine, cosine_matrix, state_vector
+from em_interp.interventions import Direction, as_direction
 
 __all__ = [
     "DEFAULT_EPS", "DEFAULT_SCALES", "CosineMatrix", "Direction", "EfficiencyCurve", "KLNormCurve", "Reversion", "StabilityCurve", "TrajectoryPCA", "as_direction", "as_flat",

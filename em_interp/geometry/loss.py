@@ -23,32 +23,20 @@ from typing import Any
 
 import torch
 
-from em_interp.adapters.base import Adapter
 from em_interp.datasets.records import Record
 from em_interp.datasets.tokenize import ChatBatch, TokenizedChats
 from em_interp.errors import GeometryError
 from em_interp.forward import ActivationCache, ForwardRunner, model_device, model_dtype, start_layer, unembed
 from em_interp.hooks import HookFn, hooks_applied, model_has_hooks
+from em_interp.interventions import Intervention, as_interventions, intervention_hooks
 from em_interp.objectives import gather_targets, prediction_mask, token_ce
+from em_interp.positions import position_name
 
 log = logging.getLogger(__name__)
 
 MAX_CACHED_DATASETS = 4
 GPU_CACHE_BYTES = 1 << 30  # residuals up to this size stay on the model's device; larger ones go to the CPU
 _EVALUATORS: weakref.WeakKeyDictionary[Any, OrderedDict[tuple[Any, ...], _Evaluator]] = weakref.WeakKeyDictionary()
-
-
-def as_adapters(adapters: Adapter | Sequence[Adapter] | None) -> list[Adapter]:
-    """Normalise None / one adapter / a sequence of adapters to a list."""
-    if adapters is None:
-        return []
-    if isinstance(adapters, Adapter):
-        return [adapters]
-    out = list(adapters)
-    for i, a in enumerate(out):
-        if not isinstance(a, Adapter):
-            raise GeometryError(f"adapters[{i}] is a {type(a).__name__}; expected an em_interp Adapter.")
-    return out
 
 
 def first_rows(data: Sequence[Record] | TokenizedChats, n_rows: int | None) -> Sequence[Record] | TokenizedChats:
@@ -139,10 +127,10 @@ def clear_loss_cache(model: Any | None = None) -> None:
 def loss_on(
     model: Any,
     data: Sequence[Record] | TokenizedChats,
-    adapters: Adapter | Sequence[Adapter] | None = (),
+    adapters: Intervention | Sequence[Intervention] | None = (),
     scale: float = 1.0,
     batch_size: int = 8,
-    tokens: str = "assistant",
+    tokens: str = "answer",
     max_length: int = 512,
 ) -> float:
     """Mean cross-entropy over target tokens (token-weighted over the whole data), without gradients.
@@ -150,28 +138,29 @@ def loss_on(
     Args:
         model: the TransformerBridge.
         data: chat records or `TokenizedChats`.
-        adapters: adapters applied together (none: the chat model itself).
-        scale: multiplies each adapter's own `scale` (1.0: the adapter as trained; 0: no effect).
+        adapters: interventions applied together (adapters, `Steering`, `Ablation`; none: the chat model itself).
+        scale: multiplies each intervention's own `scale` (1.0: the adapter as trained; 0: no effect).
         batch_size: rows per forward.
-        tokens: "assistant" (response tokens, the default) or "all" non-pad tokens.
+        tokens: "answer" (the assistant's tokens, the default) or "all" non-pad tokens (see
+            `em_interp.positions`; the old "assistant" still works, with a DeprecationWarning).
         max_length: rows longer than this (in tokens) are skipped, with a warning.
 
     Returns:
         Σ CE / number of target tokens, in nats.
 
     Raises:
-        GeometryError: empty data, no target tokens, or something that is not an Adapter in `adapters`.
-        AdapterError: an adapter made for a model of another shape.
+        GeometryError: empty data, no target tokens, or a direction that does not fit the model.
+        AdapterError: something that is not an intervention in `adapters`, or an adapter made for a model of
+            another shape.
 
     >>> loss_on(model, data[:100], adapters=vec)  # doctest: +SKIP
     1.87
     """
-    chosen = as_adapters(adapters)
-    for a in chosen:
-        a.check_model(model)
+    chosen = as_interventions(adapters)
+    hooks = intervention_hooks(model, chosen, scale)  # checks each one fits the model before any forward
+    tokens = position_name(tokens, ("answer", "all"), "loss_on: tokens", GeometryError)
     start = start_layer(model, chosen)
     cached = not model_has_hooks(model)
     evaluator = _evaluator(model, data, batch_size, tokens, max_length)
-    hooks = [h for a in chosen for h in a.hooks(float(scale) * a.scale)]
     with torch.no_grad():
         return evaluator.loss(hooks, start, cached)
