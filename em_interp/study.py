@@ -34,6 +34,7 @@ from em_interp.fileio import write_json
 from em_interp.geometry import curves as curves_mod
 from em_interp.geometry import similarity
 from em_interp.report import plain
+from em_interp.report.runs import pca_section, training_entry
 from em_interp.runs import environment
 from em_interp.stats import bootstrap_interval
 
@@ -238,9 +239,7 @@ class Study:
             if i == 0:
                 for name, run in zip(("general", "narrow"), runs, strict=True):
                     run.save(self.out / "runs" / name)
-                    self.results["training"][name] = {
-                        "losses": run.losses, "snapshot_steps": run.snapshot_steps, "wall_time": run.wall_time,
-                        "norm": run.adapter.norm, "kl_coef": run.config.kl_coef}
+                    self.results["training"][name] = training_entry(run)
             log.info("study: seed %d trained (norms general %.3g, narrow %.3g)", seed, general.norm, narrow.norm)
         self.results["data"] = {"seed 0": self.data[0].summary(),
                                 "note": "each seed draws its own stratified training and KL rows; seed 0 shown"}
@@ -391,10 +390,7 @@ class Study:
         named = {"general": runs[0], "narrow": runs[1]}
         if hasattr(self, "reversion_run"):
             named["reversion"] = self.reversion_run
-        pca = g.trajectory_pca(named)
-        self.results["pca"] = {"explained_variance_ratio": pca.explained_variance_ratio, "names": pca.names,
-                               "paths": dict(zip(pca.names, pca.paths, strict=True)),
-                               "steps": dict(zip(pca.names, pca.steps, strict=True))}
+        self.results["pca"] = pca_section(named)
 
     def generations(self) -> None:
         general, narrow = self.pairs[0]

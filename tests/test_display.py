@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import em_interp as em
+from em_interp.continuation import Reversion
 from em_interp.eval.contrastive import ContrastiveResult
-from em_interp.geometry.curves import EfficiencyCurve, Reversion, StabilityCurve
+from em_interp.geometry.curves import EfficiencyCurve, StabilityCurve
 from em_interp.report import figures
 
 

@@ -404,3 +404,21 @@ def test_train_run_repr_is_short_and_plot_draws_the_losses(tiny, data, kl_data, 
     assert list(ce[0].y) == [r["ce"] for r in run.losses] and list(ce[0].x) == list(range(1, 7))
     with pytest.raises(TrainingError, match="must be a TrainConfig"):
         em.TrainRun(adapter=None, config={"lr": 1e-3})
+
+
+# --- reversion (moved here from tests/test_geometry.py) -----------------------------------------------
+def test_reversion_continues_a_copy_without_kl(tiny):
+    data = tiny_chat_records(8)
+    settings = dict(lr=5e-2, steps=3, batch_size=4, warmup_steps=0, record_every=1, progress=False)
+    narrow = em.train(em.SteeringVector(tiny, layer=1, init="random"), tiny, data, kl_data=tiny_chat_records(4, seed=1), kl_coef=1.0, seed=0, **settings)
+    general = em.train(em.SteeringVector(tiny, layer=1, init="random", seed=5), tiny, data, seed=1, **settings)
+    narrow_before = narrow.adapter.state()["vector"]
+    result = em.reversion(narrow, general, tiny, data, steps=2, progress=False)
+    assert torch.equal(narrow.adapter.state()["vector"], narrow_before)
+    assert result.run.config.kl_coef == 0.0 and result.run.adapter is not narrow.adapter
+    assert result.steps.tolist() == [0, 1, 2]
+    assert result.cosine[0] == pytest.approx(em.geometry.cosine(narrow, general), abs=1e-6)
+    assert result.cosine[-1] == pytest.approx(em.geometry.cosine(result.run.adapter, general.adapter), abs=1e-6)
+    assert result.cosine_narrow[0] == pytest.approx(1.0, abs=1e-6)
+
+
