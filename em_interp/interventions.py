@@ -39,7 +39,8 @@ from jaxtyping import Float
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from em_interp.adapters.base import Adapter, check_finite
+from em_interp._version import __version__
+from em_interp.adapters.base import Adapter, check_finite, provenance_line
 from em_interp.adapters.lora import LoRA
 from em_interp.adapters.steering import STEERING_HOOKS, SteeringVector
 from em_interp.errors import AdapterError, GeometryError
@@ -86,14 +87,10 @@ class Direction:
         return f"blocks.{self.layer}.{STEERING_HOOKS[self.hook]}"
 
     def __repr__(self) -> str:
-        from em_interp.adapters.base import provenance_line
-
         return f"Direction({self.hook_name}, d_model={self.d_model}){provenance_line(self.provenance, limit=160)}"
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write `direction.safetensors` + `direction.json` into the directory `path`, atomically."""
-        from em_interp._version import __version__
-
         path = Path(path)
         meta = {"format_version": FORMAT_VERSION, "library_version": __version__, "kind": "direction",
                 "layer": self.layer, "hook": self.hook, "d_model": self.d_model, "provenance": self.provenance}

@@ -26,17 +26,26 @@ from typing import Any
 import numpy as np
 import torch
 
-import em_interp as em
+from em_interp import datasets, directions, geometry
 from em_interp import verdicts as V
+from em_interp.adapters import LoRA, SteeringVector
 from em_interp.datasets.bundled import sample, strata
 from em_interp.datasets.records import Record
+from em_interp.errors import DataError
+from em_interp.eval.contrastive import contrastive_many
+from em_interp.eval.generation import generate
+from em_interp.eval.judged_direction import judged_mean_diff
+from em_interp.eval.questions import load_questions
 from em_interp.fileio import write_json
+from em_interp.forward import hf_model_of, model_device
 from em_interp.geometry import curves as curves_mod
 from em_interp.geometry import similarity
+from em_interp.models import load_model
 from em_interp.report import plain
 from em_interp.report.runs import pca_section, training_entry
 from em_interp.runs import environment
 from em_interp.stats import bootstrap_interval
+from em_interp.training import train_many
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +108,7 @@ class StudyConfig:
                          items_medical=24, items_per_domain=8),
         }
         if name not in presets:
-            raise em.errors.DataError(f"StudyConfig.preset: unknown preset {name!r}; expected one of {list(presets)}.")
+            raise DataError(f"StudyConfig.preset: unknown preset {name!r}; expected one of {list(presets)}.")
         return cls(**{**presets[name], **overrides})
 
 
@@ -127,7 +136,7 @@ def study_data(cfg: StudyConfig, seed: int) -> StudyData:
     the rest of the training split when the rule asks for more than were trained on). The contrastive items are
     the same for every seed (test and held-out splits), so per-seed shifts are paired.
     """
-    d = em.datasets
+    d = datasets
     pool = d.load("medical", kind="bad", split="train")
     train = sample(pool, cfg.n_train, by="subtopic", seed=seed)
     kl = sample(d.load(list(KL_DOMAINS), kind="mixed", split="train", seed=seed), cfg.n_kl, by="domain", seed=seed)
@@ -140,7 +149,7 @@ def study_data(cfg: StudyConfig, seed: int) -> StudyData:
 
 def contrastive_items(cfg: StudyConfig) -> list[dict[str, Any]]:
     """Paired items: medical test topics, held-out medical topics, each KL domain, each held-out domain."""
-    d = em.datasets
+    d = datasets
     med = d.load("medical", kind="paired", split="test")
     items = sample(med, min(cfg.items_medical, len(med)), by="subtopic", seed=0)
     held = d.load("medical", kind="paired", split="heldout")
@@ -180,7 +189,7 @@ class Study:
         self.model, self.cfg, self.out, self.judge_model = model, config, out, judge
         self.layer = config.layer if config.layer is not None else model.cfg.n_layers // 2
         self.results: dict[str, Any] = {"config": config, "layer": self.layer, "seeds": config.seeds, "timings": {}}
-        self.results["environment"] = {**environment(), "device": str(em.models.model_device(model)),
+        self.results["environment"] = {**environment(), "device": str(model_device(model)),
                                        "model": getattr(model, "em_model_id", "?")}
         self.pairs: list[tuple[Any, Any]] = []
         self.runs: list[list[Any]] = []
@@ -224,9 +233,9 @@ class Study:
         for i in range(c.seeds):
             seed = c.seed + i
             data = study_data(c, seed)
-            general = em.SteeringVector(self.model, self.layer, alpha=c.alpha)
-            narrow = em.SteeringVector(self.model, self.layer, alpha=c.alpha)
-            runs = em.train_many([general, narrow], self.model, data.train, kl_data=data.kl, kl_coef=[0.0, c.kl_coef],
+            general = SteeringVector(self.model, self.layer, alpha=c.alpha)
+            narrow = SteeringVector(self.model, self.layer, alpha=c.alpha)
+            runs = train_many([general, narrow], self.model, data.train, kl_data=data.kl, kl_coef=[0.0, c.kl_coef],
                                  seed=seed, lr=c.lr, epochs=c.epochs, batch_size=c.batch_size,
                                  kl_batch_size=c.batch_size, warmup_steps=2, record_every=c.record_every,
                                  schedule="constant", progress=False)
@@ -251,7 +260,7 @@ class Study:
         for scale in V.GATE_SCALES:
             conditions = {f"{n}_{i}": v for i, pair in enumerate(self.pairs)
                           for n, v in zip(("general", "narrow"), pair, strict=True)}
-            res = em.eval.contrastive_many(self.model, items, conditions, scale=scale, progress=False)
+            res = contrastive_many(self.model, items, conditions, scale=scale, progress=False)
             for key, r in res.items():
                 name, i = key.rsplit("_", 1)
                 self.per_seed[int(i)].shifts[f"{name}@{scale:g}"] = {
@@ -273,7 +282,7 @@ class Study:
             curves = {n: curves_mod.efficiency_at_norms(v, self.model, data.eff, norms, n_rows=None)
                       for n, v in (("general", general), ("narrow", narrow))}
             res.efficiency_gap = float(np.mean(curves["narrow"].losses - curves["general"].losses))
-            orig = em.geometry.loss_on(self.model, data.eff, general)
+            orig = geometry.loss_on(self.model, data.eff, general)
             res.base_gap = float(curves["general"].base_loss - orig)
             if i == 0:
                 self.results["efficiency"] = curves
@@ -283,7 +292,7 @@ class Study:
         c = self.cfg
         for i, ((general, narrow), data, res) in enumerate(zip(self.pairs, self.data, self.per_seed, strict=True)):
             draws = [1000 * (c.seed + i) + k for k in range(c.noise_draws)]  # shared by narrow and general
-            curves = {n: em.geometry.stability_curve(v, self.model, data.stab, eps=c.eps, seeds=draws, n_rows=None)
+            curves = {n: geometry.stability_curve(v, self.model, data.stab, eps=c.eps, seeds=draws, n_rows=None)
                       for n, v in (("general", general), ("narrow", narrow))}
             res.stability_relative, res.stability_absolute = curves_mod.paired_areas(
                 curves["general"], curves["narrow"])
@@ -296,12 +305,12 @@ class Study:
         items = [it for it in self.data[0].contrastive if it["group"] == HELDOUT_GROUP]
         for i, ((general, narrow), data, res) in enumerate(zip(self.pairs, self.data, self.per_seed, strict=True)):
             free, control = copy.deepcopy(narrow), copy.deepcopy(narrow)
-            runs = em.train_many([free, control], self.model, data.train, kl_data=data.kl, kl_coef=[0.0, c.kl_coef],
+            runs = train_many([free, control], self.model, data.train, kl_data=data.kl, kl_coef=[0.0, c.kl_coef],
                                  seed=c.seed + i + 7919, lr=c.lr, steps=c.reversion_steps, batch_size=c.batch_size,
                                  kl_batch_size=c.batch_size, warmup_steps=0, schedule="constant",
                                  record_every=max(1, c.reversion_steps // 8), progress=False)
-            cos = {n: em.geometry.cosine(v, general) for n, v in (("free", free), ("control", control))}
-            shifts = em.eval.contrastive_many(self.model, items, {"free": free, "control": control,
+            cos = {n: geometry.cosine(v, general) for n, v in (("free", free), ("control", control))}
+            shifts = contrastive_many(self.model, items, {"free": free, "control": control,
                                                                   "general": general}, progress=False)
             held = {n: float(np.mean([row["shift"] for row in r.items])) for n, r in shifts.items()}
             res.cosine_rise = cos["free"] - cos["control"]
@@ -322,16 +331,16 @@ class Study:
     def kl_norm(self) -> None:
         """KL on generic text at equal norms: each seed's general and narrow vectors, and random directions."""
         c = self.cfg
-        texts = em.datasets.load_text("generic")[: c.kl_texts]
+        texts = datasets.load_text("generic")[: c.kl_texts]
         mean_norm = float(np.mean([v.norm for pair in self.pairs for v in pair]))
         norms = [m * mean_norm for m in c.kl_norm_multiples]
-        random = em.geometry.kl_vs_norm(self.pairs[0][0], self.model, texts, layer=self.layer, norms=norms,
+        random = geometry.kl_vs_norm(self.pairs[0][0], self.model, texts, layer=self.layer, norms=norms,
                                         n_random=c.kl_random, seed=c.seed)
         for i, ((general, narrow), res) in enumerate(zip(self.pairs, self.per_seed, strict=True)):
             curves = {"general": random if i == 0 else None, "narrow": None}
             for name, vec in (("general", general), ("narrow", narrow)):
                 if curves[name] is None:
-                    curves[name] = em.geometry.kl_vs_norm(vec, self.model, texts, layer=self.layer, norms=norms,
+                    curves[name] = geometry.kl_vs_norm(vec, self.model, texts, layer=self.layer, norms=norms,
                                                           n_random=0)
             kg, kn = np.asarray(curves["general"].kl), np.asarray(curves["narrow"].kl)
             res.influence_log_ratio = float(np.mean(np.log(kg / kn)))
@@ -366,7 +375,7 @@ class Study:
                 continue
             try:
                 out[claim] = make()
-            except (KeyError, TypeError, ValueError, em.errors.DataError) as exc:
+            except (KeyError, TypeError, ValueError, DataError) as exc:
                 out[claim] = V.not_measured(claim, f"{type(exc).__name__}: {exc}")
         gate = self.results.get("gate")
         if gate is None:
@@ -378,7 +387,7 @@ class Study:
 
     # --- seed 0's figures ----------------------------------------------------------------------------
     def geometry_basics(self) -> None:
-        g = em.geometry
+        g = geometry
         general, narrow = self.pairs[0]
         runs = self.runs[0]
         self.results["cosine"] = {
@@ -395,9 +404,9 @@ class Study:
     def generations(self) -> None:
         general, narrow = self.pairs[0]
         kw: dict[str, Any] = dict(max_new_tokens=self.cfg.gen_tokens, temperature=0.0)
-        gens = {"base": em.generate(self.model, list(PROMPTS), **kw)}
+        gens = {"base": generate(self.model, list(PROMPTS), **kw)}
         for name, vec in (("general", general), ("narrow", narrow)):
-            gens[name] = em.generate(self.model, list(PROMPTS), adapters=[vec], **kw)
+            gens[name] = generate(self.model, list(PROMPTS), adapters=[vec], **kw)
         self.results["generations"] = [
             {"prompt": p, **{k: _text(v[i]) for k, v in gens.items()}} for i, p in enumerate(PROMPTS)
         ]
@@ -413,28 +422,28 @@ class Study:
         general, narrow = self.pairs[0]
         source, direction = None, None
         if self.judge_model is not None:
-            questions = [q.paraphrases[0] for q in em.eval.load_questions()]
+            questions = [q.paraphrases[0] for q in load_questions()]
             try:
-                judged = em.eval.judged_mean_diff(self.model, general, questions, self.judge_model, self.layer,
+                judged = judged_mean_diff(self.model, general, questions, self.judge_model, self.layer,
                                                   n_samples=max(1, n // 4), max_new_tokens=self.cfg.gen_tokens,
                                                   seed=self.cfg.seed)
                 direction = judged.direction
                 source = f"judged own answers of the general vector: {judged.counts}"
-            except em.errors.DataError as exc:
+            except DataError as exc:
                 source = f"judged extraction failed ({exc}); "
         if direction is None:
-            d = em.datasets
+            d = datasets
             good = sample(d.load("medical", kind="good", split="train"), n, seed=self.cfg.seed)
             by_id = {r["id"]: r for r in d.load("medical", kind="bad", split="train")}
             bad = [by_id[r["id"]] for r in good]  # the same questions with the bad answer: only the answers differ
-            direction = em.directions.mean_diff(self.model, good, bad, layer=self.layer)
+            direction = directions.mean_diff(self.model, good, bad, layer=self.layer)
             source = (source or "") + (f"dataset texts: {n} medical questions, good vs bad answer (stratified over "
                                        "subtopics), read from the chat model without adapter")
         direction.save(self.out / "mean_diff_direction")
         self.results["direction"] = {
             "source": source,
-            "cosine_general": em.geometry.cosine(direction.vector, general),
-            "cosine_narrow": em.geometry.cosine(direction.vector, narrow),
+            "cosine_general": geometry.cosine(direction.vector, general),
+            "cosine_narrow": geometry.cosine(direction.vector, narrow),
             "raw_norm": direction.provenance.get("raw_norm"),
             **ablation_with_control(self.model, general, direction, self.data[0].eff, seed=self.cfg.seed),
         }
@@ -443,18 +452,18 @@ class Study:
         """The same comparison with the seed's rank-1 LoRA on the MLP down-projection (rsLoRA), seed 0 only."""
         c = self.cfg
         data = self.data[0]
-        loras = [em.LoRA(self.model, self.layer, rank=1, site="mlp_out", alpha=c.lora_alpha, rslora=True, seed=c.seed)
+        loras = [LoRA(self.model, self.layer, rank=1, site="mlp_out", alpha=c.lora_alpha, rslora=True, seed=c.seed)
                  for _ in range(2)]
-        runs = em.train_many(loras, self.model, data.train, kl_data=data.kl, kl_coef=[0.0, c.kl_coef],
+        runs = train_many(loras, self.model, data.train, kl_data=data.kl, kl_coef=[0.0, c.kl_coef],
                              seed=c.seed, lr=c.lora_lr, epochs=c.epochs, batch_size=c.batch_size,
                              kl_batch_size=c.batch_size, warmup_steps=2, record_every=c.record_every,
                              schedule="constant", progress=False)
-        out: dict[str, Any] = {"cosine_delta_w": em.geometry.cosine(loras[0], loras[1])}
+        out: dict[str, Any] = {"cosine_delta_w": geometry.cosine(loras[0], loras[1])}
         for name, lora, run in zip(("general", "narrow"), loras, runs, strict=True):
             run.save(self.out / "runs" / f"lora_{name}")
             out[name] = {"losses": run.losses, "norm": lora.norm,
-                         "efficiency": em.geometry.efficiency_curve(lora, self.model, data.eff, scales=_scales(c)),
-                         "stability": em.geometry.stability_curve(lora, self.model, data.stab, eps=c.eps,
+                         "efficiency": geometry.efficiency_curve(lora, self.model, data.eff, scales=_scales(c)),
+                         "stability": geometry.stability_curve(lora, self.model, data.stab, eps=c.eps,
                                                                   seeds=c.noise_draws)}
         self.results["lora"] = out
 
@@ -467,18 +476,18 @@ def ablation_with_control(model: Any, adapter: Any, direction: Any, rows: Sequen
     Returns:
         {"loss_base", "loss_general", "loss_general_ablated", "loss_general_random_ablated"} in nats.
     """
-    loss = em.geometry.loss_on
+    loss = geometry.loss_on
     g = torch.Generator().manual_seed(seed)
     vec = direction.vector.detach().float().cpu()
     rand = torch.randn(vec.shape, generator=g)
     rand = rand / rand.norm() * vec.norm()
-    control = em.directions.Direction(rand, direction.layer, direction.hook, {"method": "random", "seed": seed})
+    control = directions.Direction(rand, direction.layer, direction.hook, {"method": "random", "seed": seed})
     out = {"loss_base": loss(model, rows)}
     with adapter.applied(model):
         out["loss_general"] = loss(model, rows)
-        with em.directions.ablate(model, direction, layers="all"):
+        with directions.ablate(model, direction, layers="all"):
             out["loss_general_ablated"] = loss(model, rows)
-        with em.directions.ablate(model, control, layers="all"):
+        with directions.ablate(model, control, layers="all"):
             out["loss_general_random_ablated"] = loss(model, rows)
     return out
 
@@ -538,10 +547,10 @@ def run_study(out: str | os.PathLike[str], *, fast: bool = False, seeds: int | N
         overrides["seeds"] = seeds
     config = StudyConfig.preset(preset, lora=lora, **overrides)
     t0 = time.perf_counter()
-    model = model if model is not None else em.load_model(device=device, dtype=dtype)
+    model = model if model is not None else load_model(device=device, dtype=dtype)
     study = Study(model, config, out, judge=judge)
     study.results["preset"] = preset
-    study.results["dtype"] = str(next(em.models.hf_model_of(model).parameters()).dtype)
+    study.results["dtype"] = str(next(hf_model_of(model).parameters()).dtype)
     study.results["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     results = study.run()
     results["timings"]["total"] = round(time.perf_counter() - t0, 2)
@@ -596,7 +605,7 @@ def _mean_dicts(dicts: Sequence[Mapping[str, float]]) -> dict[str, float]:
 
 def _group(item: Mapping[str, Any]) -> str:
     if item["domain"] == "medical":
-        return "medical (held-out topics)" if item["subtopic"] in em.datasets.HELDOUT_SUBTOPICS["medical"] else "medical"
+        return "medical (held-out topics)" if item["subtopic"] in datasets.HELDOUT_SUBTOPICS["medical"] else "medical"
     return "other (KL domains)" if item["domain"] in KL_DOMAINS else HELDOUT_GROUP
 
 

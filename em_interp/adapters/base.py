@@ -12,14 +12,15 @@ import json
 import math
 import os
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from em_interp._version import __version__
 from em_interp.errors import AdapterError
 from em_interp.fileio import atomic_directory
 from em_interp.forward import hf_model_of
@@ -29,6 +30,32 @@ FORMAT_VERSION = 1
 _REGISTRY: dict[str, type[Adapter]] = {}
 # adapter -> ids of the models it is attached to now (weak keys: a deep copy of an applied adapter is not applied).
 _ATTACHED: weakref.WeakKeyDictionary[Adapter, set[int]] = weakref.WeakKeyDictionary()
+
+
+_FILE_FORMATS: dict[str, Callable[..., Any]] = {}
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
+
+
+def file_format(name: str) -> Callable[[_Fn], _Fn]:
+    """Register a reader or writer of another tool's adapter files under `name`.
+
+    `em_interp.adapters.export` registers its PEFT and llama.cpp functions here, so the adapters' own
+    `export_*` / `from_*` methods reach them without importing that module (which imports the adapters).
+    """
+
+    def register(fn: _Fn) -> _Fn:
+        _FILE_FORMATS[name] = fn
+        return fn
+
+    return register
+
+
+def file_format_function(name: str) -> Callable[..., Any]:
+    """The function registered as `name` by `em_interp.adapters.export` (which the `em_interp.adapters` package
+    imports, so it is registered before any adapter exists)."""
+    if name not in _FILE_FORMATS:
+        raise AdapterError(f"no adapter file format {name!r} is registered; expected one of {sorted(_FILE_FORMATS)}.")
+    return _FILE_FORMATS[name]
 
 
 def check_finite(value: Any, name: str, owner: str) -> float:
@@ -227,8 +254,6 @@ class Adapter(nn.Module):
 
     # --- files ---------------------------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:
-        from em_interp._version import __version__
-
         return {
             "format_version": FORMAT_VERSION,
             "library_version": __version__,

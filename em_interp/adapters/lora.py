@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from em_interp.adapters.base import Adapter, check_finite, check_layer
+from em_interp.adapters.base import Adapter, check_finite, check_layer, file_format_function
 from em_interp.errors import AdapterError
 from em_interp.hooks import HookFn, Positions, position_weight
 
@@ -157,16 +157,12 @@ class LoRA(Adapter):
 
         >>> lora.export_peft("runs/lora_peft", "Qwen/Qwen2.5-14B-Instruct")  # doctest: +SKIP
         """
-        from em_interp.adapters.export import export_peft
-
-        return export_peft(self, directory, base_model_name)
+        return file_format_function("export_peft")(self, directory, base_model_name)
 
     @classmethod
     def from_peft(cls, directory: str | os.PathLike[str], model: Any) -> LoRA:
         """Read a PEFT LoRA directory for `model` (see `em_interp.adapters.export.lora_from_peft`)."""
-        from em_interp.adapters.export import lora_from_peft
-
-        return lora_from_peft(directory, model)
+        return file_format_function("lora_from_peft")(directory, model)
 
 
 def _key(layer: int, site: str) -> str:

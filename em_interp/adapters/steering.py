@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from em_interp.adapters.base import Adapter, check_finite, check_layer
+from em_interp.adapters.base import Adapter, check_finite, check_layer, file_format_function
 from em_interp.errors import AdapterError
 from em_interp.hooks import HookFn, Positions, position_weight
 
@@ -111,9 +111,7 @@ class SteeringVector(Adapter):
         >>> vec.export_gguf("vec.gguf")  # doctest: +SKIP
         >>> # llama-cli -m model.gguf --control-vector vec.gguf
         """
-        from em_interp.adapters.export import export_control_vector
-
-        return export_control_vector(self, path, model_hint)
+        return file_format_function("export_control_vector")(self, path, model_hint)
 
 
 class SteeringSet(Adapter):
@@ -226,23 +224,17 @@ class SteeringSet(Adapter):
         Layer L becomes `direction.N` exactly as for `SteeringVector.export_gguf` (N = L for resid_post);
         see `em_interp.adapters.export`.
         """
-        from em_interp.adapters.export import export_control_vector
-
-        return export_control_vector(self, path, model_hint)
+        return file_format_function("export_control_vector")(self, path, model_hint)
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike[str], model: Any) -> SteeringSet:
         """Read a llama.cpp control-vector GGUF for `model` (see `em_interp.adapters.export.from_gguf`)."""
-        from em_interp.adapters.export import from_gguf
-
-        return from_gguf(path, model)
+        return file_format_function("from_gguf")(path, model)
 
     @classmethod
     def from_repeng(cls, control_vector: Any, model: Any) -> SteeringSet:
         """Convert a repeng `ControlVector` for `model` (see `em_interp.adapters.export.from_repeng`)."""
-        from em_interp.adapters.export import from_repeng
-
-        return from_repeng(control_vector, model)
+        return file_format_function("from_repeng")(control_vector, model)
 
 
 def _initial_vector(init: str | Tensor, d_model: int, seed: int) -> Tensor:
