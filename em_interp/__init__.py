@@ -14,23 +14,27 @@ from em_interp._version import __version__ as __version__
 from em_interp.adapters import Adapter, LoRA, SteeringSet, SteeringVector, load_adapter
 from em_interp.continuation import Reversion, reversion
 from em_interp.errors import EmInterpError
-from em_interp.forward import ActivationCache
-from em_interp.models import load_model
+from em_interp.model import ActivationCache, load_model
 from em_interp.runs import TrainRun
 from em_interp.training import TrainConfig, continue_run, train, train_many
 
 if TYPE_CHECKING:  # imported lazily at run time (see __getattr__); listed here for type checkers and IDEs
-    from em_interp import directions, eval, geometry, interventions, report  # noqa: A004
+    from em_interp import directions, eval, geometry, interventions, model, report  # noqa: A004
     from em_interp.eval.generation import generate
 
 _LAZY = {"geometry": "em_interp.geometry", "directions": "em_interp.directions", "eval": "em_interp.eval",
          "interventions": "em_interp.interventions", "report": "em_interp.report"}
+# Modules that moved in the package layout: `em.models` etc. still work (the old module warns once imported).
+_MOVED = {"models": "em_interp.models", "forward": "em_interp.forward", "hooks": "em_interp.hooks",
+          "sweep": "em_interp.sweep"}
 
 
 def __getattr__(name: str) -> Any:
     # Higher layers (geometry, directions, eval, report) import on first use, keeping `import em_interp` light.
     if name in _LAZY:
         return importlib.import_module(_LAZY[name])
+    if name in _MOVED:
+        return importlib.import_module(_MOVED[name])
     if name == "generate":
         return importlib.import_module("em_interp.eval.generation").generate
     raise AttributeError(f"module 'em_interp' has no attribute {name!r}")
@@ -43,6 +47,6 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "ActivationCache", "Adapter", "EmInterpError", "LoRA", "Reversion", "SteeringSet", "SteeringVector", "TrainConfig",
-    "TrainRun", "continue_run", "datasets", "directions", "eval", "generate", "geometry", "interventions", "load_adapter", "load_model", "report", "reversion",
+    "TrainRun", "continue_run", "datasets", "directions", "eval", "generate", "geometry", "interventions", "load_adapter", "model", "load_model", "report", "reversion",
     "train", "train_many",
 ]

@@ -28,10 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from em_interp.engine import METHODS
 from em_interp.errors import ConfigError, EmInterpError, TrainingError
-from em_interp.objectives import KL_REDUCTIONS
 from em_interp.positions import ALL, ANSWER, DEPRECATED, position_name
+
+# The training methods (see `em_interp.training.engine`) and KL reductions (`em_interp.training.objective`);
+# defined here, below the trainer, so that configs validate without importing it.
+METHODS = ("cached", "toggle", "precomputed_reference")
+KL_REDUCTIONS = ("token_mean", "token_vocab_mean")
 
 T = TypeVar("T")
 
@@ -216,7 +219,7 @@ class ModelConfig:
 
     def load(self, device: str | None = None) -> Any:
         """Load the model (`device` overrides the configured one)."""
-        from em_interp.models import load_model
+        from em_interp.model.load import load_model
 
         return load_model(self.name, device=device or self.device, dtype=self.dtype, device_map=self.device_map)
 
@@ -457,7 +460,7 @@ def load_train_config(path: str | os.PathLike[str]) -> TrainSpec:
 
 
 def load_sweep_config(path: str | os.PathLike[str]) -> SweepSpec:
-    """Read and check a sweep TOML file (see `em_interp.sweep`); raises `ConfigError` naming file, section and key."""
+    """Read and check a sweep TOML file (see `em_interp.cli.sweep`); raises `ConfigError` naming file, section and key."""
     path = Path(path)
     sec = _sections(path, ("model", "adapter", "data", "train", "grid"))
     model = _model(path, sec["model"])

@@ -26,7 +26,6 @@ from em_interp.errors import DataError, GeometryError
 from em_interp.eval.contrastive import contrastive as _contrastive
 from em_interp.geometry.directions import EXTRACT_METHODS, EXTRACT_POSITIONS, _records, mean_diff
 from em_interp.geometry.loss import loss_on
-from em_interp.hooks import Positions
 from em_interp.interventions import (
     Ablation,
     Direction,
@@ -38,6 +37,7 @@ from em_interp.interventions import (
     check_fits,
     steer,
 )
+from em_interp.model.hooks import Positions
 
 
 # --- transfer -----------------------------------------------------------------------------------

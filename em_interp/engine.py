@@ -11,7 +11,7 @@ as the authors' code runs), through the bridge otherwise.
 "cached" does the same loss with less work:
 - the blocks below the adapter's first layer run once per batch, without grad; their output residual
   is cached (`ActivationCache`, shared across epochs and across runs that share data and layer), and the
-  forward resumes from it (`em_interp.forward.ForwardRunner`);
+  forward resumes from it (`em_interp.model.forward.ForwardRunner`);
 - the chat model's reference log-probs on the KL data are computed once, only at the KL positions;
 - the unembedding runs only at positions that enter a loss;
 - the positions, targets and row owners are worked out on the host from the batch masks, so a step
@@ -31,14 +31,14 @@ from torch import Tensor
 
 from em_interp.adapters.base import Adapter
 from em_interp.adapters.stack import stacked_hooks
+from em_interp.config import METHODS
 from em_interp.datasets.tokenize import ChatBatch, TokenizedChats
-from em_interp.forward import ActivationCache, ForwardRunner, full_hidden, unembed
-from em_interp.hooks import hooks_applied
+from em_interp.model.forward import ActivationCache, ForwardRunner, full_hidden, unembed
+from em_interp.model.hooks import hooks_applied
 from em_interp.objectives import group_mean, log_probs, prediction_mask, reduce_kl, token_ce, token_kl
 
 __all__ = ["METHODS", "ActivationCache", "LossComputer"]
 
-METHODS = ("cached", "toggle", "precomputed_reference")
 
 
 class LossComputer:

@@ -45,7 +45,7 @@ from em_interp.adapters.lora import LoRA
 from em_interp.adapters.steering import STEERING_HOOKS, SteeringVector
 from em_interp.errors import AdapterError, GeometryError
 from em_interp.fileio import atomic_directory
-from em_interp.hooks import HookFn, Positions, attach_hooks, check_positions, hooks_applied, position_weight
+from em_interp.model.hooks import HookFn, Positions, attach_hooks, check_positions, hooks_applied, position_weight
 
 FORMAT_VERSION = 1
 

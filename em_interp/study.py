@@ -37,10 +37,10 @@ from em_interp.eval.generation import generate
 from em_interp.eval.judged_direction import judged_mean_diff
 from em_interp.eval.questions import load_questions
 from em_interp.fileio import write_json
-from em_interp.forward import hf_model_of, model_device
 from em_interp.geometry import curves as curves_mod
 from em_interp.geometry import similarity
-from em_interp.models import load_model
+from em_interp.model.forward import hf_model_of, model_device
+from em_interp.model.load import load_model
 from em_interp.report import plain
 from em_interp.report.runs import pca_section, training_entry
 from em_interp.runs import environment

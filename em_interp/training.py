@@ -27,7 +27,7 @@ from em_interp.datasets.records import Record, check_records
 from em_interp.datasets.tokenize import TokenizedChats
 from em_interp.engine import LossComputer
 from em_interp.errors import TrainingError
-from em_interp.forward import ActivationCache, model_device
+from em_interp.model.forward import ActivationCache, model_device
 from em_interp.runs import TrainRun
 
 __all__ = ["TrainConfig", "continue_run", "train", "train_many"]

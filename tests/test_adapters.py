@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from em_interp import __version__
 from em_interp.adapters import LORA_SITES, STEERING_HOOKS, Adapter, LoRA, SteeringVector, load_adapter
 from em_interp.errors import AdapterError
-from em_interp.models import hf_model_of
+from em_interp.model.load import hf_model_of
 from em_interp.testing import tiny_model
 
 BATCH, SEQ = 3, 8

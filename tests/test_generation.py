@@ -9,8 +9,8 @@ import torch
 from em_interp.adapters import LoRA, SteeringVector
 from em_interp.errors import AdapterError, DataError
 from em_interp.eval.generation import as_chats, generate, generate_tokens, prompt_ids, stop_token_ids
-from em_interp.hooks import hooks_applied, position_offset
-from em_interp.models import hf_model_of
+from em_interp.model.hooks import hooks_applied, position_offset
+from em_interp.model.load import hf_model_of
 from em_interp.testing import tiny_model
 
 PROMPTS = ["Hi", "What is the capital of France? Answer in one word, please.", "Tell me about cats."]
@@ -64,7 +64,7 @@ def test_greedy_matches_hf_generate(family):
     so a change in the cache API of transformers or TransformerLens fails here."""
     import copy
 
-    from em_interp.models import wrap_hf_model
+    from em_interp.model.load import wrap_hf_model
     from em_interp.testing import chat_tokenizer, tiny_hf_model
 
     tokenizer = chat_tokenizer()

@@ -14,7 +14,7 @@ import em_interp as em
 from em_interp import geometry as geo
 from em_interp.datasets import TokenizedChats, load_text
 from em_interp.errors import GeometryError
-from em_interp.hooks import hooks_applied
+from em_interp.model.hooks import hooks_applied
 from em_interp.runs import TrainRun
 from em_interp.testing import tiny_chat_records
 

@@ -115,7 +115,7 @@ def test_the_graph_reader_sees_imports():
     assert _cycle({"a": {"b"}, "b": set()}) is None
 
 
-@pytest.mark.parametrize("module", sorted(MODULES))
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if not m.endswith("__main__")))
 def test_every_module_imports(module):
     importlib.import_module(module)
 

@@ -10,7 +10,6 @@ import em_interp as em
 from em_interp.config import TrainConfig
 from em_interp.errors import AdapterError, GeometryError, TrainingError
 from em_interp.geometry import loss_on
-from em_interp.hooks import hooks_applied
 from em_interp.interventions import (
     Ablation,
     Direction,
@@ -21,6 +20,7 @@ from em_interp.interventions import (
     interventions_applied,
     steer,
 )
+from em_interp.model.hooks import hooks_applied
 from em_interp.testing import tiny_chat_records
 
 IDS = torch.tensor([[1, 520, 3301, 905, 77, 1244, 2]])

@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from em_interp._version import __version__
 from em_interp.errors import AdapterError
 from em_interp.fileio import atomic_directory
-from em_interp.forward import hf_model_of
-from em_interp.hooks import HookFn, HookHandle, Positions, attach_hooks, check_positions
+from em_interp.model.forward import hf_model_of
+from em_interp.model.hooks import HookFn, HookHandle, Positions, attach_hooks, check_positions
 
 FORMAT_VERSION = 1
 _REGISTRY: dict[str, type[Adapter]] = {}

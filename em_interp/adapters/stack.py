@@ -17,7 +17,7 @@ from em_interp.adapters.base import Adapter
 from em_interp.adapters.lora import LORA_SITES, LoRA
 from em_interp.adapters.steering import SteeringVector
 from em_interp.errors import AdapterError
-from em_interp.hooks import HookFn
+from em_interp.model.hooks import HookFn
 
 
 def check_stackable(adapters: Sequence[Adapter]) -> None:

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from em_interp.adapters.base import Adapter, check_finite, check_layer, file_format_function
 from em_interp.errors import AdapterError
-from em_interp.hooks import HookFn, Positions, position_weight
+from em_interp.model.hooks import HookFn, Positions, position_weight
 
 # Our hook names -> the TransformerLens hook point inside block `layer`.
 STEERING_HOOKS = {

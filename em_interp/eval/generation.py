@@ -3,7 +3,7 @@
 The loop runs the HF model inside the bridge (`hf_model_of(model).model`, then `unembed` on the last
 position only), so every bridge hook point inside the HF modules fires: adapters passed here, adapters
 and ablation hooks the caller attached, all apply. While the KV cache feeds one token per step,
-`em_interp.hooks.position_offset` holds the absolute (padded) column of the step's first token, so
+`em_interp.model.hooks.position_offset` holds the absolute (padded) column of the step's first token, so
 position-restricted hooks select the same tokens as in a full forward over the whole sequence.
 
 Prompts are left-padded into batches of similar length; each row's position ids count from its first
@@ -26,9 +26,9 @@ from transformers import DynamicCache
 
 from em_interp.datasets.tokenize import tokenize_chat
 from em_interp.errors import AdapterError, DataError, ModelLoadError
-from em_interp.forward import attention_bridges, hf_model_of, model_device, unembed
-from em_interp.hooks import position_offset
 from em_interp.interventions import as_interventions, interventions_applied
+from em_interp.model.forward import attention_bridges, hf_model_of, model_device, unembed
+from em_interp.model.hooks import position_offset
 from em_interp.positions import ALL, ANSWER, DEPRECATED, PROMPT, position_name
 
 log = logging.getLogger(__name__)

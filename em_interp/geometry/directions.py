@@ -24,9 +24,9 @@ from em_interp.adapters.steering import STEERING_HOOKS
 from em_interp.datasets.records import Record, chat
 from em_interp.datasets.tokenize import ChatBatch, TokenizedChats
 from em_interp.errors import DataError, GeometryError
-from em_interp.forward import lower_forward, model_device
-from em_interp.hooks import hooks_applied
 from em_interp.interventions import Direction
+from em_interp.model.forward import lower_forward, model_device
+from em_interp.model.hooks import hooks_applied
 from em_interp.positions import ALL, ANSWER, LAST, PROMPT
 
 log = logging.getLogger(__name__)

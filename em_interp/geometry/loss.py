@@ -26,9 +26,9 @@ import torch
 from em_interp.datasets.records import Record
 from em_interp.datasets.tokenize import ChatBatch, TokenizedChats
 from em_interp.errors import GeometryError
-from em_interp.forward import ActivationCache, ForwardRunner, model_device, model_dtype, start_layer, unembed
-from em_interp.hooks import HookFn, hooks_applied, model_has_hooks
 from em_interp.interventions import Intervention, as_interventions, intervention_hooks
+from em_interp.model.forward import ActivationCache, ForwardRunner, model_device, model_dtype, start_layer, unembed
+from em_interp.model.hooks import HookFn, hooks_applied, model_has_hooks
 from em_interp.objectives import gather_targets, prediction_mask, token_ce
 from em_interp.positions import position_name
 
