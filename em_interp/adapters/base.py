@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import torch
+from jaxtyping import Float
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -224,11 +225,11 @@ class Adapter(nn.Module):
         """L2 norm of all parameters together (LoRA overrides with the norm of its ΔW)."""
         return float(torch.sqrt(sum(((p.detach().float() ** 2).sum() for p in self.parameters()), torch.zeros(()))))
 
-    def state(self) -> dict[str, Tensor]:
+    def state(self) -> dict[str, Float[Tensor, "..."]]:
         """Detached float32 copies of the parameters, by name."""
         return {name: p.detach().float().cpu().clone() for name, p in self.named_parameters()}
 
-    def load_state(self, state: dict[str, Tensor]) -> None:
+    def load_state(self, state: dict[str, Float[Tensor, "..."]]) -> None:
         """Copy parameters from `state` (same names and shapes, else `AdapterError`)."""
         params = dict(self.named_parameters())
         if set(state) != set(params):
@@ -239,7 +240,7 @@ class Adapter(nn.Module):
                     raise AdapterError(f"parameter {name}: saved shape {tuple(state[name].shape)}, expected {tuple(p.shape)}.")
                 p.copy_(state[name].to(p.device, p.dtype))
 
-    def flat(self) -> Tensor:
+    def flat(self) -> Float[Tensor, " n_params"]:
         """All parameters as one float32 vector (for cosine similarity and PCA)."""
         return torch.cat([p.detach().float().cpu().flatten() for p in self.parameters()])
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jaxtyping import Float
 from torch import Tensor, nn
 
 from em_interp.adapters.base import Adapter, check_finite, check_layer, file_format_function
@@ -105,7 +106,7 @@ class LoRA(Adapter):
         """The (layer, site) pairs this adapter changes."""
         return [(lyr, s) for lyr in self.layers for s in self.sites]
 
-    def delta_weight(self, layer: int, site: str, scale: float = 1.0) -> Tensor:
+    def delta_weight(self, layer: int, site: str, scale: float = 1.0) -> Float[Tensor, "d_out d_in"]:
         """The effective ΔW = scale · s · B A [d_out, d_in] at (layer, site)."""
         k = _key(layer, site)
         return scale * self.scaling * (self.B[k] @ self.A[k])
@@ -126,13 +127,13 @@ class LoRA(Adapter):
         return pairs
 
     def _store_input(self, key: str) -> HookFn:
-        def store(x: Tensor, hook: Any) -> None:
+        def store(x: Float[Tensor, "batch pos *d_in"], hook: Any) -> None:
             self._inputs[key] = x
 
         return store
 
     def _add_update(self, key: str, scale: float, positions: Positions) -> HookFn:
-        def add(y: Tensor, hook: Any) -> Tensor:
+        def add(y: Float[Tensor, "batch pos *d_out"], hook: Any) -> Float[Tensor, "batch pos *d_out"]:
             x = self._inputs.pop(key)
             x = x.flatten(2) if x.ndim > 3 else x  # attn.o's input is shown split into heads (hook_z)
             a = self.A[key].to(x.device, x.dtype)

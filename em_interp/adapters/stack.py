@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from em_interp.adapters.base import Adapter
@@ -41,7 +41,7 @@ def stacked_hooks(adapters: Sequence[Adapter], owner: Int[Tensor, " rows"]) -> l
 
 
 def _stacked_steering(vectors: Sequence[SteeringVector], owner: Tensor) -> list[tuple[str, HookFn]]:
-    def add(act: Tensor, hook: Any) -> Tensor:
+    def add(act: Float[Tensor, "rows pos d_model"], hook: Any) -> Float[Tensor, "rows pos d_model"]:
         deltas = torch.stack([v.delta(v.scale) for v in vectors]).to(act.device, act.dtype)  # [N, d_model]
         return act + deltas[owner.to(act.device)].unsqueeze(1)
 
@@ -55,10 +55,10 @@ def _stacked_lora(loras: Sequence[LoRA], owner: Tensor) -> list[tuple[str, HookF
         key = f"L{layer}_{site}"
         prefix = f"blocks.{layer}.{LORA_SITES[site][0]}"
 
-        def store(x: Tensor, hook: Any, key: str = key) -> None:
+        def store(x: Float[Tensor, "rows pos *d_in"], hook: Any, key: str = key) -> None:
             inputs[key] = x
 
-        def add(y: Tensor, hook: Any, key: str = key) -> Tensor:
+        def add(y: Float[Tensor, "rows pos *d_out"], hook: Any, key: str = key) -> Float[Tensor, "rows pos *d_out"]:
             x = inputs.pop(key)
             x = x.flatten(2) if x.ndim > 3 else x
             rows = owner.to(x.device)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jaxtyping import Float
 from torch import Tensor, nn
 
 from em_interp.adapters.base import Adapter, check_finite, check_layer, file_format_function
@@ -81,12 +82,12 @@ class SteeringVector(Adapter):
         """‖alpha · v‖: the size of the added vector at scale 1 (as LoRA's norm includes its alpha/r)."""
         return float(self.delta(1.0).detach().float().norm())
 
-    def delta(self, scale: float) -> Tensor:
+    def delta(self, scale: float) -> Float[Tensor, " d_model"]:
         """The vector actually added, `scale · alpha · v` [d_model]."""
         return self.vector * (scale * self.alpha)
 
     def scaled_hooks(self, total: float, positions: Positions = "all") -> list[tuple[str, HookFn]]:
-        def add_vector(act: Tensor, hook: Any) -> Tensor:
+        def add_vector(act: Float[Tensor, "batch pos d_model"], hook: Any) -> Float[Tensor, "batch pos d_model"]:
             delta = self.delta(total).to(act.device, act.dtype)
             weight = position_weight(positions, act)
             return act + (delta if weight is None else weight * delta)
@@ -188,14 +189,14 @@ class SteeringSet(Adapter):
         """‖alpha · [v_L for all L]‖: the size of all added vectors together at scale 1."""
         return float(torch.sqrt(sum(((d.detach().float() ** 2).sum() for d in self.deltas(1.0).values()), torch.zeros(()))))
 
-    def deltas(self, scale: float | None = None) -> dict[int, Tensor]:
+    def deltas(self, scale: float | None = None) -> dict[int, Float[Tensor, " d_model"]]:
         """{layer: the vector added there, `scale · alpha · v_L` [d_model]}; scale defaults to `self.scale`."""
         factor = (self.scale if scale is None else float(scale)) * self.alpha
         return {layer: self.vectors[f"L{layer}"] * factor for layer in self.layers}
 
     def scaled_hooks(self, total: float, positions: Positions = "all") -> list[tuple[str, HookFn]]:
         def make(layer: int) -> HookFn:
-            def add_vector(act: Tensor, hook: Any) -> Tensor:
+            def add_vector(act: Float[Tensor, "batch pos d_model"], hook: Any) -> Float[Tensor, "batch pos d_model"]:
                 delta = (self.vectors[f"L{layer}"] * (total * self.alpha)).to(act.device, act.dtype)
                 weight = position_weight(positions, act)
                 return act + (delta if weight is None else weight * delta)

@@ -18,6 +18,7 @@ from typing import Any, overload
 
 import numpy as np
 import torch
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from em_interp.adapters.steering import STEERING_HOOKS
@@ -64,7 +65,7 @@ def _check_read_positions(positions: Any) -> None:
     )
 
 
-def _read_mask(batch: ChatBatch, positions: ReadPositions, name: str) -> Tensor:
+def _read_mask(batch: ChatBatch, positions: ReadPositions, name: str) -> Bool[Tensor, "batch pos"]:
     """Bool [batch, pos]: the tokens read in each row of a right-padded batch."""
     real = batch.attention_mask.bool()
     if isinstance(positions, str):
@@ -92,7 +93,7 @@ def _read_mask(batch: ChatBatch, positions: ReadPositions, name: str) -> Tensor:
 def _row_activations(
     model: Any, records: list[Record], name: str, layers: list[int], hook: str, positions: ReadPositions,
     batch_size: int, max_length: int,
-) -> tuple[dict[int, Tensor], Tensor, int]:
+) -> tuple[dict[int, Float[Tensor, "rows d_model"]], Int[Tensor, " rows"], int]:
     """({layer: Σ activations per row [rows, d_model] float64}, selected tokens per row [rows], rows skipped),
     rows in input order (those longer than max_length left out)."""
     tok = TokenizedChats(records, model.tokenizer, max_length=max_length, on_too_long="skip")
@@ -120,13 +121,15 @@ def _row_activations(
 
 
 def _grabber(captured: dict[int, Tensor], layer: int) -> Any:
-    def grab(act: Tensor, hook: Any) -> None:
+    def grab(act: Float[Tensor, "batch pos d_model"], hook: Any) -> None:
         captured[layer] = act
 
     return grab
 
 
-def _fit(method: str, rows_a: Tensor, rows_b: Tensor) -> tuple[Tensor, dict[str, Any]]:
+def _fit(
+    method: str, rows_a: Float[Tensor, "n_a d_model"], rows_b: Float[Tensor, "n_b d_model"]
+) -> tuple[Float[Tensor, " d_model"], dict[str, Any]]:
     """A direction [d_model] from per-row activations (float64 [n, d_model]) pointing from a to b, and details."""
     a, b = rows_a.numpy(), rows_b.numpy()
     if method == "logistic":

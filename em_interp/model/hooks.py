@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from jaxtyping import Bool
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from em_interp.errors import AdapterError
@@ -96,7 +96,7 @@ def check_positions(positions: Positions) -> Positions:
     return positions
 
 
-def position_weight(positions: Positions, act: Tensor) -> Tensor | None:
+def position_weight(positions: Positions, act: Float[Tensor, "batch pos *rest"]) -> Float[Tensor, "#batch pos 1"] | None:
     """A [batch, pos, 1] 0/1 weight selecting positions of `act` [batch, pos, ...]; None means all."""
     if isinstance(positions, str):
         return None
