@@ -9,7 +9,7 @@
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from em_interp import datasets
+from em_interp import _moved, datasets
 from em_interp._version import __version__ as __version__
 from em_interp.adapters import Adapter, LoRA, SteeringSet, SteeringVector, load_adapter
 from em_interp.continuation import Reversion, reversion
@@ -24,17 +24,15 @@ if TYPE_CHECKING:  # imported lazily at run time (see __getattr__); listed here 
 
 _LAZY = {"geometry": "em_interp.geometry", "directions": "em_interp.directions", "eval": "em_interp.eval",
          "interventions": "em_interp.interventions", "report": "em_interp.report"}
-# Modules that moved in the package layout: `em.models` etc. still work (the old module warns once imported).
-_MOVED = {"models": "em_interp.models", "forward": "em_interp.forward", "hooks": "em_interp.hooks",
-          "sweep": "em_interp.sweep"}
+_moved.install()  # old module paths (em_interp.models, ...) resolve to the moved modules, with a DeprecationWarning
 
 
 def __getattr__(name: str) -> Any:
     # Higher layers (geometry, directions, eval, report) import on first use, keeping `import em_interp` light.
     if name in _LAZY:
         return importlib.import_module(_LAZY[name])
-    if name in _MOVED:
-        return importlib.import_module(_MOVED[name])
+    if f"em_interp.{name}" in _moved.MOVED:  # em.models etc. (deprecated)
+        return importlib.import_module(f"em_interp.{name}")
     if name == "generate":
         return importlib.import_module("em_interp.eval.generation").generate
     raise AttributeError(f"module 'em_interp' has no attribute {name!r}")

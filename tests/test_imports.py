@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import ast
 import importlib
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+from em_interp._moved import MOVED
 
 ROOT = Path(__file__).resolve().parents[1] / "em_interp"
 
@@ -147,3 +152,62 @@ def test_nothing_imports_the_package_root():
                 if any(f"em_interp.{a.name}" not in MODULES for a in node.names):  # a name, not a submodule
                     direct.append(module)
     assert not importers and not direct, f"modules importing the package root: {sorted(set(direct))}"
+
+
+# Data flows one way: each module may import its own layer and those before it, never a later one (the
+# report draws any runs and the study's results without importing the study, which writes its report).
+LAYERS = (
+    ("em_interp._version", "em_interp.errors", "em_interp.fileio", "em_interp.positions", "em_interp.stats"),
+    ("em_interp.datasets",),
+    ("em_interp.model", "em_interp.fastpath"),
+    ("em_interp.adapters", "em_interp.interventions", "em_interp.testing"),
+    ("em_interp.config", "em_interp.training", "em_interp.objectives", "em_interp.engine", "em_interp.runs",
+     "em_interp.checkpoint", "em_interp.continuation"),
+    ("em_interp.geometry", "em_interp.eval", "em_interp.directions", "em_interp.inspect_task"),
+    ("em_interp.report",),
+    ("em_interp.study", "em_interp.verdicts"),
+    ("em_interp.cli",),
+)
+def _layer(module: str) -> int:
+    for i, prefixes in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return i
+    raise AssertionError(f"{module} is in no layer of LAYERS; add it")
+
+
+def test_lower_layers_never_import_higher_ones():
+    top, lazy = _graph(lazy=False), _graph(lazy=True)
+    upward = []
+    for module in MODULES:
+        if module == "em_interp":
+            continue  # the package root gathers the public API
+        for target in top[module] | lazy[module]:
+            if target == "em_interp" or _layer(target) <= _layer(module):
+                continue
+            if any(module == a and (target == b or b.startswith(target + ".")) for a, b in LAZY_ALLOWED):
+                continue
+            upward.append(f"{module} -> {target}")
+    assert not upward, "imports up the layers: " + ", ".join(sorted(upward))
+
+
+@pytest.mark.parametrize("old, new", sorted(MOVED.items()))
+def test_old_module_paths_are_deprecated_aliases(old, new):
+    sys.modules.pop(old, None)
+    with pytest.warns(DeprecationWarning, match=f"{old} moved to {new}"):
+        module = importlib.import_module(old)
+    assert module is importlib.import_module(new)  # the same module: its classes and state are shared
+    assert old not in MODULES  # no file is left at the old path (so git follows the rename)
+
+
+def test_python_dash_m_old_sweep_path_runs_the_moved_module():
+    proc = subprocess.run([sys.executable, "-W", "always::DeprecationWarning", "-m", "em_interp.sweep"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT.parent)})
+    assert proc.returncode != 0 and "usage: python -m em_interp.cli.sweep CONFIG.toml" in proc.stderr
+    assert "em_interp.sweep moved to em_interp.cli.sweep" in proc.stderr
+
+
+def test_moved_names_still_reach_from_the_package_root():
+    import em_interp as em
+
+    assert em.models.hf_model_of is em.model.hf_model_of
+    assert em.report.build is importlib.import_module("em_interp.report.runs").build
