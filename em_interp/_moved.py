@@ -20,6 +20,12 @@ MOVED = {
     "em_interp.models": "em_interp.model.load",
     "em_interp.forward": "em_interp.model.forward",
     "em_interp.hooks": "em_interp.model.hooks",
+    "em_interp.fastpath": "em_interp.model.fastpath",
+    "em_interp.engine": "em_interp.training.engine",
+    "em_interp.objectives": "em_interp.training.objective",
+    "em_interp.runs": "em_interp.training.runs",
+    "em_interp.checkpoint": "em_interp.training.checkpoint",
+    "em_interp.verdicts": "em_interp.study.verdicts",
     "em_interp.sweep": "em_interp.cli.sweep",
     "em_interp.geometry.direction": "em_interp.interventions",
 }

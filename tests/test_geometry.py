@@ -15,8 +15,8 @@ from em_interp import geometry as geo
 from em_interp.datasets import TokenizedChats, load_text
 from em_interp.errors import GeometryError
 from em_interp.model.hooks import hooks_applied
-from em_interp.runs import TrainRun
 from em_interp.testing import tiny_chat_records
+from em_interp.training.runs import TrainRun
 
 
 @pytest.fixture
@@ -220,11 +220,11 @@ def test_stability_curve(model):
 
 # --- reversion (moved to tests/test_training.py with reversion itself) ------------------------------
 def test_geometry_reversion_still_works_with_a_deprecation_warning():
-    from em_interp import continuation
+    from em_interp.training import continuation
 
-    with pytest.warns(DeprecationWarning, match="moved to em_interp.continuation"):
+    with pytest.warns(DeprecationWarning, match="moved to em_interp.training.continuation"):
         assert geo.reversion is continuation.reversion
-    with pytest.warns(DeprecationWarning, match="moved to em_interp.continuation"):
+    with pytest.warns(DeprecationWarning, match="moved to em_interp.training.continuation"):
         assert geo.curves.Reversion is continuation.Reversion
 
 

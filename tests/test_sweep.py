@@ -15,8 +15,8 @@ import torch
 import em_interp as em
 from em_interp.cli.sweep import load_sweep_config
 from em_interp.errors import ConfigError
-from em_interp.runs import TrainRun
 from em_interp.testing import save_tiny_model
+from em_interp.training.runs import TrainRun
 
 CONFIG = """
 [model]

@@ -13,9 +13,9 @@ import torch
 
 import em_interp as em
 from em_interp.datasets import TokenizedChats
-from em_interp.engine import ActivationCache, LossComputer
 from em_interp.errors import DataError, TrainingError
 from em_interp.testing import tiny_chat_records
+from em_interp.training.engine import ActivationCache, LossComputer
 
 SETTINGS = dict(lr=1e-2, epochs=2, batch_size=4, kl_batch_size=4, warmup_steps=1, progress=False)
 
@@ -284,7 +284,7 @@ def test_non_finite_loss_found_at_a_record_step_names_its_step(tiny, data):
 
 
 def test_toggle_runs_plain_hf_modules_and_matches_the_bridge_toggle(tiny, data, kl_data):
-    from em_interp import fastpath
+    from em_interp.model import fastpath
 
     runs = {}
     for name, mode in (("plain", "auto"), ("bridge", "off")):

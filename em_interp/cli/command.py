@@ -54,7 +54,7 @@ log = logging.getLogger("em_interp.cli")
 
 def run_train_config(spec: TrainSpec) -> Any:
     """Load the model and data of `spec`, train the adapter, save the run dir (with a copy of the TOML)."""
-    from em_interp.training import train
+    from em_interp.training.loop import train
 
     # data errors surface before a (possibly large) model is loaded
     data = spec.data.load(f"{spec.source}: [data] train")

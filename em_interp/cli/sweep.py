@@ -103,7 +103,7 @@ def run_sweep(config_path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 def _run(spec: SweepSpec, rank: int, world: int, device: str) -> list[dict[str, Any]]:
-    from em_interp.engine import ActivationCache
+    from em_interp.training.engine import ActivationCache
 
     mine = spec.grid[rank::world]
     log.info("sweep rank %d/%d on %s: %d of %d runs", rank, world, device, len(mine), len(spec.grid))
@@ -129,7 +129,7 @@ def _run(spec: SweepSpec, rank: int, world: int, device: str) -> list[dict[str, 
 def _train_group(model: Any, kind: str, runs: list[dict[str, Any]], spec: SweepSpec, data: Any, kl: Any,
                  cache: Any, rank: int, world: int) -> list[dict[str, Any]]:
     """All of this rank's runs of one adapter kind, batched with `train_many`; saves each run dir."""
-    from em_interp.training import train_many
+    from em_interp.training.loop import train_many
 
     config = spec.adapters[kind]
     adapters = [config.build(model, seed=config.seed if config.seed is not None else r["seed"]) for r in runs]

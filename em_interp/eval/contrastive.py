@@ -32,7 +32,7 @@ from em_interp.errors import DataError
 from em_interp.interventions import as_interventions, interventions_applied
 from em_interp.model.forward import ForwardRunner, model_device, start_layer, unembed
 from em_interp.model.hooks import model_has_hooks
-from em_interp.objectives import gather_targets, log_probs
+from em_interp.training.objective import gather_targets, log_probs
 
 log = logging.getLogger(__name__)
 

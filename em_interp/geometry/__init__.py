@@ -1,6 +1,6 @@
 """Geometry of adapters and trajectories: cosine, trajectory PCA, efficiency, stability, KL vs norm.
 
-Reversion trains, so it lives with training (`em.reversion`, `em_interp.continuation`); `em.geometry.reversion`
+Reversion trains, so it lives with training (`em.reversion`, `em_interp.training.continuation`); `em.geometry.reversion`
 still works, with a DeprecationWarning.
 
 >>> import em_interp as em
@@ -38,7 +38,7 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # `reversion` trains, so it moved to the training side (em_interp.continuation); the old name works for now.
+    # `reversion` trains, so it moved to the training side (em_interp.training.continuation); the old name works for now.
     if name in ("reversion", "Reversion"):
         from em_interp.geometry import curves
 

@@ -7,7 +7,7 @@
   x' = √(1−ε²)·x + ε·y, y Gaussian, made orthogonal to x and rescaled to ‖x‖, so ‖x'‖ = ‖x‖. The
   loss increase is reported relative to removing the adapter: (L_pert − L_orig)/(L_base − L_orig)·100.
 
-Reversion (it trains) lives with training: `em_interp.continuation.reversion` (also `em.reversion`);
+Reversion (it trains) lives with training: `em_interp.training.continuation.reversion` (also `em.reversion`);
 `geometry.reversion` still works, with a DeprecationWarning.
 
 The caller's adapter is never modified: perturbations work on deep copies.
@@ -308,9 +308,9 @@ def __getattr__(name: str) -> Any:
     if name in ("reversion", "Reversion"):
         import warnings
 
-        from em_interp import continuation
+        from em_interp.training import continuation
 
-        warnings.warn(f"em_interp.geometry.{name} moved to em_interp.continuation (also em.{name}); the old name "
+        warnings.warn(f"em_interp.geometry.{name} moved to em_interp.training.continuation (also em.{name}); the old name "
                       "will be removed.", DeprecationWarning, stacklevel=2)
         return getattr(continuation, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

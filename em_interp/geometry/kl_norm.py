@@ -25,7 +25,7 @@ from em_interp.adapters.steering import STEERING_HOOKS
 from em_interp.errors import GeometryError
 from em_interp.model.forward import ActivationCache, ForwardRunner, model_device
 from em_interp.model.hooks import hooks_applied
-from em_interp.objectives import log_probs, token_kl
+from em_interp.training.objective import log_probs, token_kl
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ from em_interp.errors import GeometryError
 from em_interp.interventions import Intervention, as_interventions, intervention_hooks
 from em_interp.model.forward import ActivationCache, ForwardRunner, model_device, model_dtype, start_layer, unembed
 from em_interp.model.hooks import HookFn, hooks_applied, model_has_hooks
-from em_interp.objectives import gather_targets, prediction_mask, token_ce
 from em_interp.positions import position_name
+from em_interp.training.objective import gather_targets, prediction_mask, token_ce
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from em_interp.adapters.base import Adapter
 from em_interp.adapters.flat import WHATS, adapter_vector, check_what, state_vector
 from em_interp.adapters.lora import LoRA
 from em_interp.errors import GeometryError
-from em_interp.runs import TrainRun
+from em_interp.training.runs import TrainRun
 
 __all__ = ["WHATS", "CosineMatrix", "as_flat", "cosine", "cosine_matrix", "state_vector"]
 

@@ -25,7 +25,7 @@ from em_interp.geometry.similarity import cosine_matrix
 from em_interp.report.figures import styles_for
 from em_interp.report.html import render_runs
 from em_interp.report.plain import plain
-from em_interp.runs import TrainRun
+from em_interp.training.runs import TrainRun
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ as the authors' code runs), through the bridge otherwise.
 - the unembedding runs only at positions that enter a loss;
 - the positions, targets and row owners are worked out on the host from the batch masks, so a step
   queues its whole forward and backward without waiting for the device;
-- hook-free bridge components run as plain HF modules (SDPA attention, `em_interp.fastpath`), and a host
+- hook-free bridge components run as plain HF modules (SDPA attention, `em_interp.model.fastpath`), and a host
   cache of an accelerator model is pinned and copied without blocking.
 """
 
@@ -35,7 +35,7 @@ from em_interp.config import METHODS
 from em_interp.datasets.tokenize import ChatBatch, TokenizedChats
 from em_interp.model.forward import ActivationCache, ForwardRunner, full_hidden, unembed
 from em_interp.model.hooks import hooks_applied
-from em_interp.objectives import group_mean, log_probs, prediction_mask, reduce_kl, token_ce, token_kl
+from em_interp.training.objective import group_mean, log_probs, prediction_mask, reduce_kl, token_ce, token_kl
 
 __all__ = ["METHODS", "ActivationCache", "LossComputer"]
 
@@ -50,7 +50,7 @@ class LossComputer:
         batch_size: rows per CE batch; kl_batch_size: rows per KL batch.
         start_layer: the lowest block any adapter touches (the cached method resumes there).
         ce_tokens: "answer" or "all" (see `em_interp.positions`); kl_tokens: the same for the KL positions.
-        kl_reduction: see `em_interp.objectives`.
+        kl_reduction: see `em_interp.training.objective`.
         method: one of `METHODS` (see the module docstring).
         cache: an `ActivationCache` shared across runs (default: a new one).
     """

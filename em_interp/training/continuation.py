@@ -1,6 +1,6 @@
 """Continuing a trained run: `reversion`, the narrow solution trained on without its KL term.
 
-`continue_run` (in `em_interp.training`) continues any run with new settings; `reversion` continues a copy
+`continue_run` (in `em_interp.training.loop`) continues any run with new settings; `reversion` continues a copy
 of a narrow (KL-regularised) run with `kl_coef=0` and tracks the cosine of each snapshot to the general
 solution and to its own start, which shows whether it drifts back towards the general one.
 
@@ -25,8 +25,8 @@ from em_interp.adapters.flat import adapter_vector, state_vector
 from em_interp.datasets.records import Record
 from em_interp.datasets.tokenize import TokenizedChats
 from em_interp.errors import GeometryError
-from em_interp.runs import TrainRun
-from em_interp.training import TrainConfig, train
+from em_interp.training.loop import TrainConfig, train
+from em_interp.training.runs import TrainRun
 
 Data = Sequence[Record] | TokenizedChats
 

@@ -20,15 +20,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from em_interp import checkpoint
 from em_interp.adapters.base import Adapter
 from em_interp.config import TrainConfig
 from em_interp.datasets.records import Record, check_records
 from em_interp.datasets.tokenize import TokenizedChats
-from em_interp.engine import LossComputer
 from em_interp.errors import TrainingError
 from em_interp.model.forward import ActivationCache, model_device
-from em_interp.runs import TrainRun
+from em_interp.training import checkpoint
+from em_interp.training.engine import LossComputer
+from em_interp.training.runs import TrainRun
 
 __all__ = ["TrainConfig", "continue_run", "train", "train_many"]
 
@@ -97,7 +97,7 @@ def train(
         ce_tokens: CE on the "answer" tokens or "all" tokens (see `em_interp.positions`; the old "assistant"
             still works, with a DeprecationWarning).
         kl_tokens: KL on the "answer" tokens or "all" tokens.
-        kl_reduction: "token_mean" or "token_vocab_mean" (see `em_interp.objectives`).
+        kl_reduction: "token_mean" or "token_vocab_mean" (see `em_interp.training.objective`).
         method: "cached" (lower layers cached, default) or "toggle" (full forwards).
         checkpoint_dir: save resumable state here every `record_every` steps; an existing checkpoint
             with the same settings is resumed (logged with its path).

@@ -4,7 +4,7 @@ For each of N training seeds, a *general* steering vector (CE on bad medical adv
 (the same plus λ·KL on other domains) are trained together (`train_many`) on the seed's own stratified draw of
 training and KL rows, in the seed's own order; narrow_i and general_i share seed i's data and order. Then:
 the narrowness gate (contrastive shifts per domain group at scale 1 and 2), and per seed one paired number for
-each claim (efficiency, stability, reversion, influence on generic text); `em_interp.verdicts` turns those into
+each claim (efficiency, stability, reversion, influence on generic text); `em_interp.study.verdicts` turns those into
 verdicts with 95% t-intervals over the seeds. Seed 0's curves, generations and a mean-difference direction (with
 a same-norm random-direction control for its ablation) fill the report's figures.
 """
@@ -27,7 +27,6 @@ import numpy as np
 import torch
 
 from em_interp import datasets, directions, geometry
-from em_interp import verdicts as V
 from em_interp.adapters import LoRA, SteeringVector
 from em_interp.datasets.bundled import sample, strata
 from em_interp.datasets.records import Record
@@ -43,9 +42,10 @@ from em_interp.model.forward import hf_model_of, model_device
 from em_interp.model.load import load_model
 from em_interp.report import plain
 from em_interp.report.runs import pca_section, training_entry
-from em_interp.runs import environment
 from em_interp.stats import bootstrap_interval
-from em_interp.training import train_many
+from em_interp.study import verdicts as V
+from em_interp.training.loop import train_many
+from em_interp.training.runs import environment
 
 log = logging.getLogger(__name__)
 
