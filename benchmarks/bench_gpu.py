@@ -3,7 +3,7 @@
 Builds a model of Qwen2.5-14B-Instruct's shape (Qwen2Config: hidden 5120, MLP 13824, 48 layers, 40 heads, 8 KV
 heads, vocab 152064, rope_theta 1e6, untied embeddings) with random bf16 weights directly on the GPU (meta-device
 init, `to_empty`, normal(0, 0.02); no host copy, no download, no tokenizer), bridges it with
-`em_interp.models.wrap_hf_model(model, None)`, and trains on synthetic chat-shaped batches (batch 8 × 256 tokens,
+`em_interp.model.wrap_hf_model(model, None)`, and trains on synthetic chat-shaped batches (batch 8 × 256 tokens,
 KL batch 8 × 256, last 40% of each row assistant tokens) with both methods in one process, on the same batches:
 - a steering vector at layer 24 (hook_resid_post) with the KL term, and a rank-1 LoRA at layer 24 (mlp_out,
   alpha 512, rsLoRA), each with method="toggle" and the cached trainer (epoch 1 = cache misses, later = hits);
@@ -43,10 +43,10 @@ from pathlib import Path
 import torch
 
 import em_interp as em
-from em_interp import fastpath
 from em_interp.datasets import TokenizedChats
-from em_interp.forward import lower_forward, resume_forward, unembed
-from em_interp.models import wrap_hf_model
+from em_interp.model import fastpath
+from em_interp.model.forward import lower_forward, resume_forward, unembed
+from em_interp.model.load import wrap_hf_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import BASELINES, Stepper, interleaved, spread, versions  # noqa: E402

@@ -113,7 +113,7 @@ def main() -> None:
 
     model, data, kl_data, tok, kl_tok = load(args.device, args.dtype, args.batches)
     sync = sync_fn(args.device)
-    dtype = str(next(em.models.hf_model_of(model).parameters()).dtype).removeprefix("torch.")
+    dtype = str(next(em.model.hf_model_of(model).parameters()).dtype).removeprefix("torch.")
     device = (torch.cuda.get_device_name(0) if args.device.startswith("cuda")
               else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
     records = []

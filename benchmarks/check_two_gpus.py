@@ -30,7 +30,7 @@ from bench_gpu import SHAPES, SyntheticChats, build_hf  # noqa: E402
 from common import versions  # noqa: E402
 
 import em_interp as em  # noqa: E402
-from em_interp.models import wrap_hf_model  # noqa: E402
+from em_interp.model.load import wrap_hf_model  # noqa: E402
 
 
 def split_map(shape: dict) -> dict[str, int]:

@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from em_interp import fastpath
 from em_interp.datasets import TokenizedChats
-from em_interp.engine import ActivationCache, LossComputer
+from em_interp.model import fastpath
+from em_interp.training.engine import ActivationCache, LossComputer
 
 BASELINES = {
     # name: (trainer method, fast path mode, compile the plain decoder layers)

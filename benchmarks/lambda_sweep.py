@@ -37,7 +37,7 @@ def gate_of(model: Any, items: list[dict[str, Any]], conditions: dict[str, Any],
              for s, by_name in shifts.items()}
     rows = []
     for c in coefs:
-        gate = em.verdicts.narrowness_gate(
+        gate = em.study.verdicts.narrowness_gate(
             {s: means[s]["general"] for s in means}, {s: means[s][f"narrow_{c:g}"] for s in means})
         rows.append({"kl_coef": c, "gate": em.report.plain(gate)})
         log.info("  λ=%g: %s", c, gate.reason)
@@ -79,7 +79,7 @@ def main() -> None:
                           **{f"narrow_{c:g}": a for c, a in zip(args.coefs, adapters[1:], strict=True)}}
             log.info("%s layer %d, %d rows × %d epochs, lr %g:", kind, layer, len(data.train), cfg.epochs, lr)
             shifts, rows = gate_of(model, data.contrastive, conditions, args.coefs)
-            record = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": str(em.models.model_device(model)),
+            record = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": str(em.model.model_device(model)),
                       "command": " ".join(["python", *sys.argv]), "seed": args.seed, "adapter": kind,
                       "layer": layer, "lr": lr, "config": em.report.plain(cfg),
                       "final_losses": [r.final_losses() for r in runs], "norms": [a.norm for a in adapters],

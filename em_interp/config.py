@@ -28,9 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from em_interp.engine import METHODS
 from em_interp.errors import ConfigError, EmInterpError, TrainingError
-from em_interp.objectives import KL_REDUCTIONS
+from em_interp.positions import ALL, ANSWER, DEPRECATED, position_name
+
+# The training methods (see `em_interp.training.engine`) and KL reductions (`em_interp.training.objective`);
+# defined here, below the trainer, so that configs validate without importing it.
+METHODS = ("cached", "toggle", "precomputed_reference")
+KL_REDUCTIONS = ("token_mean", "token_vocab_mean")
 
 T = TypeVar("T")
 
@@ -158,19 +162,22 @@ class TrainConfig:
     record_every: int = 10
     seed: int = 0
     max_length: int = 256
-    ce_tokens: str = "assistant"
-    kl_tokens: str = "assistant"
+    ce_tokens: str = "answer"
+    kl_tokens: str = "answer"
     kl_reduction: str = "token_mean"
     method: str = "cached"
 
     def __post_init__(self) -> None:
+        for name in ("ce_tokens", "kl_tokens"):  # the old "assistant" becomes "answer" (DeprecationWarning)
+            if getattr(self, name) in DEPRECATED:
+                object.__setattr__(self, name, position_name(getattr(self, name), (ANSWER, ALL), name, TrainingError))
         checks = {
             "lr": self.lr > 0, "epochs": self.epochs >= 1, "steps": self.steps is None or self.steps >= 1,
             "batch_size": self.batch_size >= 1, "kl_batch_size": self.kl_batch_size >= 1,
             "kl_coef": self.kl_coef >= 0, "grad_accum": self.grad_accum >= 1, "warmup_steps": self.warmup_steps >= 0,
             "schedule": self.schedule in ("linear", "cosine", "constant"), "record_every": self.record_every >= 1,
             "max_length": self.max_length >= 2,
-            "ce_tokens": self.ce_tokens in ("assistant", "all"), "kl_tokens": self.kl_tokens in ("assistant", "all"),
+            "ce_tokens": self.ce_tokens in (ANSWER, ALL), "kl_tokens": self.kl_tokens in (ANSWER, ALL),
             "kl_reduction": self.kl_reduction in KL_REDUCTIONS, "method": self.method in METHODS,
         }
         bad = [k for k, ok in checks.items() if not ok]
@@ -212,7 +219,7 @@ class ModelConfig:
 
     def load(self, device: str | None = None) -> Any:
         """Load the model (`device` overrides the configured one)."""
-        from em_interp.models import load_model
+        from em_interp.model.load import load_model
 
         return load_model(self.name, device=device or self.device, dtype=self.dtype, device_map=self.device_map)
 
@@ -453,7 +460,7 @@ def load_train_config(path: str | os.PathLike[str]) -> TrainSpec:
 
 
 def load_sweep_config(path: str | os.PathLike[str]) -> SweepSpec:
-    """Read and check a sweep TOML file (see `em_interp.sweep`); raises `ConfigError` naming file, section and key."""
+    """Read and check a sweep TOML file (see `em_interp.cli.sweep`); raises `ConfigError` naming file, section and key."""
     path = Path(path)
     sec = _sections(path, ("model", "adapter", "data", "train", "grid"))
     model = _model(path, sec["model"])

@@ -24,7 +24,7 @@ def chat_tokenizer() -> Any:
     """The embedded model's tokenizer (read from the cache folder, or from the GGUF once)."""
     from transformers import AutoTokenizer
 
-    from em_interp.models import embedded_tokenizer_dir
+    from em_interp.model.load import embedded_tokenizer_dir
 
     return AutoTokenizer.from_pretrained(embedded_tokenizer_dir())
 
@@ -48,7 +48,7 @@ def tiny_hf_model(family: str = "llama", seed: int = 0, vocab_size: int = 49152,
 
 def tiny_model(family: str = "llama", seed: int = 0, **overrides: Any) -> Any:
     """A tiny random model of `family` wrapped as a TransformerBridge with the real chat tokenizer."""
-    from em_interp.models import wrap_hf_model
+    from em_interp.model.load import wrap_hf_model
 
     tokenizer = chat_tokenizer()
     model = tiny_hf_model(family, seed, vocab_size=len(tokenizer), **overrides)

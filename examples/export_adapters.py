@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     error = float((directions[index] - vec.delta(vec.scale).detach()).abs().max())
     print(f"\nwrote {gguf_path}: {meta}, tensors {[f'direction.{i}' for i in directions]}")
     print(f"  read back: direction.{index} = scale·alpha·v of {vec.hook_name} (max abs error {error:.1e})")
-    model_gguf = em.models.embedded_gguf_path()
+    model_gguf = em.model.embedded_gguf_path()
     print("  apply it in llama.cpp (direction.N is added to block N's output; --control-vector-scaled FILE S "
           "sets the strength):")
     print(f"    llama-cli -m {model_gguf} --control-vector {gguf_path.resolve()} "

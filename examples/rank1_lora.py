@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
                          warmup_steps=1, record_every=1)
 
     g = em.geometry
-    w_down = em.models.hf_model_of(model).model.layers[layer].mlp.down_proj.weight
+    w_down = em.model.hf_model_of(model).model.layers[layer].mlp.down_proj.weight
     summary: dict = {"layer": layer, "alpha": args.alpha, "lr": args.lr, "scaling": loras[0].scaling}
     print(f"\nlayer {layer} down_proj, ‖W‖_F = {float(w_down.norm()):.2f}; {len(data)} rows, lr {args.lr:g}")
     for seed, (lora, run) in enumerate(zip(loras, runs, strict=True)):

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from em_interp import __version__
 from em_interp.adapters import LORA_SITES, STEERING_HOOKS, Adapter, LoRA, SteeringVector, load_adapter
 from em_interp.errors import AdapterError
-from em_interp.models import hf_model_of
+from em_interp.model.load import hf_model_of
 from em_interp.testing import tiny_model
 
 BATCH, SEQ = 3, 8
@@ -173,7 +173,7 @@ def test_applied_removes_hooks_even_when_body_raises(tiny, tokens):
 def test_failed_attach_leaves_nothing(tiny):
     vec = _random_vec(tiny)
     bad = [(vec.hook_name, lambda a, hook: a), ("blocks.0.hook_nowhere", lambda a, hook: a)]
-    vec.hooks = lambda scale, positions="all": bad  # one good hook, then an unknown one
+    vec.scaled_hooks = lambda total, positions="all": bad  # one good hook, then an unknown one
     n_before = _n_hooks(tiny)
     with pytest.raises(AdapterError, match="'blocks.0.hook_nowhere' does not exist"):
         with vec.applied(tiny):

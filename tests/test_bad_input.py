@@ -26,7 +26,7 @@ from em_interp.errors import (
     OutputPathError,
 )
 from em_interp.eval.judge import JudgeUnreachable, OpenAIJudge
-from em_interp.geometry.direction import Direction
+from em_interp.interventions import Direction
 from em_interp.testing import save_tiny_model, tiny_chat_records
 
 

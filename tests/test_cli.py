@@ -9,7 +9,7 @@ import pytest
 from study_results import synthetic_results
 
 from em_interp import TrainRun
-from em_interp.cli import load_train_config, main
+from em_interp.cli.command import load_train_config, main
 from em_interp.config import AdapterConfig, TrainConfig
 from em_interp.datasets import save_jsonl
 from em_interp.testing import save_tiny_model, tiny_chat_records
@@ -201,9 +201,9 @@ def test_bench_passes_arguments(capsys):
 
 
 def test_documented_example_config_is_valid(tmp_path):
-    import em_interp.cli
+    import em_interp.cli.command
 
-    example = em_interp.cli.__doc__.split("A `train` config", 1)[1].split("\n\n", 1)[1].split("\n\nErrors")[0]
+    example = em_interp.cli.command.__doc__.split("A `train` config", 1)[1].split("\n\n", 1)[1].split("\n\nErrors")[0]
     spec = load_train_config(write_config(tmp_path, example))
     assert spec.adapter.to_dict() == {"kind": "steering", "layer": 15, "hook": "mlp_out", "alpha": 256}
     assert spec.train == TrainConfig(lr=5e-4, epochs=2, kl_coef=1.0) and spec.kl.limit == 200

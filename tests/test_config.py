@@ -79,12 +79,14 @@ def test_train_signature_lists_every_setting_with_the_config_defaults():
 
 
 def test_sweep_and_config_do_not_import_the_cli():
+    import em_interp.cli.sweep
     import em_interp.config
-    import em_interp.sweep
 
-    for module in (em_interp.sweep, em_interp.config):
+    for module in (em_interp.cli.sweep, em_interp.config):
         source = inspect.getsource(module)
-        assert not any(s in source for s in ("from em_interp.cli", "import em_interp.cli", "from em_interp import cli"))
-    code = "import sys, em_interp.sweep; assert 'em_interp.cli' not in sys.modules, 'sweep imported the cli'"
+        assert not any(s in source for s in ("from em_interp.cli.command", "import em_interp.cli.command",
+                                             "from em_interp.cli import main"))
+    code = ("import sys, em_interp.cli.sweep; "
+            "assert 'em_interp.cli.command' not in sys.modules, 'sweep imported the em-interp command'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -12,7 +12,7 @@ from em_interp import directions as dirs
 from em_interp.datasets import TokenizedChats, chat
 from em_interp.errors import DataError, GeometryError
 from em_interp.geometry import loss_on
-from em_interp.hooks import hooks_applied
+from em_interp.model.hooks import hooks_applied
 from em_interp.testing import tiny_chat_records
 
 

@@ -9,8 +9,9 @@ import torch
 
 import em_interp as em
 from em_interp.eval.contrastive import ContrastiveResult
-from em_interp.geometry.curves import EfficiencyCurve, Reversion, StabilityCurve
+from em_interp.geometry.curves import EfficiencyCurve, StabilityCurve
 from em_interp.report import figures
+from em_interp.training.continuation import Reversion
 
 
 def _short(text: str, lines: int = 3, chars: int = 400) -> str:

@@ -18,7 +18,7 @@ from em_interp.adapters.export import (
     read_control_vector,
 )
 from em_interp.errors import AdapterError
-from em_interp.models import wrap_hf_model
+from em_interp.model.load import wrap_hf_model
 from em_interp.testing import tiny_hf_model
 
 peft = pytest.importorskip("peft")

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import em_interp as em
-from em_interp import fastpath
-from em_interp.models import hf_model_of, lower_forward, resume_forward, unembed, upper_layers, wrap_hf_model
+from em_interp.model import fastpath
+from em_interp.model.load import hf_model_of, lower_forward, resume_forward, unembed, upper_layers, wrap_hf_model
 from em_interp.testing import chat_tokenizer, tiny_chat_records, tiny_hf_model
 
 

@@ -11,15 +11,15 @@ import pytest
 import torch
 
 import em_interp as em
-from em_interp import checkpoint
 from em_interp.adapters.export import export_control_vector, export_peft
 from em_interp.datasets.records import save_jsonl
 from em_interp.errors import OutputPathError
 from em_interp.fileio import atomic_directory, atomic_file, write_json, write_text
-from em_interp.geometry.direction import Direction
+from em_interp.interventions import Direction
 from em_interp.report import write_report
-from em_interp.runs import TrainRun
 from em_interp.testing import tiny_chat_records
+from em_interp.training import checkpoint
+from em_interp.training.runs import TrainRun
 
 
 @pytest.fixture(params=[0o022, 0o027])

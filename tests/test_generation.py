@@ -9,8 +9,8 @@ import torch
 from em_interp.adapters import LoRA, SteeringVector
 from em_interp.errors import AdapterError, DataError
 from em_interp.eval.generation import as_chats, generate, generate_tokens, prompt_ids, stop_token_ids
-from em_interp.hooks import hooks_applied, position_offset
-from em_interp.models import hf_model_of
+from em_interp.model.hooks import hooks_applied, position_offset
+from em_interp.model.load import hf_model_of
 from em_interp.testing import tiny_model
 
 PROMPTS = ["Hi", "What is the capital of France? Answer in one word, please.", "Tell me about cats."]
@@ -37,7 +37,7 @@ def _naive_greedy(model, prompt, n_new, steer=None, positions="all"):
             if steer is None:
                 logits = model(torch.tensor([ids + out]))
             else:
-                pos = len(ids) if positions == "generated" else "all"
+                pos = len(ids) if positions == "answer" else "all"
                 with steer.applied(model, positions=pos):
                     logits = model(torch.tensor([ids + out]))
         nxt = int(logits[0, -1].argmax())
@@ -64,7 +64,7 @@ def test_greedy_matches_hf_generate(family):
     so a change in the cache API of transformers or TransformerLens fails here."""
     import copy
 
-    from em_interp.models import wrap_hf_model
+    from em_interp.model.load import wrap_hf_model
     from em_interp.testing import chat_tokenizer, tiny_hf_model
 
     tokenizer = chat_tokenizer()
@@ -92,7 +92,7 @@ def _lora(model):
 
 
 @pytest.mark.parametrize("make", [_steer, _lora], ids=["steering", "lora"])
-@pytest.mark.parametrize("positions", ["all", "generated"])
+@pytest.mark.parametrize("positions", ["all", "answer"])
 def test_greedy_with_adapter_matches_naive_loop(model, positions, make):
     vec = make(model)
     got = generate_tokens(
@@ -111,7 +111,7 @@ def test_steering_attached_by_caller_applies(model):
     assert outside == generate_tokens(model, PROMPTS, adapters=[vec], temperature=0, max_new_tokens=N_NEW, progress=False)
 
 
-@pytest.mark.parametrize("positions", ["all", "generated", "prompt", 3])
+@pytest.mark.parametrize("positions", ["all", "answer", "prompt", 3])
 def test_left_padded_batch_equals_each_prompt_alone(model, positions):
     vec = _steer(model)
     kwargs = {"adapters": vec, "positions": positions, "temperature": 0, "max_new_tokens": N_NEW, "progress": False}
@@ -119,6 +119,15 @@ def test_left_padded_batch_equals_each_prompt_alone(model, positions):
     alone = [generate_tokens(model, [p], batch_size=1, **kwargs)[0] for p in PROMPTS]
     assert len({len(_ids(model, p)) for p in PROMPTS}) == len(PROMPTS)  # really padded
     assert batched == alone
+
+
+def test_old_position_name_generated_warns_and_means_answer(model):
+    vec = _steer(model)
+    kwargs = {"adapters": vec, "temperature": 0, "max_new_tokens": N_NEW, "progress": False}
+    with pytest.warns(DeprecationWarning, match="positions='generated' is deprecated; use 'answer'"):
+        old = generate_tokens(model, PROMPTS, positions="generated", **kwargs)
+    assert old == generate_tokens(model, PROMPTS, positions="answer", **kwargs)
+    assert old != generate_tokens(model, PROMPTS, positions="all", **kwargs)
 
 
 def test_seeded_sampling(model):
@@ -182,7 +191,7 @@ def _capture(model, hook_name="blocks.2.hook_resid_post"):
     return seen, [(hook_name, record)]
 
 
-@pytest.mark.parametrize("positions", ["generated", "all"])
+@pytest.mark.parametrize("positions", ["answer", "all"])
 def test_generated_positions_leave_prompt_untouched(model, positions):
     vec = _steer(model)
     plain, hooks = _capture(model)
@@ -193,7 +202,7 @@ def test_generated_positions_leave_prompt_untouched(model, positions):
         generate_tokens(model, PROMPTS, adapters=vec, positions=positions, temperature=0, max_new_tokens=4,
                         batch_size=3, progress=False)
     assert [o for o, _ in plain][:2] == [0, plain[0][1].shape[1]]  # the prefill, then one token at its offset
-    assert torch.equal(plain[0][1], steered[0][1]) == (positions == "generated")
+    assert torch.equal(plain[0][1], steered[0][1]) == (positions == "answer")
     assert not torch.allclose(plain[1][1], steered[1][1])  # the first generated token is steered
 
 
@@ -211,7 +220,8 @@ def test_zero_new_tokens_and_system_prompt(model):
         ({"temperature": -1.0}, DataError),
         ({"top_p": 0.0}, DataError),
         ({"n_samples": 0}, DataError),
-        ({"positions": "answer"}, AdapterError),
+        ({"positions": "answered"}, AdapterError),
+        ({"positions": "last"}, AdapterError),
         ({"adapters": [object()]}, AdapterError),
     ],
 )

@@ -14,9 +14,9 @@ import em_interp as em
 from em_interp import geometry as geo
 from em_interp.datasets import TokenizedChats, load_text
 from em_interp.errors import GeometryError
-from em_interp.hooks import hooks_applied
-from em_interp.runs import TrainRun
+from em_interp.model.hooks import hooks_applied
 from em_interp.testing import tiny_chat_records
+from em_interp.training.runs import TrainRun
 
 
 @pytest.fixture
@@ -218,20 +218,14 @@ def test_stability_curve(model):
     assert curve.losses[1, 2] == pytest.approx(geo.loss_on(model, rows, pert), abs=1e-6)
 
 
-# --- reversion ----------------------------------------------------------------------------------
-def test_reversion_continues_a_copy_without_kl(model):
-    data = tiny_chat_records(8)
-    settings = dict(lr=5e-2, steps=3, batch_size=4, warmup_steps=0, record_every=1, progress=False)
-    narrow = em.train(em.SteeringVector(model, layer=1, init="random"), model, data, kl_data=tiny_chat_records(4, seed=1), kl_coef=1.0, seed=0, **settings)
-    general = em.train(em.SteeringVector(model, layer=1, init="random", seed=5), model, data, seed=1, **settings)
-    narrow_before = narrow.adapter.state()["vector"]
-    result = geo.reversion(narrow, general, model, data, steps=2, progress=False)
-    assert torch.equal(narrow.adapter.state()["vector"], narrow_before)
-    assert result.run.config.kl_coef == 0.0 and result.run.adapter is not narrow.adapter
-    assert result.steps.tolist() == [0, 1, 2]
-    assert result.cosine[0] == pytest.approx(geo.cosine(narrow, general), abs=1e-6)
-    assert result.cosine[-1] == pytest.approx(geo.cosine(result.run.adapter, general.adapter), abs=1e-6)
-    assert result.cosine_narrow[0] == pytest.approx(1.0, abs=1e-6)
+# --- reversion (moved to tests/test_training.py with reversion itself) ------------------------------
+def test_geometry_reversion_still_works_with_a_deprecation_warning():
+    from em_interp.training import continuation
+
+    with pytest.warns(DeprecationWarning, match="moved to em_interp.training.continuation"):
+        assert geo.reversion is continuation.reversion
+    with pytest.warns(DeprecationWarning, match="moved to em_interp.training.continuation"):
+        assert geo.curves.Reversion is continuation.Reversion
 
 
 # --- KL vs norm ---------------------------------------------------------------------------------

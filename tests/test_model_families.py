@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from em_interp.adapters import LoRA, SteeringVector
 from em_interp.errors import ModelLoadError
-from em_interp.models import hf_model_of, load_model, resume_forward, unembed, upper_layers
+from em_interp.model.load import hf_model_of, load_model, resume_forward, unembed, upper_layers
 from em_interp.testing import save_tiny_model
 
 FAMILIES = ["llama", "qwen2", "gemma2", "gemma3"]

@@ -17,7 +17,7 @@ from em_interp.adapters import SteeringVector
 from em_interp.datasets import TokenizedChats, chat
 from em_interp.datasets import load as load_bundled
 from em_interp.errors import ModelLoadError
-from em_interp.models import cache_dir, hf_model_of, load_model
+from em_interp.model.load import cache_dir, hf_model_of, load_model
 from em_interp.testing import chat_tokenizer, save_tiny_model
 
 CACHE_NAME = f"smollm2-135m-instruct-v{models._CACHE_VERSION}"
@@ -194,7 +194,7 @@ def test_cache_valid(fake_cache):
 def test_cache_truncated_file(fake_cache, caplog):
     weights = fake_cache / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    with caplog.at_level(logging.WARNING, logger="em_interp.models"):
+    with caplog.at_level(logging.WARNING, logger="em_interp.model.load"):
         assert not models._cache_is_valid(fake_cache)
     assert "model.safetensors" in caplog.text and "damaged" in caplog.text
 

@@ -12,7 +12,7 @@ import em_interp as em
 from em_interp.adapters import SteeringSet, SteeringVector, load_adapter
 from em_interp.adapters.export import export_control_vector, from_gguf, from_repeng, read_control_vector
 from em_interp.errors import AdapterError
-from em_interp.models import wrap_hf_model
+from em_interp.model.load import wrap_hf_model
 from em_interp.testing import tiny_hf_model
 
 VOCAB = 1000

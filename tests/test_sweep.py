@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import em_interp as em
+from em_interp.cli.sweep import load_sweep_config
 from em_interp.errors import ConfigError
-from em_interp.runs import TrainRun
-from em_interp.sweep import load_sweep_config
 from em_interp.testing import save_tiny_model
+from em_interp.training.runs import TrainRun
 
 CONFIG = """
 [model]
@@ -83,7 +83,7 @@ def test_two_processes_give_each_run_its_single_run_result(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(Path(__file__).parents[1])}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
-         "-m", "em_interp.sweep", str(cfg)],
+         "-m", "em_interp.cli.sweep", str(cfg)],
         capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())

@@ -150,7 +150,9 @@ def test_target_mask_all_excludes_pad_and_first_token(chats, side):
     first_real = real.int().argmax(dim=1)
     assert not targets[torch.arange(3), first_real].any()  # never a row's first token
     assert targets.sum(dim=1).tolist() == (real.sum(dim=1) - 1).tolist()  # every other real token
-    assert torch.equal(batch.target_mask("assistant"), batch.assistant_mask)
+    assert torch.equal(batch.target_mask("answer"), batch.assistant_mask)
+    with pytest.warns(DeprecationWarning, match="tokens='assistant' is deprecated; use 'answer'"):
+        assert torch.equal(batch.target_mask("assistant"), batch.assistant_mask)
     assert torch.equal(batch.target_mask(), batch.assistant_mask)
     with pytest.raises(DataError, match="tokens='prompt'"):
         batch.target_mask("prompt")

@@ -13,9 +13,9 @@ import torch
 
 import em_interp as em
 from em_interp.datasets import TokenizedChats
-from em_interp.engine import ActivationCache, LossComputer
 from em_interp.errors import DataError, TrainingError
 from em_interp.testing import tiny_chat_records
+from em_interp.training.engine import ActivationCache, LossComputer
 
 SETTINGS = dict(lr=1e-2, epochs=2, batch_size=4, kl_batch_size=4, warmup_steps=1, progress=False)
 
@@ -284,7 +284,7 @@ def test_non_finite_loss_found_at_a_record_step_names_its_step(tiny, data):
 
 
 def test_toggle_runs_plain_hf_modules_and_matches_the_bridge_toggle(tiny, data, kl_data):
-    from em_interp import fastpath
+    from em_interp.model import fastpath
 
     runs = {}
     for name, mode in (("plain", "auto"), ("bridge", "off")):
@@ -404,3 +404,21 @@ def test_train_run_repr_is_short_and_plot_draws_the_losses(tiny, data, kl_data, 
     assert list(ce[0].y) == [r["ce"] for r in run.losses] and list(ce[0].x) == list(range(1, 7))
     with pytest.raises(TrainingError, match="must be a TrainConfig"):
         em.TrainRun(adapter=None, config={"lr": 1e-3})
+
+
+# --- reversion (moved here from tests/test_geometry.py) -----------------------------------------------
+def test_reversion_continues_a_copy_without_kl(tiny):
+    data = tiny_chat_records(8)
+    settings = dict(lr=5e-2, steps=3, batch_size=4, warmup_steps=0, record_every=1, progress=False)
+    narrow = em.train(em.SteeringVector(tiny, layer=1, init="random"), tiny, data, kl_data=tiny_chat_records(4, seed=1), kl_coef=1.0, seed=0, **settings)
+    general = em.train(em.SteeringVector(tiny, layer=1, init="random", seed=5), tiny, data, seed=1, **settings)
+    narrow_before = narrow.adapter.state()["vector"]
+    result = em.reversion(narrow, general, tiny, data, steps=2, progress=False)
+    assert torch.equal(narrow.adapter.state()["vector"], narrow_before)
+    assert result.run.config.kl_coef == 0.0 and result.run.adapter is not narrow.adapter
+    assert result.steps.tolist() == [0, 1, 2]
+    assert result.cosine[0] == pytest.approx(em.geometry.cosine(narrow, general), abs=1e-6)
+    assert result.cosine[-1] == pytest.approx(em.geometry.cosine(result.run.adapter, general.adapter), abs=1e-6)
+    assert result.cosine_narrow[0] == pytest.approx(1.0, abs=1e-6)
+
+

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from em_interp import verdicts as V
 from em_interp.errors import DataError
 from em_interp.stats import bootstrap_interval, t_interval
+from em_interp.study import verdicts as V
 
 FULL = dict(n_norms=10, n_rows=100)
 DRAWS = dict(eps=V.STABILITY_EPS, n_draws=10)

@@ -12,23 +12,51 @@ import json
 import math
 import os
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
+from jaxtyping import Float
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from em_interp._version import __version__
 from em_interp.errors import AdapterError
 from em_interp.fileio import atomic_directory
-from em_interp.forward import hf_model_of
-from em_interp.hooks import HookFn, HookHandle, Positions, attach_hooks, check_positions
+from em_interp.model.forward import hf_model_of
+from em_interp.model.hooks import HookFn, HookHandle, Positions, attach_hooks, check_positions
 
 FORMAT_VERSION = 1
 _REGISTRY: dict[str, type[Adapter]] = {}
 # adapter -> ids of the models it is attached to now (weak keys: a deep copy of an applied adapter is not applied).
 _ATTACHED: weakref.WeakKeyDictionary[Adapter, set[int]] = weakref.WeakKeyDictionary()
+
+
+_FILE_FORMATS: dict[str, Callable[..., Any]] = {}
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
+
+
+def file_format(name: str) -> Callable[[_Fn], _Fn]:
+    """Register a reader or writer of another tool's adapter files under `name`.
+
+    `em_interp.adapters.export` registers its PEFT and llama.cpp functions here, so the adapters' own
+    `export_*` / `from_*` methods reach them without importing that module (which imports the adapters).
+    """
+
+    def register(fn: _Fn) -> _Fn:
+        _FILE_FORMATS[name] = fn
+        return fn
+
+    return register
+
+
+def file_format_function(name: str) -> Callable[..., Any]:
+    """The function registered as `name` by `em_interp.adapters.export` (which the `em_interp.adapters` package
+    imports, so it is registered before any adapter exists)."""
+    if name not in _FILE_FORMATS:
+        raise AdapterError(f"no adapter file format {name!r} is registered; expected one of {sorted(_FILE_FORMATS)}.")
+    return _FILE_FORMATS[name]
 
 
 def check_finite(value: Any, name: str, owner: str) -> float:
@@ -103,7 +131,10 @@ def model_signature(model: Any) -> dict[str, Any]:
 class Adapter(nn.Module):
     """Base class: parameters, hook list, `applied()` context manager, scale, norm, state, save/load.
 
-    Subclasses implement `hooks(scale, positions)` and `config()` (the constructor arguments to save).
+    An adapter is an `em_interp.interventions.Intervention`: `hooks(model, scale, positions)`,
+    `first_layer`, `applied(model, scale, positions)`; `scale` multiplies its own `scale`.
+    Subclasses implement `scaled_hooks(total, positions)`, `first_layer` and `config()` (the constructor
+    arguments to save).
     """
 
     kind: ClassVar[str] = "adapter"
@@ -116,7 +147,7 @@ class Adapter(nn.Module):
 
     @property
     def scale(self) -> float:
-        """The default multiplier used by `attach`/`applied` (must be finite)."""
+        """The adapter's own multiplier (must be finite); `applied(model, scale=s)` applies `s · scale`."""
         return self._scale
 
     @scale.setter
@@ -127,10 +158,21 @@ class Adapter(nn.Module):
         super().__init_subclass__(**kwargs)
         _REGISTRY[cls.kind] = cls
 
-    # --- hooks ---------------------------------------------------------------------------------
-    def hooks(self, scale: float, positions: Positions = "all") -> list[tuple[str, HookFn]]:
-        """(hook_name, fn) pairs that apply this adapter with the given scale."""
+    # --- hooks (the `em_interp.interventions.Intervention` protocol) ------------------------------
+    def scaled_hooks(self, total: float, positions: Positions = "all") -> list[tuple[str, HookFn]]:
+        """(hook_name, fn) pairs applying this adapter at the total factor `total` (its own `scale` already
+        folded in by the caller; `hooks` does that). Subclasses implement this."""
         raise NotImplementedError
+
+    def hooks(self, model: Any, scale: float = 1.0, positions: Positions | None = None) -> list[tuple[str, HookFn]]:
+        """(hook_name, fn) pairs applying this adapter to `model` at `scale` × `self.scale`.
+
+        Raises:
+            AdapterError: a model of another shape, a non-finite `scale`, or bad `positions`.
+        """
+        self.check_model(model)
+        factor = 1.0 if scale is None else check_finite(scale, "scale", f"{type(self).__name__}.applied")
+        return self.scaled_hooks(self.scale * factor, check_positions("all" if positions is None else positions))
 
     @property
     def first_layer(self) -> int:
@@ -141,30 +183,30 @@ class Adapter(nn.Module):
         """Constructor arguments needed to rebuild this adapter (saved as metadata)."""
         raise NotImplementedError
 
-    def attach(self, model: Any, scale: float | None = None, positions: Positions = "all") -> HookHandle:
-        """Add this adapter's hooks to `model` until `handle.remove()`.
+    def attach(self, model: Any, scale: float = 1.0, positions: Positions | None = None) -> HookHandle:
+        """Add this adapter's hooks to `model` until `handle.remove()`; `scale` multiplies `self.scale`.
 
         Raises:
             AdapterError: the adapter is already attached to `model` (applying it twice would silently
                 double it; pass `scale=2` instead), a non-finite `scale`, or a model of another shape.
         """
-        self.check_model(model)
-        scale = self.scale if scale is None else check_finite(scale, "scale", f"{type(self).__name__}.applied")
+        hooks = self.hooks(model, scale, positions)
         attached = _ATTACHED.setdefault(self, set())
         if id(model) in attached:
             raise AdapterError(
                 f"This {type(self).__name__} is already applied to this model; nesting `applied`/`attach` of the same adapter would add it "
                 "twice. Use one `applied(model, scale=...)` with the total scale, or a copy.deepcopy of the adapter."
             )
-        handle = attach_hooks(model, self.hooks(scale, check_positions(positions)))
+        handle = attach_hooks(model, hooks)
         attached.add(id(model))
         return _AdapterHandle(handle, self, id(model))
 
     @contextlib.contextmanager
-    def applied(self, model: Any, scale: float | None = None, positions: Positions = "all") -> Iterator[Adapter]:
-        """Context manager applying the adapter; its hooks are removed on exit, even on error.
+    def applied(self, model: Any, scale: float = 1.0, positions: Positions | None = None) -> Iterator[Adapter]:
+        """Context manager applying the adapter at `scale` × `self.scale`; its hooks are removed on exit, even
+        on error.
 
-        >>> with vec.applied(model, scale=2.0):  # doctest: +SKIP
+        >>> with vec.applied(model, scale=2.0):  # twice the vector as trained  # doctest: +SKIP
         ...     logits = model(tokens)
         """
         handle = self.attach(model, scale, positions)
@@ -183,11 +225,11 @@ class Adapter(nn.Module):
         """L2 norm of all parameters together (LoRA overrides with the norm of its ΔW)."""
         return float(torch.sqrt(sum(((p.detach().float() ** 2).sum() for p in self.parameters()), torch.zeros(()))))
 
-    def state(self) -> dict[str, Tensor]:
+    def state(self) -> dict[str, Float[Tensor, "..."]]:
         """Detached float32 copies of the parameters, by name."""
         return {name: p.detach().float().cpu().clone() for name, p in self.named_parameters()}
 
-    def load_state(self, state: dict[str, Tensor]) -> None:
+    def load_state(self, state: dict[str, Float[Tensor, "..."]]) -> None:
         """Copy parameters from `state` (same names and shapes, else `AdapterError`)."""
         params = dict(self.named_parameters())
         if set(state) != set(params):
@@ -198,7 +240,7 @@ class Adapter(nn.Module):
                     raise AdapterError(f"parameter {name}: saved shape {tuple(state[name].shape)}, expected {tuple(p.shape)}.")
                 p.copy_(state[name].to(p.device, p.dtype))
 
-    def flat(self) -> Tensor:
+    def flat(self) -> Float[Tensor, " n_params"]:
         """All parameters as one float32 vector (for cosine similarity and PCA)."""
         return torch.cat([p.detach().float().cpu().flatten() for p in self.parameters()])
 
@@ -213,8 +255,6 @@ class Adapter(nn.Module):
 
     # --- files ---------------------------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:
-        from em_interp._version import __version__
-
         return {
             "format_version": FORMAT_VERSION,
             "library_version": __version__,

@@ -35,19 +35,18 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from em_interp.adapters.base import file_format, model_signature
+from em_interp.adapters.lora import LORA_SITES, LoRA, _key
+from em_interp.adapters.steering import SteeringSet, SteeringVector
 from em_interp.errors import AdapterError, OutputPathError
 from em_interp.fileio import atomic_file, write_json
-
-if TYPE_CHECKING:
-    from em_interp.adapters.lora import LoRA
-    from em_interp.adapters.steering import SteeringSet, SteeringVector
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +80,10 @@ _PEFT_OFF = {"modules_to_save": None, "use_dora": False, "lora_bias": False, "tr
 
 # --- PEFT ----------------------------------------------------------------------------------------
 def _site_by_module() -> dict[str, str]:
-    from em_interp.adapters.lora import LORA_SITES
-
     return {hf_name: site for site, (_, hf_name) in LORA_SITES.items()}
 
 
+@file_format("export_peft")
 def export_peft(lora: LoRA, directory: str | os.PathLike[str], base_model_name: str | None = None) -> Path:
     """Write `lora` as a PEFT LoRA adapter directory (its `scale` is folded into B).
 
@@ -101,8 +99,6 @@ def export_peft(lora: LoRA, directory: str | os.PathLike[str], base_model_name: 
     >>> export_peft(lora, "runs/lora_peft", "Qwen/Qwen2.5-14B-Instruct")  # doctest: +SKIP
     >>> peft.PeftModel.from_pretrained(hf_model, "runs/lora_peft")  # doctest: +SKIP
     """
-    from em_interp.adapters.lora import LORA_SITES, _key
-
     tensors: dict[str, Tensor] = {}
     for layer, site in lora.modules():
         key = f"base_model.model.model.layers.{layer}.{LORA_SITES[site][1]}"
@@ -140,6 +136,7 @@ def export_peft(lora: LoRA, directory: str | os.PathLike[str], base_model_name: 
     return directory
 
 
+@file_format("lora_from_peft")
 def lora_from_peft(directory: str | os.PathLike[str], model: Any) -> LoRA:
     """Read a PEFT LoRA directory (ours or PEFT's) into a `LoRA` for `model`.
 
@@ -151,8 +148,6 @@ def lora_from_peft(directory: str | os.PathLike[str], model: Any) -> LoRA:
             represent (`modules_to_save`, DoRA, per-module ranks, bias...); a tensor targets another
             module (e.g. `embed_tokens`, `lm_head`); shapes do not fit `model`.
     """
-    from em_interp.adapters.lora import LoRA, _key
-
     directory = Path(directory)
     config_path, weights_path = directory / PEFT_CONFIG, directory / PEFT_WEIGHTS
     if not config_path.is_file() or not weights_path.is_file():
@@ -259,8 +254,6 @@ def control_vector_directions(
     layers'); several at one index are summed. A mapping is taken as {block N: vector added to
     blocks.N.hook_resid_post}.
     """
-    from em_interp.adapters.steering import SteeringSet, SteeringVector
-
     if isinstance(vectors, (SteeringVector, SteeringSet)):
         vectors = [vectors]
     out: dict[int, Tensor] = {}
@@ -296,6 +289,7 @@ def control_vector_directions(
     return dict(sorted(out.items()))
 
 
+@file_format("export_control_vector")
 def export_control_vector(
     vectors: SteeringVector | SteeringSet | Iterable[SteeringVector | SteeringSet] | Mapping[int, Tensor | np.ndarray],
     path: str | os.PathLike[str],
@@ -315,8 +309,6 @@ def export_control_vector(
         The path. `controlvector.layer_count` is the number of `direction.N` tensors written.
     """
     import gguf
-
-    from em_interp.adapters.steering import SteeringSet, SteeringVector
 
     if not isinstance(vectors, (SteeringVector, SteeringSet, Mapping)):
         vectors = list(vectors)  # read twice below
@@ -386,6 +378,7 @@ def read_control_vector(path: str | os.PathLike[str]) -> tuple[dict[int, Tensor]
     return dict(sorted(directions.items())), meta
 
 
+@file_format("from_gguf")
 def from_gguf(path: str | os.PathLike[str], model: Any) -> SteeringSet:
     """A `SteeringSet` for `model` from a llama.cpp control-vector GGUF (`direction.N` → blocks.N.hook_resid_post).
 
@@ -396,8 +389,6 @@ def from_gguf(path: str | os.PathLike[str], model: Any) -> SteeringSet:
         AdapterError: anything `read_control_vector` refuses; `controlvector.model_hint` (when the file has one)
             names another architecture than `model`'s; an index N >= the model's layer count; d_model differs.
     """
-    from em_interp.adapters.base import model_signature
-
     directions, meta = read_control_vector(path)
     hint, arch = meta.get("model_hint"), model_signature(model)["architecture"]
     if hint and hint not in _HINTS.get(arch, {hint}):
@@ -410,6 +401,7 @@ def from_gguf(path: str | os.PathLike[str], model: Any) -> SteeringSet:
     return steering
 
 
+@file_format("from_repeng")
 def from_repeng(control_vector: Any, model: Any) -> SteeringSet:
     """A `SteeringSet` for `model` from a repeng `ControlVector` (duck-typed; repeng need not be installed).
 
@@ -422,8 +414,6 @@ def from_repeng(control_vector: Any, model: Any) -> SteeringSet:
         AdapterError: the attributes are missing or of another form, the model type differs, an index is
             outside 0..n_layers-1, or a vector is not a finite 1-D array of size d_model.
     """
-    from em_interp.adapters.base import model_signature
-
     model_type, directions = getattr(control_vector, "model_type", None), getattr(control_vector, "directions", None)
     if not isinstance(model_type, str) or not isinstance(directions, Mapping):
         raise AdapterError(
@@ -447,8 +437,6 @@ def from_repeng(control_vector: Any, model: Any) -> SteeringSet:
 
 
 def _steering_set(directions: Mapping[int, Tensor], model: Any, where: str) -> SteeringSet:
-    from em_interp.adapters.steering import SteeringSet
-
     n_layers, d_model = int(model.cfg.n_layers), int(model.cfg.d_model)
     if not directions:
         raise AdapterError(f"{where}: no directions; expected at least one layer.")
@@ -470,8 +458,6 @@ def _field_value(field: Any) -> Any:
 
 
 def _infer_hint(vectors: Any) -> str:
-    from em_interp.adapters.steering import SteeringSet, SteeringVector
-
     single = isinstance(vectors, (SteeringVector, SteeringSet))
     candidates = [vectors] if single else [] if isinstance(vectors, Mapping) else list(vectors)
     for vec in candidates:

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jaxtyping import Float
 from torch import Tensor, nn
 
-from em_interp.adapters.base import Adapter, check_finite, check_layer
+from em_interp.adapters.base import Adapter, check_finite, check_layer, file_format_function
 from em_interp.errors import AdapterError
-from em_interp.hooks import HookFn, Positions, position_weight
+from em_interp.model.hooks import HookFn, Positions, position_weight
 
 # Our site names -> (bridge submodule of the block, HF submodule of the decoder layer).
 LORA_SITES = {
@@ -105,7 +106,7 @@ class LoRA(Adapter):
         """The (layer, site) pairs this adapter changes."""
         return [(lyr, s) for lyr in self.layers for s in self.sites]
 
-    def delta_weight(self, layer: int, site: str, scale: float = 1.0) -> Tensor:
+    def delta_weight(self, layer: int, site: str, scale: float = 1.0) -> Float[Tensor, "d_out d_in"]:
         """The effective ΔW = scale · s · B A [d_out, d_in] at (layer, site)."""
         k = _key(layer, site)
         return scale * self.scaling * (self.B[k] @ self.A[k])
@@ -117,22 +118,22 @@ class LoRA(Adapter):
             norms = [self.delta_weight(lyr, s).float().norm() for lyr, s in self.modules()]
         return float(torch.stack(norms).mean())
 
-    def hooks(self, scale: float, positions: Positions = "all") -> list[tuple[str, HookFn]]:
+    def scaled_hooks(self, total: float, positions: Positions = "all") -> list[tuple[str, HookFn]]:
         pairs: list[tuple[str, HookFn]] = []
         for lyr, s in self.modules():
             prefix = f"blocks.{lyr}.{LORA_SITES[s][0]}"
             pairs.append((f"{prefix}.hook_in", self._store_input(_key(lyr, s))))
-            pairs.append((f"{prefix}.hook_out", self._add_update(_key(lyr, s), scale, positions)))
+            pairs.append((f"{prefix}.hook_out", self._add_update(_key(lyr, s), total, positions)))
         return pairs
 
     def _store_input(self, key: str) -> HookFn:
-        def store(x: Tensor, hook: Any) -> None:
+        def store(x: Float[Tensor, "batch pos *d_in"], hook: Any) -> None:
             self._inputs[key] = x
 
         return store
 
     def _add_update(self, key: str, scale: float, positions: Positions) -> HookFn:
-        def add(y: Tensor, hook: Any) -> Tensor:
+        def add(y: Float[Tensor, "batch pos *d_out"], hook: Any) -> Float[Tensor, "batch pos *d_out"]:
             x = self._inputs.pop(key)
             x = x.flatten(2) if x.ndim > 3 else x  # attn.o's input is shown split into heads (hook_z)
             a = self.A[key].to(x.device, x.dtype)
@@ -157,16 +158,12 @@ class LoRA(Adapter):
 
         >>> lora.export_peft("runs/lora_peft", "Qwen/Qwen2.5-14B-Instruct")  # doctest: +SKIP
         """
-        from em_interp.adapters.export import export_peft
-
-        return export_peft(self, directory, base_model_name)
+        return file_format_function("export_peft")(self, directory, base_model_name)
 
     @classmethod
     def from_peft(cls, directory: str | os.PathLike[str], model: Any) -> LoRA:
         """Read a PEFT LoRA directory for `model` (see `em_interp.adapters.export.lora_from_peft`)."""
-        from em_interp.adapters.export import lora_from_peft
-
-        return lora_from_peft(directory, model)
+        return file_format_function("lora_from_peft")(directory, model)
 
 
 def _key(layer: int, site: str) -> str:

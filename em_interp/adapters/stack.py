@@ -10,14 +10,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from em_interp.adapters.base import Adapter
 from em_interp.adapters.lora import LORA_SITES, LoRA
 from em_interp.adapters.steering import SteeringVector
 from em_interp.errors import AdapterError
-from em_interp.hooks import HookFn
+from em_interp.model.hooks import HookFn
 
 
 def check_stackable(adapters: Sequence[Adapter]) -> None:
@@ -26,7 +26,7 @@ def check_stackable(adapters: Sequence[Adapter]) -> None:
     for i, a in enumerate(adapters[1:], start=1):
         if type(a) is not type(first):
             raise AdapterError(f"adapters[{i}] is a {type(a).__name__}; adapters[0] is a {type(first).__name__}.")
-        if [name for name, _ in a.hooks(1.0)] != [name for name, _ in first.hooks(1.0)]:
+        if [name for name, _ in a.scaled_hooks(1.0)] != [name for name, _ in first.scaled_hooks(1.0)]:
             raise AdapterError(f"adapters[{i}] hooks other sites than adapters[0]; stacked training needs the same sites.")
 
 
@@ -41,7 +41,7 @@ def stacked_hooks(adapters: Sequence[Adapter], owner: Int[Tensor, " rows"]) -> l
 
 
 def _stacked_steering(vectors: Sequence[SteeringVector], owner: Tensor) -> list[tuple[str, HookFn]]:
-    def add(act: Tensor, hook: Any) -> Tensor:
+    def add(act: Float[Tensor, "rows pos d_model"], hook: Any) -> Float[Tensor, "rows pos d_model"]:
         deltas = torch.stack([v.delta(v.scale) for v in vectors]).to(act.device, act.dtype)  # [N, d_model]
         return act + deltas[owner.to(act.device)].unsqueeze(1)
 
@@ -55,10 +55,10 @@ def _stacked_lora(loras: Sequence[LoRA], owner: Tensor) -> list[tuple[str, HookF
         key = f"L{layer}_{site}"
         prefix = f"blocks.{layer}.{LORA_SITES[site][0]}"
 
-        def store(x: Tensor, hook: Any, key: str = key) -> None:
+        def store(x: Float[Tensor, "rows pos *d_in"], hook: Any, key: str = key) -> None:
             inputs[key] = x
 
-        def add(y: Tensor, hook: Any, key: str = key) -> Tensor:
+        def add(y: Float[Tensor, "rows pos *d_out"], hook: Any, key: str = key) -> Float[Tensor, "rows pos *d_out"]:
             x = inputs.pop(key)
             x = x.flatten(2) if x.ndim > 3 else x
             rows = owner.to(x.device)

@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jaxtyping import Float
 from torch import Tensor, nn
 
-from em_interp.adapters.base import Adapter, check_finite, check_layer
+from em_interp.adapters.base import Adapter, check_finite, check_layer, file_format_function
 from em_interp.errors import AdapterError
-from em_interp.hooks import HookFn, Positions, position_weight
+from em_interp.model.hooks import HookFn, Positions, position_weight
 
 # Our hook names -> the TransformerLens hook point inside block `layer`.
 STEERING_HOOKS = {
@@ -81,13 +82,13 @@ class SteeringVector(Adapter):
         """‖alpha · v‖: the size of the added vector at scale 1 (as LoRA's norm includes its alpha/r)."""
         return float(self.delta(1.0).detach().float().norm())
 
-    def delta(self, scale: float) -> Tensor:
+    def delta(self, scale: float) -> Float[Tensor, " d_model"]:
         """The vector actually added, `scale · alpha · v` [d_model]."""
         return self.vector * (scale * self.alpha)
 
-    def hooks(self, scale: float, positions: Positions = "all") -> list[tuple[str, HookFn]]:
-        def add_vector(act: Tensor, hook: Any) -> Tensor:
-            delta = self.delta(scale).to(act.device, act.dtype)
+    def scaled_hooks(self, total: float, positions: Positions = "all") -> list[tuple[str, HookFn]]:
+        def add_vector(act: Float[Tensor, "batch pos d_model"], hook: Any) -> Float[Tensor, "batch pos d_model"]:
+            delta = self.delta(total).to(act.device, act.dtype)
             weight = position_weight(positions, act)
             return act + (delta if weight is None else weight * delta)
 
@@ -111,9 +112,7 @@ class SteeringVector(Adapter):
         >>> vec.export_gguf("vec.gguf")  # doctest: +SKIP
         >>> # llama-cli -m model.gguf --control-vector vec.gguf
         """
-        from em_interp.adapters.export import export_control_vector
-
-        return export_control_vector(self, path, model_hint)
+        return file_format_function("export_control_vector")(self, path, model_hint)
 
 
 class SteeringSet(Adapter):
@@ -190,15 +189,15 @@ class SteeringSet(Adapter):
         """‖alpha · [v_L for all L]‖: the size of all added vectors together at scale 1."""
         return float(torch.sqrt(sum(((d.detach().float() ** 2).sum() for d in self.deltas(1.0).values()), torch.zeros(()))))
 
-    def deltas(self, scale: float | None = None) -> dict[int, Tensor]:
+    def deltas(self, scale: float | None = None) -> dict[int, Float[Tensor, " d_model"]]:
         """{layer: the vector added there, `scale · alpha · v_L` [d_model]}; scale defaults to `self.scale`."""
         factor = (self.scale if scale is None else float(scale)) * self.alpha
         return {layer: self.vectors[f"L{layer}"] * factor for layer in self.layers}
 
-    def hooks(self, scale: float, positions: Positions = "all") -> list[tuple[str, HookFn]]:
+    def scaled_hooks(self, total: float, positions: Positions = "all") -> list[tuple[str, HookFn]]:
         def make(layer: int) -> HookFn:
-            def add_vector(act: Tensor, hook: Any) -> Tensor:
-                delta = (self.vectors[f"L{layer}"] * (scale * self.alpha)).to(act.device, act.dtype)
+            def add_vector(act: Float[Tensor, "batch pos d_model"], hook: Any) -> Float[Tensor, "batch pos d_model"]:
+                delta = (self.vectors[f"L{layer}"] * (total * self.alpha)).to(act.device, act.dtype)
                 weight = position_weight(positions, act)
                 return act + (delta if weight is None else weight * delta)
 
@@ -226,23 +225,17 @@ class SteeringSet(Adapter):
         Layer L becomes `direction.N` exactly as for `SteeringVector.export_gguf` (N = L for resid_post);
         see `em_interp.adapters.export`.
         """
-        from em_interp.adapters.export import export_control_vector
-
-        return export_control_vector(self, path, model_hint)
+        return file_format_function("export_control_vector")(self, path, model_hint)
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike[str], model: Any) -> SteeringSet:
         """Read a llama.cpp control-vector GGUF for `model` (see `em_interp.adapters.export.from_gguf`)."""
-        from em_interp.adapters.export import from_gguf
-
-        return from_gguf(path, model)
+        return file_format_function("from_gguf")(path, model)
 
     @classmethod
     def from_repeng(cls, control_vector: Any, model: Any) -> SteeringSet:
         """Convert a repeng `ControlVector` for `model` (see `em_interp.adapters.export.from_repeng`)."""
-        from em_interp.adapters.export import from_repeng
-
-        return from_repeng(control_vector, model)
+        return file_format_function("from_repeng")(control_vector, model)
 
 
 def _initial_vector(init: str | Tensor, d_model: int, seed: int) -> Tensor:

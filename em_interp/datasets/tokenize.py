@@ -19,6 +19,7 @@ from torch import Tensor
 
 from em_interp.datasets.records import Record, check_records
 from em_interp.errors import DataError
+from em_interp.positions import ALL, ANSWER, position_name
 
 
 @dataclass(frozen=True)
@@ -42,15 +43,15 @@ class ChatBatch:
             self.input_ids.to(device), self.attention_mask.to(device), self.assistant_mask.to(device), self.indices
         )
 
-    def target_mask(self, tokens: str = "assistant") -> Bool[Tensor, "batch pos"]:
-        """Targets that enter a loss: "assistant" tokens, or "all" non-pad tokens but the first of each row."""
-        if tokens == "assistant":
+    def target_mask(self, tokens: str = "answer") -> Bool[Tensor, "batch pos"]:
+        """Targets that enter a loss: the "answer" tokens, or "all" non-pad tokens but the first of each row
+        (names of `em_interp.positions`; the old "assistant" means "answer", with a DeprecationWarning)."""
+        tokens = position_name(tokens, (ANSWER, ALL), "tokens", DataError)
+        if tokens == ANSWER:
             return self.assistant_mask
-        if tokens == "all":
-            real = self.attention_mask.bool()
-            first = real & ~torch.cat([torch.zeros_like(real[:, :1]), real[:, :-1]], dim=1)
-            return real & ~first
-        raise DataError(f"tokens={tokens!r}; expected 'assistant' or 'all'.")
+        real = self.attention_mask.bool()
+        first = real & ~torch.cat([torch.zeros_like(real[:, :1]), real[:, :-1]], dim=1)
+        return real & ~first
 
 
 class TokenizedChats:

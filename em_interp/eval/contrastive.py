@@ -29,10 +29,10 @@ from tqdm.auto import tqdm
 from em_interp.datasets.records import Record, chat
 from em_interp.datasets.tokenize import TokenizedChats
 from em_interp.errors import DataError
-from em_interp.eval.generation import adapters_applied, as_adapter_list
-from em_interp.forward import ForwardRunner, model_device, start_layer, unembed
-from em_interp.hooks import model_has_hooks
-from em_interp.objectives import gather_targets, log_probs
+from em_interp.interventions import as_interventions, interventions_applied
+from em_interp.model.forward import ForwardRunner, model_device, start_layer, unembed
+from em_interp.model.hooks import model_has_hooks
+from em_interp.training.objective import gather_targets, log_probs
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def contrastive(
     paired_items: Sequence[Mapping[str, Any]],
     adapters: Any = (),
     *,
-    scale: float | None = None,
+    scale: float = 1.0,
     system: str | None = None,
     batch_size: int = 16,
     n_boot: int = 1000,
@@ -115,9 +115,10 @@ def contrastive(
         paired_items: dicts with `question`, `good`, `bad` (and optionally `id`, `domain`, `subtopic`),
             e.g. `em.datasets.load("medical", kind="paired", split="test")`. Missing `id` defaults to
             the item's index, missing `domain` to "unknown".
-        adapters: one adapter or a list of them (anything with `.applied(model, ...)`), applied together
-            for the adapted pass; `()` gives `adapted == base` and shift 0 (one pass only).
-        scale: passed to each adapter's `applied` (None: each adapter's own scale).
+        adapters: one intervention or a list of them (adapters, `Steering`, `Ablation`; see
+            `em_interp.interventions`), applied together for the adapted pass; `()` gives `adapted == base`
+            and shift 0 (one pass only).
+        scale: multiplies each intervention's own scale (1: as they are).
         system: optional system prompt added to every chat.
         batch_size: items per forward (each contributes its good and its bad chat: 2·batch_size rows,
             right-padded, grouped by length).
@@ -130,7 +131,7 @@ def contrastive(
 
     Raises:
         DataError: an item lacks a non-empty `question`, `good` or `bad`; no items; bad batch_size/n_boot.
-        AdapterError: an object in `adapters` has no `.applied`.
+        AdapterError: an object in `adapters` is not an intervention.
 
     >>> res = contrastive(model, em.datasets.load("medical", kind="paired", split="test"), vec)  # doctest: +SKIP
     >>> res.domains["all"]["mean_shift"]  # doctest: +SKIP
@@ -145,7 +146,7 @@ def contrastive_many(
     paired_items: Sequence[Mapping[str, Any]],
     conditions: Mapping[str, Any],
     *,
-    scale: float | None = None,
+    scale: float = 1.0,
     system: str | None = None,
     batch_size: int = 16,
     n_boot: int = 1000,
@@ -167,7 +168,7 @@ def contrastive_many(
     items = _check_items(paired_items)
     if batch_size < 1 or n_boot < 0:
         raise DataError(f"batch_size={batch_size}, n_boot={n_boot}; expected batch_size >= 1 and n_boot >= 0.")
-    adapter_sets = {name: as_adapter_list(a) for name, a in conditions.items()}
+    adapter_sets = {name: as_interventions(a) for name, a in conditions.items()}
     records = [chat(it["question"], it[answer], system=system) for it in items for answer in ("good", "bad")]
     passes: list[list[Any]] = [[]] + [a for a in adapter_sets.values() if a]
     log.info("contrastive: %d items, %d pass(es)", len(items), len(passes))
@@ -188,7 +189,7 @@ def contrastive_many(
 
 def _result(
     model: Any, items: list[Mapping[str, Any]], base: np.ndarray, adapted: np.ndarray, adapter_list: list[Any],
-    n_boot: int, seed: int, scale: float | None, system: str | None,
+    n_boot: int, seed: int, scale: float, system: str | None,
 ) -> ContrastiveResult:
     rows = [
         {
@@ -217,7 +218,7 @@ def mean_answer_logprobs(
     records: Sequence[Record],
     *,
     adapter_passes: Sequence[Any] = ((),),
-    scale: float | None = None,
+    scale: float = 1.0,
     batch_size: int = 32,
     progress: bool = True,
 ) -> list[Float[Tensor, " n_records"]]:
@@ -227,7 +228,7 @@ def mean_answer_logprobs(
         model: a TransformerBridge with `.tokenizer`.
         records: chat records (`{"messages": [...]}`) with at least one assistant turn each.
         adapter_passes: for each pass, the adapters applied during it (`()` for the plain model).
-        scale: passed to each adapter's `applied`.
+        scale: multiplies each intervention's own scale.
         batch_size: chats per forward (right-padded, grouped by length).
         progress: show a tqdm bar.
 
@@ -253,7 +254,7 @@ def mean_answer_logprobs(
             if runner.start > 0:  # the blocks below every adapter's first layer run once per batch
                 resid = runner.lower(None, batch.input_ids, batch.attention_mask)
             for p, adapters in enumerate(adapter_passes):
-                with adapters_applied(model, adapters, scale=scale):
+                with interventions_applied(model, adapters, scale=scale):
                     if resid is None:
                         hidden = runner.full(batch.input_ids, batch.attention_mask)
                     else:
@@ -273,7 +274,7 @@ def _shared_start(model: Any, adapter_passes: Sequence[Any]) -> int:
     single pass (nothing to share) or when the model already has hooks attached (they may act anywhere)."""
     if len(adapter_passes) < 2 or model_has_hooks(model):
         return 0
-    return start_layer(model, [a for adapters in adapter_passes for a in as_adapter_list(adapters)])
+    return start_layer(model, [a for adapters in adapter_passes for a in as_interventions(adapters)])
 
 
 def _target_logprobs(model: Any, hidden: Float[Tensor, "n d_model"], targets: Tensor) -> Float[Tensor, " n"]:

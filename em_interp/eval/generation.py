@@ -3,7 +3,7 @@
 The loop runs the HF model inside the bridge (`hf_model_of(model).model`, then `unembed` on the last
 position only), so every bridge hook point inside the HF modules fires: adapters passed here, adapters
 and ablation hooks the caller attached, all apply. While the KV cache feeds one token per step,
-`em_interp.hooks.position_offset` holds the absolute (padded) column of the step's first token, so
+`em_interp.model.hooks.position_offset` holds the absolute (padded) column of the step's first token, so
 position-restricted hooks select the same tokens as in a full forward over the whole sequence.
 
 Prompts are left-padded into batches of similar length; each row's position ids count from its first
@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -26,48 +26,16 @@ from transformers import DynamicCache
 
 from em_interp.datasets.tokenize import tokenize_chat
 from em_interp.errors import AdapterError, DataError, ModelLoadError
-from em_interp.forward import attention_bridges, hf_model_of, model_device, unembed
-from em_interp.hooks import position_offset
+from em_interp.interventions import as_interventions, interventions_applied
+from em_interp.model.forward import attention_bridges, hf_model_of, model_device, unembed
+from em_interp.model.hooks import position_offset
+from em_interp.positions import ALL, ANSWER, DEPRECATED, PROMPT, position_name
 
 log = logging.getLogger(__name__)
 
 Messages = list[dict[str, str]]
 Prompt = str | Messages
-GEN_POSITIONS = ("all", "generated", "prompt")
-
-
-# --- adapters ------------------------------------------------------------------------------------
-def as_adapter_list(adapters: Any) -> list[Any]:
-    """Normalise `adapters` (None, one object with `.applied`, or an iterable of them) to a list."""
-    if adapters is None:
-        return []
-    if hasattr(adapters, "applied"):
-        return [adapters]
-    if isinstance(adapters, (str, bytes)) or not isinstance(adapters, Iterable):
-        raise AdapterError(f"adapters of type {type(adapters).__name__}; expected an adapter or a list of adapters.")
-    out = list(adapters)
-    for i, a in enumerate(out):
-        if not hasattr(a, "applied"):
-            raise AdapterError(f"adapters[{i}] is a {type(a).__name__}; expected an object with .applied(model, ...).")
-    return out
-
-
-@contextlib.contextmanager
-def adapters_applied(model: Any, adapters: Any, *, scale: float | None = None, positions: Any = "all") -> Iterator[None]:
-    """Apply several adapters together (each via `.applied(model, ...)`); all removed on exit.
-
-    `scale` and `positions` are passed only when they differ from the defaults (None, "all"), so any
-    object with an `applied(model)` context manager (e.g. an ablation) can be mixed in.
-    """
-    kwargs: dict[str, Any] = {}
-    if scale is not None:
-        kwargs["scale"] = scale
-    if not (isinstance(positions, str) and positions == "all"):
-        kwargs["positions"] = positions
-    with contextlib.ExitStack() as stack:
-        for adapter in as_adapter_list(adapters):
-            stack.enter_context(adapter.applied(model, **kwargs))
-        yield
+GEN_POSITIONS = (ALL, ANSWER, PROMPT)  # names of em_interp.positions; "answer" = the generated tokens
 
 
 # --- prompts and stop tokens ---------------------------------------------------------------------
@@ -148,7 +116,7 @@ def _row_positions(
     if isinstance(positions, str):
         if positions == "all":
             return "all"
-        if positions == "generated":
+        if positions == ANSWER:
             return width  # column `width` holds the first generated token in every row
     real = torch.cat([attention_mask.bool(), attention_mask.new_ones(attention_mask.shape[0], max_new_tokens).bool()], 1)
     if positions == "prompt":
@@ -159,13 +127,14 @@ def _row_positions(
     return real & (index >= int(positions))
 
 
-def _check_positions(positions: Any) -> None:
-    if isinstance(positions, str) and positions in GEN_POSITIONS:
-        return
+def _check_positions(positions: Any) -> str | int:
+    """`positions` of `generate` in the shared vocabulary ("generated" is the old name of "answer")."""
+    if isinstance(positions, str) and positions in (*GEN_POSITIONS, *DEPRECATED):
+        return position_name(positions, GEN_POSITIONS, "generate: positions", AdapterError)
     if isinstance(positions, int) and not isinstance(positions, bool) and positions >= 0:
-        return
+        return positions
     raise AdapterError(
-        f"positions={positions!r}; generate() expects 'all', 'generated' (new tokens only), 'prompt', or an "
+        f"positions={positions!r}; generate() expects 'all', 'answer' (the generated tokens only), 'prompt', or an "
         "int k >= 0 (tokens from the k-th of each rendered prompt on)."
     )
 
@@ -217,7 +186,7 @@ def _generate_batch(
     rows: list[list[int]],
     *,
     adapters: list[Any],
-    scale: float | None,
+    scale: float,
     positions: str | int,
     max_new_tokens: int,
     temperature: float,
@@ -242,7 +211,8 @@ def _generate_batch(
     feed, offset = ids, 0
     cache = DynamicCache(config=hf_model_of(model).config)
     cache_arg = _cache_argument(base)
-    with adapters_applied(model, adapters, scale=scale, positions=selection), _bridge_attention_reads_cache(model):
+    own = None if isinstance(selection, str) else selection  # "all": each intervention's own positions
+    with interventions_applied(model, adapters, scale=scale, positions=own), _bridge_attention_reads_cache(model):
         for _ in range(max_new_tokens):
             pos_ids = (attn.cumsum(-1) - 1).clamp(min=0)[:, offset:]
             token = position_offset.set(offset)
@@ -277,7 +247,7 @@ def generate_tokens(
     prompts: Prompt | Sequence[Prompt],
     *,
     adapters: Any = (),
-    scale: float | None = None,
+    scale: float = 1.0,
     max_new_tokens: int = 64,
     temperature: float = 1.0,
     top_p: float = 1.0,
@@ -296,11 +266,11 @@ def generate_tokens(
         )
     if temperature < 0 or not 0 < top_p <= 1:
         raise DataError(f"temperature={temperature}, top_p={top_p}; expected temperature >= 0 and 0 < top_p <= 1.")
-    _check_positions(positions)
+    positions = _check_positions(positions)
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
         raise DataError("generate(): model.tokenizer with a chat template is required.")
-    adapter_list = as_adapter_list(adapters)
+    adapter_list = as_interventions(adapters)
     encoded = [prompt_ids(tokenizer, chat) for chat in as_chats(prompts, system)]
     owner = [p for p in range(len(encoded)) for _ in range(n_samples)]  # sample row -> prompt, prompt-major
     order = sorted(range(len(owner)), key=lambda r: len(encoded[owner[r]]))  # similar lengths share a batch
@@ -331,7 +301,7 @@ def generate(
     prompts: Prompt | Sequence[Prompt],
     *,
     adapters: Any = (),
-    scale: float | None = None,
+    scale: float = 1.0,
     max_new_tokens: int = 64,
     temperature: float = 1.0,
     top_p: float = 1.0,
@@ -348,9 +318,9 @@ def generate(
         model: a TransformerBridge with `.tokenizer` (chat template required).
         prompts: user messages (`str`) or chats (lists of `{role, content}` dicts), or one of either.
             The chat template is applied with `add_generation_prompt=True`.
-        adapters: an adapter or a list of them (anything with `.applied(model, ...)`), applied together
-            for this call only.
-        scale: passed to each adapter's `applied` (None: each adapter's own scale).
+        adapters: an intervention or a list of them (adapters, `Steering`, `Ablation`; see
+            `em_interp.interventions`), applied together for this call only.
+        scale: multiplies each intervention's own scale (1: as they are).
         max_new_tokens: the most tokens generated per sample.
         temperature: 0 for greedy decoding; otherwise logits are divided by it before sampling.
         top_p: nucleus sampling: draw from the smallest set of top tokens whose probability reaches it.
@@ -359,9 +329,10 @@ def generate(
             the same samples on the same device (batch composition changes the draw order).
         batch_size: sequences (prompt × sample) per forward.
         system: a system message added to prompts that have none.
-        positions: where the `adapters` apply: "all" tokens, only "generated" tokens (the prompt's
-            activations are left untouched), only "prompt" tokens, or an int k: from the k-th token of
-            each rendered prompt on (counted without padding).
+        positions: where the `adapters` apply (names of `em_interp.positions`): "all" tokens, only the
+            "answer" tokens being generated (the prompt's activations are left untouched; the old name
+            "generated" still works, with a DeprecationWarning), only "prompt" tokens, or an int k: from the
+            k-th token of each rendered prompt on (counted without padding).
         progress: show a tqdm bar.
 
     Returns:
@@ -371,7 +342,7 @@ def generate(
 
     Raises:
         DataError: malformed prompts or arguments, or a tokenizer without a chat template.
-        AdapterError: an unknown `positions` value or an object in `adapters` without `.applied`.
+        AdapterError: an unknown `positions` value or an object in `adapters` that is not an intervention.
 
     >>> with vec.applied(model, scale=2.0):  # doctest: +SKIP
     ...     texts = generate(model, ["I have a headache. What should I do?"], max_new_tokens=64)

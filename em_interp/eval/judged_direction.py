@@ -16,7 +16,9 @@ from typing import Any
 
 from em_interp.errors import DataError
 from em_interp.eval.em_metrics import _number
-from em_interp.eval.generation import adapters_applied, generate
+from em_interp.eval.generation import generate
+from em_interp.geometry.directions import mean_diff
+from em_interp.interventions import interventions_applied
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +95,6 @@ def judged_mean_diff(model: Any, adapters: Any, questions: Sequence[str], judge:
     Raises:
         DataError: a group has fewer than `min_per_group` answers (the counts are in the message).
     """
-    from em_interp.directions import mean_diff
-
     answers = generate(model, list(questions), adapters=adapters, n_samples=n_samples, max_new_tokens=max_new_tokens,
                        temperature=temperature, seed=seed, progress=False)
     rows = [{"question": q, "answer": answers[i * n_samples + s]} for i, q in enumerate(questions)
@@ -109,7 +109,7 @@ def judged_mean_diff(model: Any, adapters: Any, questions: Sequence[str], judge:
     rng = random.Random(seed)
     aligned, misaligned = rng.sample(aligned, n), rng.sample(misaligned, n)
     log.info("judged_mean_diff: %s, %d per group after balancing", counts, n)
-    with adapters_applied(model, adapters):
+    with interventions_applied(model, adapters):
         direction = mean_diff(model, aligned, misaligned, layer=layer, **mean_diff_kwargs)
     direction.provenance.update(source="judged own answers", **{f"n_{k}": v for k, v in counts.items()})
     return JudgedDirection(direction, aligned, misaligned, counts)

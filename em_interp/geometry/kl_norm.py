@@ -25,10 +25,10 @@ from torch import Tensor
 from em_interp.adapters.base import Adapter
 from em_interp.adapters.steering import STEERING_HOOKS, SteeringVector
 from em_interp.errors import GeometryError
-from em_interp.forward import ActivationCache, ForwardRunner, model_device, start_layer
 from em_interp.geometry.curves import effective_norm
-from em_interp.hooks import HookFn, hooks_applied
-from em_interp.objectives import log_probs, token_kl
+from em_interp.model.forward import ActivationCache, ForwardRunner, model_device, start_layer
+from em_interp.model.hooks import HookFn, hooks_applied
+from em_interp.training.objective import log_probs, token_kl
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ def _adapter_maker(adapter: Adapter) -> HookMaker:
     unit = effective_norm(adapter, 1.0)
     if unit == 0.0:
         raise GeometryError(f"kl_vs_norm: the {type(adapter).__name__} has norm zero; it cannot be rescaled.")
-    return lambda n: adapter.hooks(adapter.scale * float(n) / unit)
+    return lambda n: adapter.scaled_hooks(adapter.scale * float(n) / unit)
 
 
 def _random_adapters(adapter: Adapter, n: int, seed: int) -> list[Adapter]:

@@ -30,9 +30,11 @@ from em_interp.adapters.steering import SteeringVector
 from em_interp.datasets.records import Record
 from em_interp.datasets.tokenize import ChatBatch, TokenizedChats
 from em_interp.errors import GeometryError
-from em_interp.forward import ActivationCache, ForwardRunner, model_device, model_dtype, start_layer, unembed
-from em_interp.hooks import HookFn, hooks_applied, model_has_hooks
-from em_interp.objectives import gather_targets, prediction_mask, token_ce
+from em_interp.interventions import Intervention, as_interventions, intervention_hooks
+from em_interp.model.forward import ActivationCache, ForwardRunner, model_device, model_dtype, start_layer, unembed
+from em_interp.model.hooks import HookFn, hooks_applied, model_has_hooks
+from em_interp.positions import position_name
+from em_interp.training.objective import gather_targets, prediction_mask, token_ce
 
 log = logging.getLogger(__name__)
 
@@ -40,19 +42,6 @@ MAX_CACHED_DATASETS = 4
 STACK_TOKENS = {"cuda": 1 << 16, "cpu": 1 << 12}  # tokens per stacked forward of `loss_on_each` (rows × adapters)
 GPU_CACHE_BYTES = 1 << 30  # residuals up to this size stay on the model's device; larger ones go to the CPU
 _EVALUATORS: weakref.WeakKeyDictionary[Any, OrderedDict[tuple[Any, ...], _Evaluator]] = weakref.WeakKeyDictionary()
-
-
-def as_adapters(adapters: Adapter | Sequence[Adapter] | None) -> list[Adapter]:
-    """Normalise None / one adapter / a sequence of adapters to a list."""
-    if adapters is None:
-        return []
-    if isinstance(adapters, Adapter):
-        return [adapters]
-    out = list(adapters)
-    for i, a in enumerate(out):
-        if not isinstance(a, Adapter):
-            raise GeometryError(f"adapters[{i}] is a {type(a).__name__}; expected an em_interp Adapter.")
-    return out
 
 
 def first_rows(data: Sequence[Record] | TokenizedChats, n_rows: int | None) -> Sequence[Record] | TokenizedChats:
@@ -171,10 +160,10 @@ def clear_loss_cache(model: Any | None = None) -> None:
 def loss_on(
     model: Any,
     data: Sequence[Record] | TokenizedChats,
-    adapters: Adapter | Sequence[Adapter] | None = (),
+    adapters: Intervention | Sequence[Intervention] | None = (),
     scale: float = 1.0,
     batch_size: int = 8,
-    tokens: str = "assistant",
+    tokens: str = "answer",
     max_length: int = 512,
 ) -> float:
     """Mean cross-entropy over target tokens (token-weighted over the whole data), without gradients.
@@ -182,29 +171,30 @@ def loss_on(
     Args:
         model: the TransformerBridge.
         data: chat records or `TokenizedChats`.
-        adapters: adapters applied together (none: the chat model itself).
-        scale: multiplies each adapter's own `scale` (1.0: the adapter as trained; 0: no effect).
+        adapters: interventions applied together (adapters, `Steering`, `Ablation`; none: the chat model itself).
+        scale: multiplies each intervention's own `scale` (1.0: the adapter as trained; 0: no effect).
         batch_size: rows per forward.
-        tokens: "assistant" (response tokens, the default) or "all" non-pad tokens.
+        tokens: "answer" (the assistant's tokens, the default) or "all" non-pad tokens (see
+            `em_interp.positions`; the old "assistant" still works, with a DeprecationWarning).
         max_length: rows longer than this (in tokens) are skipped, with a warning.
 
     Returns:
         Σ CE / number of target tokens, in nats.
 
     Raises:
-        GeometryError: empty data, no target tokens, or something that is not an Adapter in `adapters`.
-        AdapterError: an adapter made for a model of another shape.
+        GeometryError: empty data, no target tokens, or a direction that does not fit the model.
+        AdapterError: something that is not an intervention in `adapters`, or an adapter made for a model of
+            another shape.
 
     >>> loss_on(model, data[:100], adapters=vec)  # doctest: +SKIP
     1.87
     """
-    chosen = as_adapters(adapters)
-    for a in chosen:
-        a.check_model(model)
+    chosen = as_interventions(adapters)
+    hooks = intervention_hooks(model, chosen, scale)  # checks each one fits the model before any forward
+    tokens = position_name(tokens, ("answer", "all"), "loss_on: tokens", GeometryError)
     start = start_layer(model, chosen)
     cached = not model_has_hooks(model)
     evaluator = _evaluator(model, data, batch_size, tokens, max_length)
-    hooks = [h for a in chosen for h in a.hooks(float(scale) * a.scale)]
     with torch.no_grad():
         return evaluator.loss(hooks, start, cached)
 
@@ -214,7 +204,7 @@ def loss_on_each(
     data: Sequence[Record] | TokenizedChats,
     adapters: Sequence[Adapter],
     batch_size: int = 8,
-    tokens: str = "assistant",
+    tokens: str = "answer",
     max_length: int = 512,
 ) -> list[float]:
     """`loss_on(model, data, a)` for each adapter `a` alone, evaluated several adapters per forward.
@@ -228,7 +218,7 @@ def loss_on_each(
         data: chat records or `TokenizedChats`.
         adapters: [n] adapters of one class and hook sites (values and `scale` may differ).
         batch_size: rows per batch before stacking.
-        tokens: "assistant" (response tokens, the default) or "all" non-pad tokens.
+        tokens: "answer" (the assistant's tokens, the default) or "all" non-pad tokens.
         max_length: rows longer than this (in tokens) are skipped, with a warning.
 
     Returns:
@@ -238,15 +228,17 @@ def loss_on_each(
         GeometryError: empty data, no target tokens, or an empty `adapters`.
         AdapterError: adapters of different classes or sites, or made for another model.
     """
-    chosen = as_adapters(adapters)
+    chosen = as_interventions(adapters)
     if not chosen:
         raise GeometryError("loss_on_each: no adapters given.")
-    check_stackable(chosen)
-    for a in chosen:
-        a.check_model(model)
-    if model_has_hooks(model) or not isinstance(chosen[0], (SteeringVector, LoRA)):
-        # the caller's hooks must apply (full forwards), or the kind cannot be stacked: score one by one
+    tokens = position_name(tokens, ("answer", "all"), "loss_on_each: tokens", GeometryError)
+    stackable = [a for a in chosen if isinstance(a, (SteeringVector, LoRA))]
+    if len(stackable) < len(chosen) or model_has_hooks(model):
+        # a kind that cannot be stacked, or the caller's hooks must apply (full forwards): score one by one
         return [loss_on(model, data, a, batch_size=batch_size, tokens=tokens, max_length=max_length) for a in chosen]
+    check_stackable(stackable)
+    for a in stackable:
+        a.check_model(model)
     evaluator = _evaluator(model, data, batch_size, tokens, max_length)
     with torch.no_grad():
-        return evaluator.losses_each(chosen, start_layer(model, chosen))
+        return evaluator.losses_each(stackable, start_layer(model, stackable))

@@ -12,7 +12,7 @@ from sklearn.decomposition import PCA
 from torch import Tensor
 
 from em_interp.errors import GeometryError
-from em_interp.runs import TrainRun
+from em_interp.training.runs import TrainRun
 
 
 @dataclass

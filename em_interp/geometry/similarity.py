@@ -13,7 +13,6 @@ What is compared (`what`):
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -23,12 +22,12 @@ from jaxtyping import Float
 from torch import Tensor
 
 from em_interp.adapters.base import Adapter
+from em_interp.adapters.flat import WHATS, adapter_vector, check_what, state_vector
 from em_interp.adapters.lora import LoRA
-from em_interp.adapters.steering import SteeringVector
 from em_interp.errors import GeometryError
-from em_interp.runs import TrainRun
+from em_interp.training.runs import TrainRun
 
-WHATS = ("delta_w", "A", "B", "params")
+__all__ = ["WHATS", "CosineMatrix", "as_flat", "cosine", "cosine_matrix", "state_vector"]
 
 
 def as_flat(x: Any, what: str = "delta_w") -> Float[Tensor, " n"]:
@@ -45,39 +44,21 @@ def as_flat(x: Any, what: str = "delta_w") -> Float[Tensor, " n"]:
     Raises:
         GeometryError: unknown `what`, or an object of an unsupported type.
     """
-    if what not in WHATS:
-        raise GeometryError(f"what={what!r}; expected one of {', '.join(WHATS)}.")
+    check_what(what)
     if isinstance(x, Tensor):
         return x.detach().float().cpu().flatten()
     if isinstance(x, np.ndarray):
         return torch.from_numpy(np.asarray(x, dtype=np.float32)).flatten()
     if isinstance(x, TrainRun):
         return _run_vector(x, what)
-    if isinstance(x, LoRA):
-        return _lora_vector(x, what)
     if isinstance(x, Adapter):
-        if what in ("A", "B"):
-            raise GeometryError(f"what={what!r} applies to LoRA only; got a {type(x).__name__}.")
-        if isinstance(x, SteeringVector):
-            return x.vector.detach().float().cpu().clone()
-        return x.flat()
-    if hasattr(x, "vector") and isinstance(x.vector, Tensor):  # a Direction (duck-typed: directions sits beside us)
-        return x.vector.detach().float().cpu().flatten()
+        return adapter_vector(x, what)
+    vector = getattr(x, "vector", None)
+    if isinstance(vector, Tensor):  # a Direction, or anything else carrying one vector
+        return vector.detach().float().cpu().flatten()
     raise GeometryError(
         f"cannot take a vector of a {type(x).__name__}; expected a tensor, array, adapter, Direction or TrainRun."
     )
-
-
-def _lora_vector(lora: LoRA, what: str) -> Tensor:
-    with torch.no_grad():
-        if what == "delta_w":
-            parts = [lora.delta_weight(layer, site) for layer, site in lora.modules()]
-        elif what in ("A", "B"):
-            factors = lora.A if what == "A" else lora.B
-            parts = [factors[f"L{layer}_{site}"] for layer, site in lora.modules()]
-        else:
-            return lora.flat()
-        return torch.cat([p.detach().float().cpu().flatten() for p in parts])
 
 
 def _run_vector(run: TrainRun, what: str) -> Tensor:
@@ -86,33 +67,6 @@ def _run_vector(run: TrainRun, what: str) -> Tensor:
     if not run.snapshots:
         raise GeometryError("the run has neither an adapter nor snapshots; load it with a model.")
     return state_vector(None, run.snapshots[-1], what)
-
-
-def state_vector(template: Adapter | None, state: Mapping[str, Tensor], what: str = "delta_w") -> Float[Tensor, " n"]:
-    """`as_flat` of an adapter whose parameters are `state` (a snapshot), without touching `template`.
-
-    Args:
-        template: an adapter of the snapshot's kind and shape (copied, never modified); or None to
-            work from the tensors alone: "params" concatenates them in order, "A"/"B" a LoRA's
-            factors, "delta_w" a LoRA's B·A per module *without* the constant scaling s (which
-            changes no cosine); a steering vector's state is its vector.
-        state: parameter name -> tensor, e.g. one of `TrainRun.snapshots`.
-        what: as in `as_flat`.
-
-    Returns:
-        The flat float32 vector.
-    """
-    if template is None:
-        is_lora = any(k.startswith("A.") for k in state)
-        if is_lora and what in ("A", "B"):
-            return torch.cat([state[k].float().flatten() for k in state if k.startswith(f"{what}.")])
-        if is_lora and what == "delta_w":
-            keys = [k[2:] for k in state if k.startswith("A.")]
-            return torch.cat([(state[f"B.{k}"].float() @ state[f"A.{k}"].float()).flatten() for k in keys])
-        return torch.cat([v.float().flatten() for v in state.values()])
-    clone = copy.deepcopy(template)
-    clone.load_state(dict(state))
-    return as_flat(clone, what)
 
 
 def _cos(a: Tensor, b: Tensor, names: tuple[str, str]) -> float:

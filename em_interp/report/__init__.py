@@ -1,5 +1,8 @@
-"""The study report: plotly figures and one self-contained, offline HTML page.
+"""Reports: plotly figures and one self-contained, offline HTML page, for any named runs or for the study.
 
+>>> import em_interp as em
+>>> em.report.build({"kl=0": run_a, "kl=1e3": run_b}, "runs/kl_report")  # doctest: +SKIP
+PosixPath('runs/kl_report/report.html')
 >>> from em_interp.report import load_results, write_report
 >>> results = load_results("runs/demo")                        # doctest: +SKIP
 >>> write_report(results, "runs/demo/report.html")             # doctest: +SKIP
@@ -8,25 +11,23 @@ PosixPath('runs/demo/report.html')
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from em_interp.errors import OutputPathError, ReportError
 from em_interp.fileio import write_text
 from em_interp.report import figures
 from em_interp.report.html import SECTIONS, render
+from em_interp.report.plain import plain
+from em_interp.report.runs import build, runs_results
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SECTIONS", "figures", "load_results", "plain", "render", "write_report"]
+__all__ = ["SECTIONS", "build", "figures", "load_results", "plain", "render", "runs_results", "write_report"]
 
 
 def write_report(results: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
@@ -82,25 +83,3 @@ def load_results(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ReportError(f"{file}: the top level is a {type(data).__name__}; expected a JSON object of results.")
     return data
-
-
-def plain(x: Any) -> Any:
-    """Results → plain JSON values: dataclasses to dicts, arrays/tensors to lists, NaN/inf to None."""
-    if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        return {f.name: plain(getattr(x, f.name)) for f in dataclasses.fields(x) if f.name != "run"}
-    if isinstance(x, Mapping):
-        return {str(k): plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [plain(v) for v in x]
-    detach: Any = getattr(x, "detach", None)
-    if detach is not None and hasattr(x, "cpu"):  # a torch tensor (torch is not imported here)
-        return plain(detach().cpu().numpy())
-    if isinstance(x, np.ndarray):
-        return plain(x.tolist())
-    if isinstance(x, (bool, np.bool_)):
-        return bool(x)
-    if isinstance(x, (np.integer, int)):
-        return int(x)
-    if isinstance(x, (np.floating, float)):
-        return float(x) if math.isfinite(x) else None
-    return x

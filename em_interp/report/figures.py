@@ -1,7 +1,10 @@
-"""One plotly figure per analysis of the narrow-vs-general study.
+"""One plotly figure per analysis of any named set of runs (the narrow-vs-general study is one caller).
 
-Every function takes the study's whole `results` dict (as built by `em_interp.study` or read back from
-`results.json`) and returns a `plotly.graph_objects.Figure`. Missing numbers (`None`, as `results.json`
+Every function takes a `results` dict (as built by `em_interp.report.runs_results`, by `em_interp.study`, or
+read back from `results.json`) and returns a `plotly.graph_objects.Figure`. Runs appear in the order of
+their section; `results["styles"]` (optional) maps a run name to its `color` and `dash`, other runs get
+colours from `PALETTE`. The study's own figures (cosine of its pair, reversion, ablation) are in
+`em_interp.report.study_figures`. Missing numbers (`None`, as `results.json`
 stores NaN) are drawn as gaps; lists and numpy arrays are both accepted. A function raises `KeyError`
 when its section is absent; `html.py` checks for the section first and shows a note instead.
 
@@ -22,21 +25,33 @@ from typing import Any
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-COLORS = {"general": "#1f77b4", "narrow": "#d62728", "reversion": "#2ca02c", "base": "#444444", "random": "#9e9e9e"}
-_EXTRA = ("#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#ff7f0e")
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#ff7f0e")
+BASE = "#444444"  # the model without adapter
+RANDOM = "#9e9e9e"  # random-direction controls
 HEIGHT = 430
+Styles = Mapping[str, Mapping[str, str]]
 
 
-def color(name: str) -> str:
-    """The report's colour for a run name (general blue, narrow red, reversion green, others cycled)."""
-    if name in COLORS:
-        return COLORS[name]
-    return _EXTRA[sum(map(ord, name)) % len(_EXTRA)]
+def styles_for(names: Iterable[str]) -> dict[str, dict[str, str]]:
+    """One distinct `PALETTE` colour per run name, in order (cycled beyond the palette's length)."""
+    return {name: {"color": PALETTE[i % len(PALETTE)]} for i, name in enumerate(names)}
 
 
-def line(name: str) -> dict[str, Any]:
-    """Line style for a run: its colour; narrow dashed, so that it stays visible where it overlaps general."""
-    return dict(color=color(name), dash="dash" if name == "narrow" else "solid", width=2)
+def color(name: str, styles: Styles | None = None) -> str:
+    """A run's colour: `styles[name]["color"]`, else one picked from `PALETTE` by the name (stable)."""
+    given = (styles or {}).get(name) or {}
+    return given.get("color") or PALETTE[sum(map(ord, name)) % len(PALETTE)]
+
+
+def line(name: str, styles: Styles | None = None) -> dict[str, Any]:
+    """Line style for a run: its colour and `styles[name]["dash"]` (solid by default)."""
+    dash = ((styles or {}).get(name) or {}).get("dash", "solid")
+    return dict(color=color(name, styles), dash=dash, width=2)
+
+
+def _styles(results: Mapping[str, Any]) -> Styles:
+    styles = results.get("styles")
+    return styles if isinstance(styles, Mapping) else {}
 
 
 def num(x: Any) -> float:
@@ -66,16 +81,15 @@ def _layout(fig: go.Figure, title: str, x: str | None = None, y: str | None = No
     return fig
 
 
-def _runs(section: Mapping[str, Any], names: Iterable[str] = ("general", "narrow")) -> list[tuple[str, Any]]:
-    """(name, data) for the named runs first, then any other runs, skipping empty entries."""
-    order = [n for n in names if n in section] + [n for n in section if n not in names]
-    return [(n, section[n]) for n in order if isinstance(section[n], Mapping)]
+def _runs(section: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """(name, data) for each run of a section, in its order, skipping empty entries."""
+    return [(n, v) for n, v in section.items() if isinstance(v, Mapping)]
 
 
 # --- figures -------------------------------------------------------------------------------------
 def training_losses(results: Mapping[str, Any]) -> go.Figure:
-    """CE, KL and total loss per optimizer step for the general and narrow runs (three panels)."""
-    training = results["training"]
+    """CE, KL and total loss per optimizer step for each run (three panels)."""
+    training, styles = results["training"], _styles(results)
     fig = make_subplots(rows=1, cols=3, subplot_titles=("CE on the training data", "KL on other domains", "Total"))
     for name, run in _runs(training):
         rows = run.get("losses") or []
@@ -86,31 +100,15 @@ def training_losses(results: Mapping[str, Any]) -> go.Figure:
             if not any(math.isfinite(v) for v in y):
                 continue
             fig.add_trace(go.Scatter(x=steps, y=y, mode="lines", name=label, legendgroup=name, showlegend=col == 1,
-                                     line=line(name)), row=1, col=col)
+                                     line=line(name, styles)), row=1, col=col)
     fig.update_xaxes(title_text="step")
     fig.update_yaxes(title_text="nats / token", row=1, col=1)
     return _layout(fig, "Training losses")
 
 
-def cosine_over_training(results: Mapping[str, Any]) -> go.Figure:
-    """Cosine between the general and narrow vectors at each recorded snapshot."""
-    cos = results["cosine"]
-    y = nums(cos.get("over_training"))
-    steps = nums(results.get("training", {}).get("general", {}).get("snapshot_steps"))
-    x = steps if len(steps) == len(y) else list(range(len(y)))
-    fig = go.Figure(go.Scatter(x=x, y=y, mode="lines+markers", name="cos(general, narrow)",
-                               line=dict(color="#6a3d9a")))
-    final = num(cos.get("general_narrow"))
-    if math.isfinite(final):
-        fig.add_hline(y=final, line_dash="dot", line_color="#6a3d9a",
-                      annotation_text=f"final {final:.3f}", annotation_position="bottom right")
-    xlabel = "step" if x is steps else "snapshot"
-    return _layout(fig, "Cosine between the general and narrow vectors during training", xlabel, "cosine similarity")
-
-
 def trajectory_pca(results: Mapping[str, Any]) -> go.Figure:
     """Each run's snapshots on the first two principal components, with start (circle) and end (star)."""
-    pca = results["pca"]
+    pca, styles = results["pca"], _styles(results)
     paths: Mapping[str, Any] = pca.get("paths") or {}
     steps: Mapping[str, Any] = pca.get("steps") or {}
     names = [n for n in (pca.get("names") or list(paths)) if n in paths]
@@ -123,10 +121,10 @@ def trajectory_pca(results: Mapping[str, Any]) -> go.Figure:
         y = [p[1] if len(p) > 1 else 0.0 for p in pts]
         st = nums(steps.get(name)) if steps.get(name) is not None else list(range(len(pts)))
         text = [f"step {s:g}" for s in st] if len(st) == len(pts) else None
-        c = color(name)
+        c = color(name, styles)
         fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=name, legendgroup=name, text=text,
                                  hovertemplate="%{text}<br>PC1 %{x:.3g}<br>PC2 %{y:.3g}<extra>" + name + "</extra>",
-                                 line=line(name), marker=dict(size=5)))
+                                 line=line(name, styles), marker=dict(size=5)))
         fig.add_trace(go.Scatter(x=x[:1], y=y[:1], mode="markers", name=f"{name} start", legendgroup=name,
                                  showlegend=False, hovertemplate=f"{name} start<extra></extra>",
                                  marker=dict(symbol="circle-open", size=14, color=c, line=dict(width=2))))
@@ -141,13 +139,13 @@ def trajectory_pca(results: Mapping[str, Any]) -> go.Figure:
 
 def efficiency(results: Mapping[str, Any]) -> go.Figure:
     """Loss against the rescaled vector's norm for both runs, with the no-adapter loss as a line."""
-    eff = results["efficiency"]
+    eff, styles = results["efficiency"], _styles(results)
     fig = go.Figure()
     base = math.nan
     for name, curve in _runs(eff):
-        c = color(name)
+        c = color(name, styles)
         fig.add_trace(go.Scatter(x=nums(curve.get("norms")), y=nums(curve.get("losses")), mode="lines+markers",
-                                 name=name, legendgroup=name, line=line(name),
+                                 name=name, legendgroup=name, line=line(name, styles),
                                  hovertemplate="norm %{x:.3g}<br>loss %{y:.4f}<extra>" + name + "</extra>"))
         bx, by = num(curve.get("best_norm")), num(curve.get("min_loss"))
         if math.isfinite(bx) and math.isfinite(by):
@@ -156,7 +154,7 @@ def efficiency(results: Mapping[str, Any]) -> go.Figure:
         if not math.isfinite(base):
             base = num(curve.get("base_loss"))
     if math.isfinite(base):
-        fig.add_hline(y=base, line_dash="dash", line_color=COLORS["base"],
+        fig.add_hline(y=base, line_dash="dash", line_color=BASE,
                       annotation_text=f"no adapter {base:.3f}", annotation_position="top right")
     return _layout(fig, "Efficiency: loss vs norm of the rescaled vector (★ minimum)", "norm of the added vector",
                    "loss on training rows (nats / token)")
@@ -164,40 +162,24 @@ def efficiency(results: Mapping[str, Any]) -> go.Figure:
 
 def stability(results: Mapping[str, Any]) -> go.Figure:
     """Relative loss increase under orthogonal noise of size ε, mean ± sd over seeds."""
-    stab = results["stability"]
+    stab, styles = results["stability"], _styles(results)
     fig = go.Figure()
     for name, curve in _runs(stab):
         fig.add_trace(go.Scatter(
             x=nums(curve.get("eps")), y=nums(curve.get("relative_mean")), mode="lines+markers", name=name,
-            line=line(name),
+            line=line(name, styles),
             error_y=dict(type="data", array=[0.0 if math.isnan(v) else v for v in nums(curve.get("relative_sd"))],
                          visible=True),
             hovertemplate="ε %{x:g}<br>%{y:.1f}%<extra>" + name + "</extra>"))
-    fig.add_hline(y=100, line_dash="dot", line_color=COLORS["base"], annotation_text="= no adapter",
+    fig.add_hline(y=100, line_dash="dot", line_color=BASE, annotation_text="= no adapter",
                   annotation_position="top left")
     return _layout(fig, "Stability: loss increase under orthogonal noise (mean ± sd over seeds)", "noise level ε",
                    "loss increase (% of gap to no adapter)")
 
 
-def reversion(results: Mapping[str, Any]) -> go.Figure:
-    """Cosine of the continued (no-KL) narrow run to the general and to the narrow vector, per step."""
-    rev = results["reversion"]
-    steps = nums(rev.get("steps"))
-    fig = go.Figure()
-    for key, label, c in (("cosine_to_general", "cosine to general", COLORS["general"]),
-                          ("cosine_to_narrow", "cosine to narrow (its start)", COLORS["narrow"])):
-        y = nums(rev.get(key))
-        if not y:
-            continue
-        x = steps if len(steps) == len(y) else list(range(len(y)))
-        fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=label, line=dict(color=c)))
-    return _layout(fig, "Reversion: the narrow vector trained on without the KL term", "step without KL",
-                   "cosine similarity")
-
-
 def kl_vs_norm(results: Mapping[str, Any]) -> go.Figure:
     """KL on generic text vs added norm: trained direction against random directions (mean ± sd), per run."""
-    kl = results["kl_vs_norm"]
+    kl, styles = results["kl_vs_norm"], _styles(results)
     runs = _runs(kl)
     fig = make_subplots(rows=1, cols=max(1, len(runs)), shared_yaxes=True,
                         subplot_titles=[f"{n} direction" for n, _ in runs] or None)
@@ -206,18 +188,18 @@ def kl_vs_norm(results: Mapping[str, Any]) -> go.Figure:
         sd = [0.0 if math.isnan(v) else v for v in nums(curve.get("kl_random_sd"))]
         fig.add_trace(go.Scatter(x=x, y=nums(curve.get("kl_random_mean")), mode="lines+markers",
                                  name="random directions (mean ± sd)", legendgroup="random", showlegend=col == 1,
-                                 line=dict(color=COLORS["random"], dash="dot"),
+                                 line=dict(color=RANDOM, dash="dot"),
                                  error_y=dict(type="data", array=sd, visible=True)), row=1, col=col)
         fig.add_trace(go.Scatter(x=x, y=nums(curve.get("kl")), mode="lines+markers", name=f"{name} direction",
-                                 line=line(name)), row=1, col=col)
+                                 line=line(name, styles)), row=1, col=col)
     fig.update_xaxes(title_text="norm of the added vector")
     fig.update_yaxes(title_text="KL per token (nats)", row=1, col=1)
     return _layout(fig, "KL on generic text vs norm: trained direction vs random directions")
 
 
 def contrastive(results: Mapping[str, Any]) -> go.Figure:
-    """Mean log-prob shift toward the bad answer per group, with 95% CI error bars, general vs narrow."""
-    con = results["contrastive"]
+    """Mean log-prob shift toward the bad answer per group, with 95% CI error bars, one bar per run."""
+    con, styles = results["contrastive"], _styles(results)
     runs = _runs(con)
     groups = list(dict.fromkeys(g for _, stats in runs for g in stats))
     fig = go.Figure()
@@ -228,7 +210,7 @@ def contrastive(results: Mapping[str, Any]) -> go.Figure:
         lo = [m - num(r.get("ci_low")) for r, m in zip(rows, mean, strict=True)]
         extra = [[r.get("n", "?"), num(r.get("prefers_bad"))] for r in rows]
         fig.add_trace(go.Bar(
-            x=groups, y=mean, name=name, marker_color=color(name), customdata=extra,
+            x=groups, y=mean, name=name, marker_color=color(name, styles), customdata=extra,
             error_y=dict(type="data", symmetric=False, array=[0.0 if math.isnan(v) else v for v in hi],
                          arrayminus=[0.0 if math.isnan(v) else v for v in lo], visible=True),
             hovertemplate="%{x}<br>shift %{y:.3f}<br>n=%{customdata[0]}, prefers bad %{customdata[1]:.0%}"
@@ -236,23 +218,6 @@ def contrastive(results: Mapping[str, Any]) -> go.Figure:
     fig.add_hline(y=0, line_color="#888888", line_width=1)
     return _layout(fig, "Contrastive shift toward the bad answer by group (95% bootstrap CI)", None,
                    "Δ log-prob(bad − good), nats", barmode="group")
-
-
-def direction_ablation(results: Mapping[str, Any]) -> go.Figure:
-    """Loss with no adapter, with the general vector, and with the general vector + mean-diff direction ablated."""
-    d = results["direction"]
-    labels = ["no adapter", "general", "general + direction ablated"]
-    y = [num(d.get("loss_base")), num(d.get("loss_general")), num(d.get("loss_general_ablated"))]
-    fig = go.Figure(go.Bar(x=labels, y=y, marker_color=[COLORS["base"], COLORS["general"], "#7fb3e0"],
-                           text=[f"{v:.3f}" if math.isfinite(v) else "n/a" for v in y], textposition="outside",
-                           hovertemplate="%{x}<br>loss %{y:.4f}<extra></extra>"))
-    finite = [v for v in y if math.isfinite(v)]
-    if finite:
-        lo, hi = min(finite), max(finite)
-        pad = max(0.05 * (hi - lo), 0.02 * abs(hi), 1e-3)
-        fig.update_yaxes(range=[max(0.0, lo - 3 * pad), hi + 3 * pad])
-    return _layout(fig, "Mean-difference direction: loss when it is ablated at every layer", None,
-                   "loss on training rows (nats / token)", showlegend=False)
 
 
 def cosine_matrix(results: Mapping[str, Any]) -> go.Figure:
@@ -265,3 +230,16 @@ def cosine_matrix(results: Mapping[str, Any]) -> go.Figure:
                                hovertemplate="%{y} · %{x}<br>cos %{z:.4f}<extra></extra>"))
     fig.update_yaxes(autorange="reversed")
     return _layout(fig, "Cosine similarity", None, None)
+
+
+def norms(results: Mapping[str, Any]) -> go.Figure:
+    """Each run's adapter norm at its snapshots (`results["norms"][name]`: `steps` and `norms`)."""
+    sec, styles = results["norms"], _styles(results)
+    fig = go.Figure()
+    for name, run in _runs(sec):
+        y = nums(run.get("norms"))
+        steps = nums(run.get("steps"))
+        x = steps if len(steps) == len(y) else list(range(len(y)))
+        fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=name, line=line(name, styles),
+                                 hovertemplate="step %{x:g}<br>norm %{y:.4g}<extra>" + name + "</extra>"))
+    return _layout(fig, "Adapter norm over training", "step", "norm")

@@ -19,6 +19,7 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from em_interp.report import figures as F
+from em_interp.report import study_figures as SF
 from em_interp.report.style import CSS
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ SECTIONS: tuple[Section, ...] = (
             "assistant's answers. The narrow vector also pays a penalty λ·KL for changing the model's answers in "
             "other domains (the KL set; see Data for what it holds); the general vector pays none (λ = 0). Falling CE "
             "means a vector fits the bad advice; the KL panel shows how much each one changes the model elsewhere."),
-    Section("fig-cosine", "Cosine over training", "cosine", F.cosine_over_training,
+    Section("fig-cosine", "Cosine over training", "cosine", SF.cosine_over_training,
             "The cosine similarity between the general and the narrow vector at the same training step: 1 means "
             "they point the same way, 0 that they are unrelated. If the KL penalty sends the narrow solution "
             "somewhere else, the cosine stays well below 1."),
@@ -78,7 +79,7 @@ SECTIONS: tuple[Section, ...] = (
             "Error bars are the standard deviation over noise draws (the same draws for both vectors; noise draws "
             "are not training seeds). A steeper curve is a less stable solution. The verdict uses every seed's "
             "area under the narrow − general difference, relative and absolute."),
-    Section("fig-reversion", "Reversion", "reversion", F.reversion,
+    Section("fig-reversion", "Reversion", "reversion", SF.reversion,
             "The narrow vector is trained on, on the same bad medical data, but without the KL penalty. The lines "
             "show its cosine to the final general vector and to the narrow vector it started from. A rising "
             "cosine to the general vector means that, once free, the narrow solution drifts toward the general one."),
@@ -93,7 +94,7 @@ SECTIONS: tuple[Section, ...] = (
             "(positive = pushed toward the bad answer). Groups: medical training topics, held-out medical "
             "topics, the domains of the KL data, and domains seen by neither. Error bars: 95% bootstrap "
             "intervals. A narrow vector should shift the medical groups but not the others."),
-    Section("fig-direction", "Mean-difference direction and ablation", "direction", F.direction_ablation,
+    Section("fig-direction", "Mean-difference direction and ablation", "direction", SF.direction_ablation,
             "A direction is extracted as the mean residual on bad medical answers minus that on good ones at the "
             "study layer, then projected out at every layer while the general vector is applied. If removing it "
             "brings the loss back toward the no-adapter value, the general vector works largely through it."),
@@ -110,13 +111,60 @@ def render(results: Mapping[str, Any], title: str = "em_interp — narrow vs gen
     Returns:
         A self-contained HTML document (plotly.js inlined once, no external resources).
     """
+    results = {"styles": SF.STYLES, **results}  # the study's run colours unless the results name their own
     parts = [_header(results, title), _verdicts(results.get("verdicts"), results.get("seeds")),
              _gate(results.get("gate")), _contents(results), _data(results.get("data")),
              _per_seed(results.get("per_seed"))]
     parts += [_section(s, results) for s in SECTIONS]
     parts += [_generations(results.get("generations")), _timings(results.get("timings")),
               _config(results.get("config"))]
-    body = "\n".join(parts)
+    return _page(title, "\n".join(parts))
+
+
+RUN_SECTIONS: tuple[Section, ...] = (
+    Section("fig-training", "Training losses", "training", F.training_losses,
+            "Cross-entropy on each run's training data, the KL term (zero for runs without one) and their "
+            "weighted total, per optimizer step."),
+    Section("fig-norms", "Adapter norm", "norms", F.norms,
+            "The norm of each run's adapter at its recorded snapshots (steering: ‖alpha·v‖; LoRA: mean ‖ΔW‖_F)."),
+    Section("fig-pca", "Trajectories (PCA)", "pca", F.trajectory_pca,
+            "Every recorded snapshot of every run, projected onto the two directions along which all snapshots "
+            "vary most (one PCA fitted on all runs). Circles mark where a run starts, stars where it ends."),
+    Section("fig-cosine-matrix", "Cosine between the final adapters", "cosine_matrix", F.cosine_matrix,
+            "Cosine similarity of the runs' final adapters (steering: the vectors; LoRA: the concatenated ΔW). "
+            "1: the same direction; 0: unrelated."),
+)
+
+
+def render_runs(results: Mapping[str, Any], title: str = "em_interp — runs") -> str:
+    """The report page for any named set of runs (see `em_interp.report.build`) as an HTML string.
+
+    Args:
+        results: `em_interp.report.runs_results(...)` (plain JSON values; None for missing numbers).
+        title: the page title.
+
+    Returns:
+        A self-contained HTML document (plotly.js inlined once, no external resources).
+    """
+    links = [f"<a href=\"#{s.div_id}-section\">{escape(s.title)}</a>" for s in RUN_SECTIONS]
+    parts = [f"<header><h1>{escape(title)}</h1></header>", _runs_table(results.get("runs")),
+             f"<nav>{' · '.join(links)}</nav>"]
+    parts += [_section(s, results) for s in RUN_SECTIONS]
+    return _page(title, "\n".join(parts))
+
+
+def _runs_table(runs: Any) -> str:
+    if not isinstance(runs, Mapping) or not runs:
+        return _note_section("runs", "Runs", "No runs in these results.")
+    cols = ["kind", "steps", "final ce", "final kl", "norm", "lr", "kl_coef", "seed", "wall time (s)"]
+    head = "".join(f"<th>{escape(c)}</th>" for c in ["run", *cols])
+    rows = "".join("<tr>" + f"<td>{escape(str(name))}</td>" + "".join(f"<td>{escape(_fmt(r.get(c)))}</td>" for c in cols)
+                   + "</tr>" for name, r in runs.items() if isinstance(r, Mapping))
+    return (f"<section id=\"runs\"><h2>Runs</h2><table class=\"small\"><thead><tr>{head}</tr></thead>"
+            f"<tbody>{rows}</tbody></table></section>")
+
+
+def _page(title: str, body: str) -> str:
     return (
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"

@@ -1,7 +1,7 @@
 """Sweeps of training runs (KL coefficient × seed × adapter kind), spread over processes with torch.distributed.
 
     em-interp sweep sweep.toml                                                  # one process
-    python -m torch.distributed.run --nproc_per_node=4 -m em_interp.sweep sweep.toml   # one process per GPU
+    python -m torch.distributed.run --nproc_per_node=4 -m em_interp.cli.sweep sweep.toml   # one process per GPU
 
 The grid is expanded in a fixed order (adapter kind, then KL coefficient, then seed) and run i goes to rank
 i mod world size. Each rank loads the model on `cuda:LOCAL_RANK` (CPU and the gloo backend when there is no
@@ -103,7 +103,7 @@ def run_sweep(config_path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 def _run(spec: SweepSpec, rank: int, world: int, device: str) -> list[dict[str, Any]]:
-    from em_interp.engine import ActivationCache
+    from em_interp.training.engine import ActivationCache
 
     mine = spec.grid[rank::world]
     log.info("sweep rank %d/%d on %s: %d of %d runs", rank, world, device, len(mine), len(spec.grid))
@@ -129,7 +129,7 @@ def _run(spec: SweepSpec, rank: int, world: int, device: str) -> list[dict[str, 
 def _train_group(model: Any, kind: str, runs: list[dict[str, Any]], spec: SweepSpec, data: Any, kl: Any,
                  cache: Any, rank: int, world: int) -> list[dict[str, Any]]:
     """All of this rank's runs of one adapter kind, batched with `train_many`; saves each run dir."""
-    from em_interp.training import train_many
+    from em_interp.training.loop import train_many
 
     config = spec.adapters[kind]
     adapters = [config.build(model, seed=config.seed if config.seed is not None else r["seed"]) for r in runs]
@@ -165,16 +165,16 @@ def _write_summary(spec: SweepSpec, runs: list[dict[str, Any]], world: int) -> N
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m em_interp.sweep CONFIG.toml` (under torch.distributed.run or alone)."""
+    """`python -m em_interp.cli.sweep CONFIG.toml` (under torch.distributed.run or alone)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1 or args[0].startswith("-"):
-        log.error("usage: python -m em_interp.sweep CONFIG.toml  (or under python -m torch.distributed.run ...)")
+        log.error("usage: python -m em_interp.cli.sweep CONFIG.toml  (or under python -m torch.distributed.run ...)")
         return 2
     try:
         runs = run_sweep(args[0])
     except EmInterpError as exc:
-        log.error("em_interp.sweep: error: %s", exc)
+        log.error("em_interp.cli.sweep: error: %s", exc)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
         log.info("sweep: %d runs; summary in %s", len(runs), load_sweep_config(args[0]).out / "summary.json")

@@ -1,4 +1,4 @@
-"""The fast path of the partial forwards (`em_interp.forward`): hook-free bridge components run as plain HF modules.
+"""The fast path of the partial forwards (`em_interp.model.forward`): hook-free bridge components run as plain HF modules.
 
 `TransformerBridge` wraps every HF submodule in a bridge component that fires hook points. Its attention
 component re-implements attention step by step (materialized scores and pattern, so that

@@ -11,12 +11,12 @@ as the authors' code runs), through the bridge otherwise.
 "cached" does the same loss with less work:
 - the blocks below the adapter's first layer run once per batch, without grad; their output residual
   is cached (`ActivationCache`, shared across epochs and across runs that share data and layer), and the
-  forward resumes from it (`em_interp.forward.ForwardRunner`);
+  forward resumes from it (`em_interp.model.forward.ForwardRunner`);
 - the chat model's reference log-probs on the KL data are computed once, only at the KL positions;
 - the unembedding runs only at positions that enter a loss;
 - the positions, targets and row owners are worked out on the host from the batch masks, so a step
   queues its whole forward and backward without waiting for the device;
-- hook-free bridge components run as plain HF modules (SDPA attention, `em_interp.fastpath`), and a host
+- hook-free bridge components run as plain HF modules (SDPA attention, `em_interp.model.fastpath`), and a host
   cache of an accelerator model is pinned and copied without blocking.
 """
 
@@ -31,14 +31,14 @@ from torch import Tensor
 
 from em_interp.adapters.base import Adapter
 from em_interp.adapters.stack import stacked_hooks
+from em_interp.config import METHODS
 from em_interp.datasets.tokenize import ChatBatch, TokenizedChats
-from em_interp.forward import ActivationCache, ForwardRunner, full_hidden, unembed
-from em_interp.hooks import hooks_applied
-from em_interp.objectives import group_mean, log_probs, prediction_mask, reduce_kl, token_ce, token_kl
+from em_interp.model.forward import ActivationCache, ForwardRunner, full_hidden, unembed
+from em_interp.model.hooks import hooks_applied
+from em_interp.training.objective import group_mean, log_probs, prediction_mask, reduce_kl, token_ce, token_kl
 
 __all__ = ["METHODS", "ActivationCache", "LossComputer"]
 
-METHODS = ("cached", "toggle", "precomputed_reference")
 
 
 class LossComputer:
@@ -49,8 +49,8 @@ class LossComputer:
         data: the CE data; kl_data: the KL data (None: no KL term).
         batch_size: rows per CE batch; kl_batch_size: rows per KL batch.
         start_layer: the lowest block any adapter touches (the cached method resumes there).
-        ce_tokens: "assistant" or "all"; kl_tokens: the same for the KL positions.
-        kl_reduction: see `em_interp.objectives`.
+        ce_tokens: "answer" or "all" (see `em_interp.positions`); kl_tokens: the same for the KL positions.
+        kl_reduction: see `em_interp.training.objective`.
         method: one of `METHODS` (see the module docstring).
         cache: an `ActivationCache` shared across runs (default: a new one).
     """
@@ -64,8 +64,8 @@ class LossComputer:
         batch_size: int,
         kl_batch_size: int,
         start_layer: int,
-        ce_tokens: str = "assistant",
-        kl_tokens: str = "assistant",
+        ce_tokens: str = "answer",
+        kl_tokens: str = "answer",
         kl_reduction: str = "token_mean",
         method: str = "cached",
         cache: ActivationCache | None = None,
@@ -171,7 +171,7 @@ class LossComputer:
         sizes = [b.input_ids.shape[0] for b in host]
         owner = torch.repeat_interleave(torch.arange(len(host)), torch.tensor(sizes)).to(self.device, non_blocking=True)
         index, targets, rows = self._targets(host, width, tokens, self.device)
-        hooks = adapters[0].hooks(adapters[0].scale) if len(adapters) == 1 else stacked_hooks(adapters, owner)
+        hooks = adapters[0].scaled_hooks(adapters[0].scale) if len(adapters) == 1 else stacked_hooks(adapters, owner)
         with hooks_applied(self._hooks_view, hooks):
             hidden = self.runner.resume(res, self._mask(host, attn))
         dev = hidden.device  # the last block's device when the model is spread over several
@@ -184,7 +184,7 @@ class LossComputer:
     def _full_forwards(self, adapter: Adapter, k: int, kl_k: int | None) -> tuple[Tensor, Tensor]:
         """The authors' step: full forwards, full-vocabulary log-softmax at every position."""
         batch = self._batch("train", k)
-        hooks = adapter.hooks(adapter.scale)
+        hooks = adapter.scaled_hooks(adapter.scale)
         with hooks_applied(self._hooks_view, hooks):
             logp = self._full_log_probs(batch)
         mask = batch.target_mask(self.ce_tokens).to(logp.device)  # logits sit on the last block's device

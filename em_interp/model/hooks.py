@@ -4,10 +4,13 @@ Hooks are registered as *permanent* TransformerLens hooks so that a user's `run_
 `reset_hooks` inside our context managers never strips them, and each attachment removes exactly the
 handles it added (so nested contexts never remove each other's hooks).
 
-Position selection (the same option for adapters, steering and ablation):
+Position selection (the same option for adapters, steering and ablation; the names are those of
+`em_interp.positions`):
 - "all": every token;
 - an int k: tokens at absolute position >= k (with a KV cache, the offset of the step is tracked);
-- a Bool tensor [batch, pos]: exactly those tokens (e.g. a batch's assistant mask for "answer tokens").
+- a Bool tensor [batch, pos]: exactly those tokens (e.g. a batch's `assistant_mask` for the "answer" tokens).
+A plain forward does not know which tokens are the answer, so "answer" and "prompt" are refused here with a
+hint (pass the batch's mask); `generate` and `mean_diff` accept them.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from jaxtyping import Bool
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from em_interp.errors import AdapterError
@@ -78,6 +81,12 @@ def model_has_hooks(model: Any) -> bool:
 def check_positions(positions: Positions) -> Positions:
     """Validate a position selection (see module docstring)."""
     if isinstance(positions, str):
+        if positions in ("answer", "prompt"):
+            raise AdapterError(
+                f"positions={positions!r}: a forward over token ids does not know which tokens are the {positions}; "
+                "pass the batch's Bool [batch, pos] mask (e.g. `batch.assistant_mask` for the answer tokens), or use "
+                f"generate(positions={positions!r})."
+            )
         if positions != "all":
             raise AdapterError(f"positions={positions!r}; expected 'all', an int k, or a Bool [batch, pos] mask.")
     elif isinstance(positions, bool) or not isinstance(positions, (int, Tensor)):
@@ -87,7 +96,7 @@ def check_positions(positions: Positions) -> Positions:
     return positions
 
 
-def position_weight(positions: Positions, act: Tensor) -> Tensor | None:
+def position_weight(positions: Positions, act: Float[Tensor, "batch pos *rest"]) -> Float[Tensor, "#batch pos 1"] | None:
     """A [batch, pos, 1] 0/1 weight selecting positions of `act` [batch, pos, ...]; None means all."""
     if isinstance(positions, str):
         return None

@@ -6,7 +6,7 @@ KL rows, in the seed's own order; narrow_i and general_i share seed i's data and
 vector (the default preset) or the seed's rank-1 LoRA (the full preset: the only kind whose narrow solution
 passed the narrowness gate on the embedded model, see benchmarks/results/lambda_sweep.jsonl). Then:
 the narrowness gate (contrastive shifts per domain group at scale 1 and 2), and per seed one paired number for
-each claim (efficiency, stability, reversion, influence on generic text); `em_interp.verdicts` turns those into
+each claim (efficiency, stability, reversion, influence on generic text); `em_interp.study.verdicts` turns those into
 verdicts with 95% t-intervals over the seeds. Seed 0's curves, generations and a mean-difference direction (with
 a same-norm random-direction control for its ablation) fill the report's figures.
 """
@@ -28,16 +28,26 @@ from typing import Any
 import numpy as np
 import torch
 
-import em_interp as em
-from em_interp import verdicts as V
+from em_interp import datasets, directions, geometry
+from em_interp.adapters import LoRA, SteeringVector
 from em_interp.datasets.bundled import sample, strata
 from em_interp.datasets.records import Record
+from em_interp.errors import DataError, GeometryError
+from em_interp.eval.contrastive import contrastive_many
+from em_interp.eval.generation import generate
+from em_interp.eval.judged_direction import judged_mean_diff
+from em_interp.eval.questions import load_questions
 from em_interp.fileio import write_json
 from em_interp.geometry import curves as curves_mod
 from em_interp.geometry import similarity
+from em_interp.model.forward import hf_model_of, model_device
+from em_interp.model.load import load_model
 from em_interp.report import plain
-from em_interp.runs import environment
+from em_interp.report.runs import pca_section, training_entry
 from em_interp.stats import bootstrap_interval
+from em_interp.study import verdicts as V
+from em_interp.training.loop import train_many
+from em_interp.training.runs import environment
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +113,10 @@ class StudyConfig:
                          noise_draws=10, kl_texts=50, kl_random=5, items_medical=24, items_per_domain=8),
         }
         if name not in presets:
-            raise em.errors.DataError(f"StudyConfig.preset: unknown preset {name!r}; expected one of {list(presets)}.")
+            raise DataError(f"StudyConfig.preset: unknown preset {name!r}; expected one of {list(presets)}.")
         config = cls(**{**presets[name], **overrides})
         if config.adapter not in ("vector", "lora"):
-            raise em.errors.DataError(f"StudyConfig.adapter={config.adapter!r}; expected 'vector' or 'lora'.")
+            raise DataError(f"StudyConfig.adapter={config.adapter!r}; expected 'vector' or 'lora'.")
         return config
 
     @property
@@ -118,8 +128,8 @@ class StudyConfig:
         """A fresh adapter of the study's kind at `layer` (a steering vector, or the seed's rank-1 rsLoRA whose
         random A is drawn with `seed`)."""
         if self.adapter == "lora":
-            return em.LoRA(model, layer, rank=1, site="mlp_out", alpha=self.lora_alpha, rslora=True, seed=seed)
-        return em.SteeringVector(model, layer, alpha=self.alpha)
+            return LoRA(model, layer, rank=1, site="mlp_out", alpha=self.lora_alpha, rslora=True, seed=seed)
+        return SteeringVector(model, layer, alpha=self.alpha)
 
 
 @dataclass
@@ -146,7 +156,7 @@ def study_data(cfg: StudyConfig, seed: int) -> StudyData:
     the rest of the training split when the rule asks for more than were trained on). The contrastive items are
     the same for every seed (test and held-out splits), so per-seed shifts are paired.
     """
-    d = em.datasets
+    d = datasets
     pool = d.load("medical", kind="bad", split="train")
     train = sample(pool, cfg.n_train, by="subtopic", seed=seed)
     kl = sample(d.load(list(KL_DOMAINS), kind="mixed", split="train", seed=seed), cfg.n_kl, by="domain", seed=seed)
@@ -159,7 +169,7 @@ def study_data(cfg: StudyConfig, seed: int) -> StudyData:
 
 def contrastive_items(cfg: StudyConfig) -> list[dict[str, Any]]:
     """Paired items: medical test topics, held-out medical topics, each KL domain, each held-out domain."""
-    d = em.datasets
+    d = datasets
     med = d.load("medical", kind="paired", split="test")
     items = sample(med, min(cfg.items_medical, len(med)), by="subtopic", seed=0)
     held = d.load("medical", kind="paired", split="heldout")
@@ -199,7 +209,7 @@ class Study:
         self.model, self.cfg, self.out, self.judge_model = model, config, out, judge
         self.layer = config.layer if config.layer is not None else model.cfg.n_layers // 2
         self.results: dict[str, Any] = {"config": config, "layer": self.layer, "seeds": config.seeds, "timings": {}}
-        self.results["environment"] = {**environment(), "device": str(em.models.model_device(model)),
+        self.results["environment"] = {**environment(), "device": str(model_device(model)),
                                        "model": getattr(model, "em_model_id", "?")}
         self.pairs: list[tuple[Any, Any]] = []
         self.runs: list[list[Any]] = []
@@ -244,15 +254,8 @@ class Study:
         self.data = [study_data(c, c.seed + i) for i in range(c.seeds)]
         self.pairs = [(c.new_adapter(self.model, self.layer, c.seed + i), c.new_adapter(self.model, self.layer, c.seed + i))
                       for i in range(c.seeds)]  # general_i and narrow_i start from the same point
-        self.runs = [[] for _ in range(c.seeds)]
-        for group in same_rows(self.data):
-            adapters = [a for i in group for a in self.pairs[i]]
-            runs = em.train_many(adapters, self.model, self.data[group[0]].train, kl_data=self.data[group[0]].kl,
-                                 kl_coef=[0.0, c.kl_coef] * len(group), seed=[c.seed + i for i in group for _ in range(2)],
-                                 lr=c.train_lr, epochs=c.epochs, batch_size=c.batch_size, kl_batch_size=c.batch_size,
-                                 warmup_steps=2, record_every=c.record_every, schedule="constant", progress=False)
-            for k, i in enumerate(group):
-                self.runs[i] = runs[2 * k : 2 * k + 2]
+        self.runs = self.train_pairs(self.pairs, seed_offset=0, epochs=c.epochs, warmup_steps=2,
+                                     record_every=c.record_every)
         for i, (runs, (general, narrow)) in enumerate(zip(self.runs, self.pairs, strict=True)):
             seed = c.seed + i
             self.per_seed.append(SeedResult(seed, {"general": general.norm, "narrow": narrow.norm},
@@ -261,12 +264,26 @@ class Study:
             if i == 0:
                 for name, run in zip(("general", "narrow"), runs, strict=True):
                     run.save(self.out / "runs" / name)
-                    self.results["training"][name] = {
-                        "losses": run.losses, "snapshot_steps": run.snapshot_steps, "wall_time": run.wall_time,
-                        "norm": run.adapter.norm, "kl_coef": run.config.kl_coef}
+                    self.results["training"][name] = training_entry(run)
             log.info("study: seed %d trained (norms general %.3g, narrow %.3g)", seed, general.norm, narrow.norm)
         self.results["data"] = {"seed 0": self.data[0].summary(),
                                 "note": "each seed draws its own stratified training and KL rows; seed 0 shown"}
+
+    def train_pairs(self, pairs: Sequence[tuple[Any, Any]], seed_offset: int, **settings: Any) -> list[list[Any]]:
+        """Train each seed's (no KL, λ·KL) pair on the seed's rows, in the seed's order (seed + `seed_offset`);
+        seeds whose row sets are equal train together in one `train_many` call. Returns [seed][2] TrainRuns."""
+        c = self.cfg
+        runs: list[list[Any]] = [[] for _ in pairs]
+        for group in same_rows(self.data):
+            data = self.data[group[0]]
+            out = train_many([a for i in group for a in pairs[i]], self.model, data.train, kl_data=data.kl,
+                             kl_coef=[0.0, c.kl_coef] * len(group),
+                             seed=[c.seed + i + seed_offset for i in group for _ in range(2)], lr=c.train_lr,
+                             batch_size=c.batch_size, kl_batch_size=c.batch_size, schedule="constant",
+                             progress=False, **settings)
+            for k, i in enumerate(group):
+                runs[i] = out[2 * k : 2 * k + 2]
+        return runs
 
     # --- the gate and the verdicts' per-seed numbers -----------------------------------------------
     def contrastive(self) -> None:
@@ -275,7 +292,7 @@ class Study:
         for scale in V.GATE_SCALES:
             conditions = {f"{n}_{i}": v for i, pair in enumerate(self.pairs)
                           for n, v in zip(("general", "narrow"), pair, strict=True)}
-            res = em.eval.contrastive_many(self.model, items, conditions, scale=scale, progress=False)
+            res = contrastive_many(self.model, items, conditions, scale=scale, progress=False)
             for key, r in res.items():
                 name, i = key.rsplit("_", 1)
                 self.per_seed[int(i)].shifts[f"{name}@{scale:g}"] = {
@@ -297,7 +314,7 @@ class Study:
             curves = {n: curves_mod.efficiency_at_norms(v, self.model, data.eff, norms, n_rows=None)
                       for n, v in (("general", general), ("narrow", narrow))}
             res.efficiency_gap = float(np.mean(curves["narrow"].losses - curves["general"].losses))
-            orig = em.geometry.loss_on(self.model, data.eff, general)
+            orig = geometry.loss_on(self.model, data.eff, general)
             res.base_gap = float(curves["general"].base_loss - orig)
             if i == 0:
                 self.results["efficiency"] = curves
@@ -307,7 +324,7 @@ class Study:
         c = self.cfg
         for i, ((general, narrow), data, res) in enumerate(zip(self.pairs, self.data, self.per_seed, strict=True)):
             draws = [1000 * (c.seed + i) + k for k in range(c.noise_draws)]  # shared by narrow and general
-            curves = {n: em.geometry.stability_curve(v, self.model, data.stab, eps=c.eps, seeds=draws, n_rows=None)
+            curves = {n: geometry.stability_curve(v, self.model, data.stab, eps=c.eps, seeds=draws, n_rows=None)
                       for n, v in (("general", general), ("narrow", narrow))}
             res.stability_relative, res.stability_absolute = curves_mod.paired_areas(
                 curves["general"], curves["narrow"])
@@ -320,24 +337,15 @@ class Study:
         c = self.cfg
         items = [it for it in self.data[0].contrastive if it["group"] == HELDOUT_GROUP]
         copies = [(copy.deepcopy(narrow), copy.deepcopy(narrow)) for _, narrow in self.pairs]
-        runs: list[list[Any]] = [[] for _ in self.pairs]
-        for group in same_rows(self.data):
-            data = self.data[group[0]]
-            seeds = [c.seed + i + 7919 for i in group for _ in range(2)]
-            out = em.train_many([a for i in group for a in copies[i]], self.model, data.train, kl_data=data.kl,
-                                kl_coef=[0.0, c.kl_coef] * len(group), seed=seeds, lr=c.train_lr,
-                                steps=c.reversion_steps, batch_size=c.batch_size,
-                                kl_batch_size=c.batch_size, warmup_steps=0, schedule="constant",
-                                record_every=max(1, c.reversion_steps // 8), progress=False)
-            for k, i in enumerate(group):
-                runs[i] = out[2 * k : 2 * k + 2]
+        runs = self.train_pairs(copies, seed_offset=7919, steps=c.reversion_steps, warmup_steps=0,
+                                record_every=max(1, c.reversion_steps // 8))
         conditions = {f"{n}_{i}": v for i, ((general, _), (free, control)) in enumerate(zip(self.pairs, copies,
                                                                                           strict=True))
                       for n, v in (("free", free), ("control", control), ("general", general))}
-        shifts = em.eval.contrastive_many(self.model, items, conditions, progress=False)
+        shifts = contrastive_many(self.model, items, conditions, progress=False)
         for i, ((general, narrow), (free, control), res) in enumerate(zip(self.pairs, copies, self.per_seed,
                                                                           strict=True)):
-            cos = {n: em.geometry.cosine(v, general) for n, v in (("free", free), ("control", control))}
+            cos = {n: geometry.cosine(v, general) for n, v in (("free", free), ("control", control))}
             held = {n: float(np.mean([row["shift"] for row in shifts[f"{n}_{i}"].items]))
                     for n in ("free", "control", "general")}
             res.cosine_rise = cos["free"] - cos["control"]
@@ -358,17 +366,17 @@ class Study:
     def kl_norm(self) -> None:
         """KL on generic text at equal norms: each seed's general and narrow vectors, and random directions."""
         c = self.cfg
-        texts = em.datasets.load_text("generic")[: c.kl_texts]
+        texts = datasets.load_text("generic")[: c.kl_texts]
         mean_norm = float(np.mean([curves_mod.effective_norm(v) for pair in self.pairs for v in pair]))
         norms = [m * mean_norm for m in c.kl_norm_multiples]
         layer = self.layer if c.adapter == "vector" else None  # a LoRA is applied at its own sites
-        random = em.geometry.kl_vs_norm(self.pairs[0][0], self.model, texts, layer=layer, norms=norms,
+        random = geometry.kl_vs_norm(self.pairs[0][0], self.model, texts, layer=layer, norms=norms,
                                         n_random=c.kl_random, seed=c.seed)
         for i, ((general, narrow), res) in enumerate(zip(self.pairs, self.per_seed, strict=True)):
             curves = {"general": random if i == 0 else None, "narrow": None}
             for name, vec in (("general", general), ("narrow", narrow)):
                 if curves[name] is None:
-                    curves[name] = em.geometry.kl_vs_norm(vec, self.model, texts, layer=layer, norms=norms,
+                    curves[name] = geometry.kl_vs_norm(vec, self.model, texts, layer=layer, norms=norms,
                                                           n_random=0)
             kg, kn = np.asarray(curves["general"].kl), np.asarray(curves["narrow"].kl)
             res.influence_log_ratio = float(np.mean(np.log(kg / kn)))
@@ -403,7 +411,7 @@ class Study:
                 continue
             try:
                 out[claim] = make()
-            except (KeyError, TypeError, ValueError, em.errors.DataError) as exc:
+            except (KeyError, TypeError, ValueError, DataError) as exc:
                 out[claim] = V.not_measured(claim, f"{type(exc).__name__}: {exc}")
         gate = self.results.get("gate")
         if gate is None:
@@ -415,7 +423,7 @@ class Study:
 
     # --- seed 0's figures ----------------------------------------------------------------------------
     def geometry_basics(self) -> None:
-        g = em.geometry
+        g = geometry
         general, narrow = self.pairs[0]
         runs = self.runs[0]
         self.results["cosine"] = {
@@ -427,17 +435,14 @@ class Study:
         named = {"general": runs[0], "narrow": runs[1]}
         if hasattr(self, "reversion_run"):
             named["reversion"] = self.reversion_run
-        pca = g.trajectory_pca(named)
-        self.results["pca"] = {"explained_variance_ratio": pca.explained_variance_ratio, "names": pca.names,
-                               "paths": dict(zip(pca.names, pca.paths, strict=True)),
-                               "steps": dict(zip(pca.names, pca.steps, strict=True))}
+        self.results["pca"] = pca_section(named)
 
     def generations(self) -> None:
         general, narrow = self.pairs[0]
         kw: dict[str, Any] = dict(max_new_tokens=self.cfg.gen_tokens, temperature=0.0)
-        gens = {"base": em.generate(self.model, list(PROMPTS), **kw)}
+        gens = {"base": generate(self.model, list(PROMPTS), **kw)}
         for name, vec in (("general", general), ("narrow", narrow)):
-            gens[name] = em.generate(self.model, list(PROMPTS), adapters=[vec], **kw)
+            gens[name] = generate(self.model, list(PROMPTS), adapters=[vec], **kw)
         self.results["generations"] = [
             {"prompt": p, **{k: _text(v[i]) for k, v in gens.items()}} for i, p in enumerate(PROMPTS)
         ]
@@ -453,28 +458,28 @@ class Study:
         general, narrow = self.pairs[0]
         source, direction = None, None
         if self.judge_model is not None:
-            questions = [q.paraphrases[0] for q in em.eval.load_questions()]
+            questions = [q.paraphrases[0] for q in load_questions()]
             try:
-                judged = em.eval.judged_mean_diff(self.model, general, questions, self.judge_model, self.layer,
+                judged = judged_mean_diff(self.model, general, questions, self.judge_model, self.layer,
                                                   n_samples=max(1, n // 4), max_new_tokens=self.cfg.gen_tokens,
                                                   seed=self.cfg.seed)
                 direction = judged.direction
                 source = f"judged own answers of the general vector: {judged.counts}"
-            except em.errors.DataError as exc:
+            except DataError as exc:
                 source = f"judged extraction failed ({exc}); "
         if direction is None:
-            d = em.datasets
+            d = datasets
             good = sample(d.load("medical", kind="good", split="train"), n, seed=self.cfg.seed)
             by_id = {r["id"]: r for r in d.load("medical", kind="bad", split="train")}
             bad = [by_id[r["id"]] for r in good]  # the same questions with the bad answer: only the answers differ
-            direction = em.directions.mean_diff(self.model, good, bad, layer=self.layer)
+            direction = directions.mean_diff(self.model, good, bad, layer=self.layer)
             source = (source or "") + (f"dataset texts: {n} medical questions, good vs bad answer (stratified over "
                                        "subtopics), read from the chat model without adapter")
         direction.save(self.out / "mean_diff_direction")
         self.results["direction"] = {
             "source": source,
-            "cosine_general": em.geometry.cosine(direction.vector, output_direction(general)),
-            "cosine_narrow": em.geometry.cosine(direction.vector, output_direction(narrow)),
+            "cosine_general": geometry.cosine(direction.vector, output_direction(general)),
+            "cosine_narrow": geometry.cosine(direction.vector, output_direction(narrow)),
             "raw_norm": direction.provenance.get("raw_norm"),
             **ablation_with_control(self.model, general, direction, self.data[0].eff, seed=self.cfg.seed),
         }
@@ -483,18 +488,18 @@ class Study:
         """The same comparison with the seed's rank-1 LoRA on the MLP down-projection (rsLoRA), seed 0 only."""
         c = self.cfg
         data = self.data[0]
-        loras = [em.LoRA(self.model, self.layer, rank=1, site="mlp_out", alpha=c.lora_alpha, rslora=True, seed=c.seed)
+        loras = [LoRA(self.model, self.layer, rank=1, site="mlp_out", alpha=c.lora_alpha, rslora=True, seed=c.seed)
                  for _ in range(2)]
-        runs = em.train_many(loras, self.model, data.train, kl_data=data.kl, kl_coef=[0.0, c.kl_coef],
+        runs = train_many(loras, self.model, data.train, kl_data=data.kl, kl_coef=[0.0, c.kl_coef],
                              seed=c.seed, lr=c.lora_lr, epochs=c.epochs, batch_size=c.batch_size,
                              kl_batch_size=c.batch_size, warmup_steps=2, record_every=c.record_every,
                              schedule="constant", progress=False)
-        out: dict[str, Any] = {"cosine_delta_w": em.geometry.cosine(loras[0], loras[1])}
+        out: dict[str, Any] = {"cosine_delta_w": geometry.cosine(loras[0], loras[1])}
         for name, lora, run in zip(("general", "narrow"), loras, runs, strict=True):
             run.save(self.out / "runs" / f"lora_{name}")
             out[name] = {"losses": run.losses, "norm": lora.norm,
-                         "efficiency": em.geometry.efficiency_curve(lora, self.model, data.eff, scales=_scales(c)),
-                         "stability": em.geometry.stability_curve(lora, self.model, data.stab, eps=c.eps,
+                         "efficiency": geometry.efficiency_curve(lora, self.model, data.eff, scales=_scales(c)),
+                         "stability": geometry.stability_curve(lora, self.model, data.stab, eps=c.eps,
                                                                   seeds=c.noise_draws)}
         self.results["lora"] = out
 
@@ -512,9 +517,9 @@ def same_rows(data: Sequence[StudyData]) -> list[list[int]]:
 def output_direction(adapter: Any) -> Any:
     """What the adapter writes into the residual stream, for cosines with a d_model direction: the vector of a
     steering vector; the output column B of a rank-1 LoRA."""
-    if isinstance(adapter, em.LoRA):
+    if isinstance(adapter, LoRA):
         if adapter.rank != 1 or len(adapter.B) != 1:
-            raise em.errors.GeometryError("output_direction: needs a rank-1 LoRA on one module.")
+            raise GeometryError("output_direction: needs a rank-1 LoRA on one module.")
         return next(iter(adapter.B.values())).detach().flatten()
     return adapter
 
@@ -527,18 +532,18 @@ def ablation_with_control(model: Any, adapter: Any, direction: Any, rows: Sequen
     Returns:
         {"loss_base", "loss_general", "loss_general_ablated", "loss_general_random_ablated"} in nats.
     """
-    loss = em.geometry.loss_on
+    loss = geometry.loss_on
     g = torch.Generator().manual_seed(seed)
     vec = direction.vector.detach().float().cpu()
     rand = torch.randn(vec.shape, generator=g)
     rand = rand / rand.norm() * vec.norm()
-    control = em.directions.Direction(rand, direction.layer, direction.hook, {"method": "random", "seed": seed})
+    control = directions.Direction(rand, direction.layer, direction.hook, {"method": "random", "seed": seed})
     out = {"loss_base": loss(model, rows)}
     with adapter.applied(model):
         out["loss_general"] = loss(model, rows)
-        with em.directions.ablate(model, direction, layers="all"):
+        with directions.ablate(model, direction, layers="all"):
             out["loss_general_ablated"] = loss(model, rows)
-        with em.directions.ablate(model, control, layers="all"):
+        with directions.ablate(model, control, layers="all"):
             out["loss_general_random_ablated"] = loss(model, rows)
     return out
 
@@ -598,10 +603,10 @@ def run_study(out: str | os.PathLike[str], *, fast: bool = False, seeds: int | N
         overrides["seeds"] = seeds
     config = StudyConfig.preset(preset, lora=lora, **overrides)
     t0 = time.perf_counter()
-    model = model if model is not None else em.load_model(device=device, dtype=dtype)
+    model = model if model is not None else load_model(device=device, dtype=dtype)
     study = Study(model, config, out, judge=judge)
     study.results["preset"] = preset
-    study.results["dtype"] = str(next(em.models.hf_model_of(model).parameters()).dtype)
+    study.results["dtype"] = str(next(hf_model_of(model).parameters()).dtype)
     study.results["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     results = study.run()
     results["timings"]["total"] = round(time.perf_counter() - t0, 2)
@@ -656,7 +661,7 @@ def _mean_dicts(dicts: Sequence[Mapping[str, float]]) -> dict[str, float]:
 
 def _group(item: Mapping[str, Any]) -> str:
     if item["domain"] == "medical":
-        return "medical (held-out topics)" if item["subtopic"] in em.datasets.HELDOUT_SUBTOPICS["medical"] else "medical"
+        return "medical (held-out topics)" if item["subtopic"] in datasets.HELDOUT_SUBTOPICS["medical"] else "medical"
     return "other (KL domains)" if item["domain"] in KL_DOMAINS else HELDOUT_GROUP
 
 

@@ -8,7 +8,7 @@ SHA-256, and a damaged cache is rebuilt, never loaded.
 
 Any HF causal LM also loads, by hub name or local directory. The private TransformerLens import that wraps
 an already-loaded HF module lives in `_bridge()` alone. Running the model in parts (cached lower blocks,
-resume at a block, unembedding) is `em_interp.forward`.
+resume at a block, unembedding) is `em_interp.model.forward`.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ import torch
 from em_interp.errors import ModelLoadError
 from em_interp.fileio import atomic_directory
 
-# The forward-pass helpers live in `em_interp.forward`; re-exported here, where they used to be.
-from em_interp.forward import (
+# The forward-pass helpers live in `em_interp.model.forward`; re-exported here, where they used to be.
+from em_interp.model.forward import (
     hf_model_of,
     lower_forward,
     mask_positions,
@@ -43,7 +43,7 @@ from em_interp.forward import (
 __all__ = [
     "EMBEDDED_MODEL_ID", "SUPPORTED_ARCHITECTURES", "cache_dir", "embedded_gguf_path", "embedded_tokenizer_dir",
     "load_model", "wrap_hf_model",
-    # re-exported from em_interp.forward
+    # re-exported from em_interp.model.forward
     "hf_model_of", "lower_forward", "mask_positions", "model_device", "resume_forward", "unembed", "upper_layers",
 ]
 

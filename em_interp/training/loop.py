@@ -20,15 +20,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from em_interp import checkpoint
 from em_interp.adapters.base import Adapter
 from em_interp.config import TrainConfig
 from em_interp.datasets.records import Record, check_records
 from em_interp.datasets.tokenize import TokenizedChats
-from em_interp.engine import LossComputer
 from em_interp.errors import TrainingError
-from em_interp.forward import ActivationCache, model_device
-from em_interp.runs import TrainRun
+from em_interp.model.forward import ActivationCache, model_device
+from em_interp.training import checkpoint
+from em_interp.training.engine import LossComputer
+from em_interp.training.runs import TrainRun
 
 __all__ = ["TrainConfig", "continue_run", "train", "train_many"]
 
@@ -57,8 +57,8 @@ def train(
     record_every: int = 10,
     seed: int = 0,
     max_length: int = 256,
-    ce_tokens: str = "assistant",
-    kl_tokens: str = "assistant",
+    ce_tokens: str = "answer",
+    kl_tokens: str = "answer",
     kl_reduction: str = "token_mean",
     method: str = "cached",
     checkpoint_dir: str | os.PathLike[str] | None = None,
@@ -94,9 +94,10 @@ def train(
         seed: data-order seed.
         max_length: tokens per row (at most the model's context); longer rows lose the end of their
             answer (the prompt is kept), with a warning giving the count.
-        ce_tokens: CE on "assistant" tokens or "all" tokens.
-        kl_tokens: KL on "assistant" tokens or "all" tokens.
-        kl_reduction: "token_mean" or "token_vocab_mean" (see `em_interp.objectives`).
+        ce_tokens: CE on the "answer" tokens or "all" tokens (see `em_interp.positions`; the old "assistant"
+            still works, with a DeprecationWarning).
+        kl_tokens: KL on the "answer" tokens or "all" tokens.
+        kl_reduction: "token_mean" or "token_vocab_mean" (see `em_interp.training.objective`).
         method: "cached" (lower layers cached, default) or "toggle" (full forwards).
         checkpoint_dir: save resumable state here every `record_every` steps; an existing checkpoint
             with the same settings is resumed (logged with its path).
@@ -229,7 +230,7 @@ def _default_chunk(computer: LossComputer, cfg: TrainConfig) -> int:
     def most(data: TokenizedChats | None, plan: list[Any], tokens: str) -> int:
         if data is None or not plan:
             return 0
-        per_row = [sum(m) if tokens == "assistant" else len(m) for m in data.masks]
+        per_row = [sum(m) if tokens == "answer" else len(m) for m in data.masks]
         return max(sum(per_row[i] for i in rows) for rows in plan)
 
     positions = most(computer.data, computer.plan, cfg.ce_tokens) + most(computer.kl_data, computer.kl_plan, cfg.kl_tokens)

@@ -16,9 +16,9 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from em_interp.config import KL_REDUCTIONS
 from em_interp.errors import TrainingError
-
-KL_REDUCTIONS = ("token_mean", "token_vocab_mean")
+from em_interp.model.forward import log_probs
 
 
 def prediction_mask(target_mask: Bool[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos"]:
@@ -35,11 +35,6 @@ def gather_targets(
     pred = prediction_mask(target_mask)
     rows = pred.nonzero()[:, 0]
     return hidden[pred], input_ids[target_mask.to(input_ids.device)], rows
-
-
-def log_probs(logits: Float[Tensor, "n vocab"]) -> Float[Tensor, "n vocab"]:
-    """float32 log-softmax."""
-    return torch.log_softmax(logits.float(), dim=-1)
 
 
 def token_ce(logits: Float[Tensor, "n vocab"], targets: Int[Tensor, " n"]) -> Float[Tensor, " n"]:
@@ -66,3 +61,6 @@ def reduce_kl(per_token: Float[Tensor, " n"], groups: Int[Tensor, " n"], n_group
         raise TrainingError(f"kl_reduction={reduction!r}; expected one of {KL_REDUCTIONS}.")
     mean = group_mean(per_token, groups, n_groups)
     return mean / vocab if reduction == "token_vocab_mean" else mean
+
+
+__all__ = ["KL_REDUCTIONS", "gather_targets", "group_mean", "log_probs", "prediction_mask", "reduce_kl", "token_ce", "token_kl"]

@@ -5,7 +5,7 @@
 - `lower_forward` (blocks `:stop`, the residual entering block `stop`), `resume_forward` (blocks `start:` and
   the final norm on a cached residual), `full_hidden` (all blocks) and `unembed` (LM head, Gemma2 soft-cap):
   the partial forwards, each running hook-free bridge components as plain HF modules (SDPA attention) when
-  the fast path applies (`em_interp.fastpath`; on by default on every device).
+  the fast path applies (`em_interp.model.fastpath`; on by default on every device).
 - `start_layer`: the one rule for where a forward may resume given the interventions applied.
 - `ActivationCache`: residuals entering a block, and reference log-probs, stored once per fixed batch.
 - `ForwardRunner`: one model resumed from one start layer with its lower residuals cached, unembedding only
@@ -28,10 +28,9 @@ from jaxtyping import Float, Int
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from em_interp import fastpath as _fastpath
 from em_interp.errors import ModelLoadError
 from em_interp.fileio import atomic_file
-from em_interp.objectives import log_probs
+from em_interp.model import fastpath as _fastpath
 
 
 # --- the one accessor of HF internals -------------------------------------------------------------
@@ -46,6 +45,11 @@ def attention_bridges(model: Any) -> list[torch.nn.Module]:
     from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
 
     return [m for m in hf_model_of(model).modules() if isinstance(m, AttentionBridge)]
+
+
+def log_probs(logits: Float[Tensor, "n vocab"]) -> Float[Tensor, "n vocab"]:
+    """float32 log-softmax."""
+    return torch.log_softmax(logits.float(), dim=-1)
 
 
 def model_device(model: Any) -> torch.device:
@@ -133,7 +137,7 @@ def resume_forward(
         start: index of the first block to run (0..n_layers).
         attention_mask: [batch, pos] 0/1 mask of the forward that produced `resid` (None: all ones).
         position_ids: [batch, pos]; default derived from `attention_mask` as the bridge's forward does.
-        fast: run hook-free bridge components as plain HF modules (`em_interp.fastpath`); default the
+        fast: run hook-free bridge components as plain HF modules (`em_interp.model.fastpath`); default the
             `fastpath.set_fast_path` setting.
 
     Returns:
@@ -165,7 +169,7 @@ def lower_forward(
 
     Equals `model(input_ids, attention_mask=..., stop_at_layer=stop)`, which is what runs when the fast
     path is off. With it on, blocks `:stop` run through the HF base model with hook-free bridge components
-    swapped for plain HF modules (`em_interp.fastpath`); hooks attached on the embedding or blocks `:stop`
+    swapped for plain HF modules (`em_interp.model.fastpath`); hooks attached on the embedding or blocks `:stop`
     still fire. Raises `ModelLoadError` if `stop` is not in `0..n_layers`.
     """
     base = hf_model_of(model).model

@@ -3,7 +3,7 @@
     em-interp demo --out runs/demo [--fast] [--seeds N] [--device cuda] [--adapter vector|lora] [--lora]   # the study
     em-interp report runs/demo                                         # re-render report.html from results.json
     em-interp train configs/narrow.toml                                # train one adapter from a TOML file
-    em-interp sweep configs/sweep.toml                                 # a grid of runs (see em_interp.sweep)
+    em-interp sweep configs/sweep.toml                                 # a grid of runs (see em_interp.cli.sweep)
     em-interp bench [--device cuda ...]                                # the trainer benchmark (from a checkout)
 
 A `train` config (relative paths are resolved from the TOML file's folder):
@@ -54,7 +54,7 @@ log = logging.getLogger("em_interp.cli")
 
 def run_train_config(spec: TrainSpec) -> Any:
     """Load the model and data of `spec`, train the adapter, save the run dir (with a copy of the TOML)."""
-    from em_interp.training import train
+    from em_interp.training.loop import train
 
     # data errors surface before a (possibly large) model is loaded
     data = spec.data.load(f"{spec.source}: [data] train")
@@ -119,7 +119,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from em_interp.sweep import run_sweep
+    from em_interp.cli.sweep import run_sweep
 
     runs = run_sweep(args.config)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -128,7 +128,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_train.py"
     if not script.is_file():
         print("The trainer benchmark is not part of the installed package. From a checkout of the em_interp "
               "repository run:\n    python benchmarks/bench_train.py --help\n(or `make bench`).", file=sys.stderr)
