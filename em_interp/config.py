@@ -26,10 +26,13 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from em_interp.errors import ConfigError, EmInterpError, TrainingError
 from em_interp.positions import ALL, ANSWER, DEPRECATED, position_name
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 # The training methods (see `em_interp.training.engine`) and KL reductions (`em_interp.training.objective`);
 # defined here, below the trainer, so that configs validate without importing it.
@@ -275,7 +278,7 @@ class AdapterConfig:
             data["hook"] = data.pop("site")
         return from_plain(cls, data, f"{where} (kind={kind!r})", allowed=ADAPTER_KEYS[kind])
 
-    def build(self, model: Any, **overrides: Any) -> Any:
+    def build(self, model: TransformerBridge, **overrides: Any) -> Any:
         """The adapter for `model` (`overrides`, e.g. `seed`, replace configured arguments)."""
         from em_interp.adapters import LoRA, SteeringVector
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from em_interp.adapters.base import Adapter
 from em_interp.datasets.records import chat
@@ -38,6 +38,9 @@ from em_interp.interventions import (
     steer,
 )
 from em_interp.model.hooks import Positions
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 
 # --- transfer -----------------------------------------------------------------------------------
@@ -85,7 +88,7 @@ def transfer(
     to: Any,
     data: Sequence[Any],
     *,
-    model: Any = None,
+    model: TransformerBridge | None = None,
     adapters: Any = (),
     scale: float = 8.0,
     layers: str | Sequence[int] = "all",
@@ -121,9 +124,10 @@ def transfer(
         if model is None:
             raise GeometryError("transfer: `to` is an adapter; pass the model it applies to as model=...")
         chosen = [to, *chosen]
+        target: TransformerBridge = model
     else:
-        model = to
-    check_fits(d, model, "transfer")
+        target = to
+    check_fits(d, target, "transfer")
     rows = list(data)[:n_rows] if n_rows is not None else list(data)
     if not rows:
         raise DataError("transfer: data is empty.")
@@ -134,13 +138,13 @@ def transfer(
     conditions: dict[str, Any] = {"none": None, "steered": Steering(d, scale, positions), "ablated": Ablation(d, layers, positions)}
     loss, loss_good, contrast = {}, {}, {}
     for name, intervention in conditions.items():
-        with contextlib.nullcontext() if intervention is None else intervention.applied(model):
-            loss[name] = loss_on(model, bad, chosen, batch_size=batch_size)
+        with contextlib.nullcontext() if intervention is None else intervention.applied(target):
+            loss[name] = loss_on(target, bad, chosen, batch_size=batch_size)
             if good is not None:
-                loss_good[name] = loss_on(model, good, chosen, batch_size=batch_size)
+                loss_good[name] = loss_on(target, good, chosen, batch_size=batch_size)
         if contrastive is not None:
             extra = [] if intervention is None else [intervention]
-            contrast[name] = contrastive(model, rows, adapters=[*chosen, *extra], batch_size=batch_size, progress=False)
+            contrast[name] = contrastive(target, rows, adapters=[*chosen, *extra], batch_size=batch_size, progress=False)
     return TransferResult(
         loss=loss, loss_good=loss_good if paired else None, contrastive=contrast if contrastive is not None else None,
         direction=d, scale=float(scale), layers=layers if isinstance(layers, str) else [int(x) for x in layers],

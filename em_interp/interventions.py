@@ -32,7 +32,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Float
@@ -46,6 +46,9 @@ from em_interp.adapters.steering import STEERING_HOOKS, SteeringVector
 from em_interp.errors import AdapterError, GeometryError
 from em_interp.fileio import atomic_directory
 from em_interp.model.hooks import HookFn, Positions, attach_hooks, check_positions, hooks_applied, position_weight
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 FORMAT_VERSION = 1
 
@@ -148,7 +151,7 @@ def as_direction(source: Direction | Adapter) -> Direction:
     )
 
 
-def check_fits(direction: Direction, model: Any, where: str) -> None:
+def check_fits(direction: Direction, model: TransformerBridge, where: str) -> None:
     d_model, n_layers = int(model.cfg.d_model), int(model.cfg.n_layers)
     if direction.d_model != d_model:
         raise GeometryError(f"{where}: the direction has d_model={direction.d_model}; the model has d_model={d_model}.")
@@ -171,11 +174,11 @@ class Intervention(Protocol):
         """The lowest block index whose computation this intervention changes."""
         ...
 
-    def hooks(self, model: Any, scale: float = 1.0, positions: Positions | None = None) -> list[tuple[str, HookFn]]:
+    def hooks(self, model: TransformerBridge, scale: float = 1.0, positions: Positions | None = None) -> list[tuple[str, HookFn]]:
         """(hook name, fn) pairs applying this intervention to `model` at `scale` × its own scale."""
         ...
 
-    def applied(self, model: Any, scale: float = 1.0, positions: Positions | None = None) -> AbstractContextManager[Any]:
+    def applied(self, model: TransformerBridge, scale: float = 1.0, positions: Positions | None = None) -> AbstractContextManager[Any]:
         """Context manager: the hooks are attached on entry and removed on exit, even on error."""
         ...
 
@@ -212,7 +215,7 @@ def check_scale(scale: float | None, where: str) -> float:
     return 1.0 if scale is None else check_finite(scale, "scale", where)
 
 
-def intervention_hooks(model: Any, interventions: Any, scale: float | None = 1.0) -> list[tuple[str, HookFn]]:
+def intervention_hooks(model: TransformerBridge, interventions: Any, scale: float | None = 1.0) -> list[tuple[str, HookFn]]:
     """All hooks of several interventions together, each at `scale` × its own scale and its own positions."""
     factor = check_scale(scale, "intervention_hooks")
     return [h for a in as_interventions(interventions) for h in a.hooks(model, factor)]
@@ -220,7 +223,7 @@ def intervention_hooks(model: Any, interventions: Any, scale: float | None = 1.0
 
 @contextlib.contextmanager
 def interventions_applied(
-    model: Any, interventions: Any, *, scale: float | None = 1.0, positions: Positions | None = None
+    model: TransformerBridge, interventions: Any, *, scale: float | None = 1.0, positions: Positions | None = None
 ) -> Iterator[None]:
     """Apply several interventions together (each via `.applied(model, scale, positions)`); all removed on exit.
 
@@ -244,18 +247,18 @@ class _HookIntervention:
     scale: float
     positions: Positions
 
-    def hooks(self, model: Any, scale: float = 1.0, positions: Positions | None = None) -> list[tuple[str, HookFn]]:
+    def hooks(self, model: TransformerBridge, scale: float = 1.0, positions: Positions | None = None) -> list[tuple[str, HookFn]]:
         raise NotImplementedError
 
     @contextlib.contextmanager
-    def applied(self, model: Any, scale: float = 1.0, positions: Positions | None = None) -> Iterator[Any]:
+    def applied(self, model: TransformerBridge, scale: float = 1.0, positions: Positions | None = None) -> Iterator[Any]:
         handle = attach_hooks(model, self.hooks(model, scale, positions))
         try:
             yield self
         finally:
             handle.remove()
 
-    def _setup(self, model: Any, scale: float | None, positions: Positions | None, where: str) -> tuple[float, Positions]:
+    def _setup(self, model: TransformerBridge, scale: float | None, positions: Positions | None, where: str) -> tuple[float, Positions]:
         factor = check_finite(self.scale, "scale", where) * check_scale(scale, f"{where}.applied")
         return factor, check_positions(self.positions if positions is None else positions)
 
@@ -280,7 +283,7 @@ class Steering(_HookIntervention):
     def first_layer(self) -> int:
         return self.direction.layer
 
-    def hooks(self, model: Any, scale: float = 1.0, positions: Positions | None = None) -> list[tuple[str, HookFn]]:
+    def hooks(self, model: TransformerBridge, scale: float = 1.0, positions: Positions | None = None) -> list[tuple[str, HookFn]]:
         check_fits(self.direction, model, "steer")
         factor, where = self._setup(model, scale, positions, "Steering")
         unit = self.direction.vector
@@ -322,7 +325,7 @@ class Ablation(_HookIntervention):
             return 0  # the embeddings (or a block counted from the end): the whole model may change
         return min((int(x) for x in self.layers), default=0)
 
-    def hooks(self, model: Any, scale: float = 1.0, positions: Positions | None = None) -> list[tuple[str, HookFn]]:
+    def hooks(self, model: TransformerBridge, scale: float = 1.0, positions: Positions | None = None) -> list[tuple[str, HookFn]]:
         check_fits(self.direction, model, "ablate")
         factor, where = self._setup(model, scale, positions, "Ablation")
         unit = self.direction.vector
@@ -342,7 +345,7 @@ class Ablation(_HookIntervention):
         return f"Ablation(layers={self.layers!r}, d_model={self.direction.d_model}{scale})"
 
 
-def ablation_hooks(model: Any, direction: Direction, layers: str | Sequence[int] = "all") -> list[str]:
+def ablation_hooks(model: TransformerBridge, direction: Direction, layers: str | Sequence[int] = "all") -> list[str]:
     """The hook names `ablate` projects at: with layers="all", `blocks.0.hook_resid_pre` (the embeddings)
     and every block's `hook_resid_post`; with a list, `hook_resid_post` of those blocks only."""
     n_layers = int(model.cfg.n_layers)
@@ -359,7 +362,7 @@ def ablation_hooks(model: Any, direction: Direction, layers: str | Sequence[int]
 
 
 @contextlib.contextmanager
-def steer(model: Any, direction: Direction | Adapter, scale: float, positions: Positions = "all") -> Iterator[Direction]:
+def steer(model: TransformerBridge, direction: Direction | Adapter, scale: float, positions: Positions = "all") -> Iterator[Direction]:
     """Context manager adding `scale · r̂` at the direction's hook (its layer); removed on exit.
 
     Args:
@@ -375,7 +378,7 @@ def steer(model: Any, direction: Direction | Adapter, scale: float, positions: P
 
 @contextlib.contextmanager
 def ablate(
-    model: Any, direction: Direction | Adapter, layers: str | Sequence[int] = "all", positions: Positions = "all",
+    model: TransformerBridge, direction: Direction | Adapter, layers: str | Sequence[int] = "all", positions: Positions = "all",
     scale: float = 1.0,
 ) -> Iterator[Direction]:
     """Context manager projecting r̂ out of the residual stream: h ← h − scale · (h·r̂) r̂ (see `Ablation`).

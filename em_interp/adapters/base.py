@@ -14,7 +14,7 @@ import os
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 from jaxtyping import Float
@@ -26,6 +26,9 @@ from em_interp.errors import AdapterError
 from em_interp.fileio import atomic_directory
 from em_interp.model.forward import hf_model_of
 from em_interp.model.hooks import HookFn, HookHandle, Positions, attach_hooks, check_positions
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 FORMAT_VERSION = 1
 _REGISTRY: dict[str, type[Adapter]] = {}
@@ -118,7 +121,7 @@ class _AdapterHandle(HookHandle):
             self._release = None
 
 
-def model_signature(model: Any) -> dict[str, Any]:
+def model_signature(model: TransformerBridge) -> dict[str, Any]:
     """What an adapter must match in a model: id, d_model, n_layers, architecture."""
     return {
         "model_id": getattr(model, "em_model_id", None),
@@ -139,7 +142,7 @@ class Adapter(nn.Module):
 
     kind: ClassVar[str] = "adapter"
 
-    def __init__(self, model: Any):
+    def __init__(self, model: TransformerBridge):
         super().__init__()
         self.signature = model_signature(model)
         self._scale = 1.0
@@ -164,7 +167,7 @@ class Adapter(nn.Module):
         folded in by the caller; `hooks` does that). Subclasses implement this."""
         raise NotImplementedError
 
-    def hooks(self, model: Any, scale: float = 1.0, positions: Positions | None = None) -> list[tuple[str, HookFn]]:
+    def hooks(self, model: TransformerBridge, scale: float = 1.0, positions: Positions | None = None) -> list[tuple[str, HookFn]]:
         """(hook_name, fn) pairs applying this adapter to `model` at `scale` × `self.scale`.
 
         Raises:
@@ -183,7 +186,7 @@ class Adapter(nn.Module):
         """Constructor arguments needed to rebuild this adapter (saved as metadata)."""
         raise NotImplementedError
 
-    def attach(self, model: Any, scale: float = 1.0, positions: Positions | None = None) -> HookHandle:
+    def attach(self, model: TransformerBridge, scale: float = 1.0, positions: Positions | None = None) -> HookHandle:
         """Add this adapter's hooks to `model` until `handle.remove()`; `scale` multiplies `self.scale`.
 
         Raises:
@@ -202,7 +205,7 @@ class Adapter(nn.Module):
         return _AdapterHandle(handle, self, id(model))
 
     @contextlib.contextmanager
-    def applied(self, model: Any, scale: float = 1.0, positions: Positions | None = None) -> Iterator[Adapter]:
+    def applied(self, model: TransformerBridge, scale: float = 1.0, positions: Positions | None = None) -> Iterator[Adapter]:
         """Context manager applying the adapter at `scale` × `self.scale`; its hooks are removed on exit, even
         on error.
 
@@ -244,7 +247,7 @@ class Adapter(nn.Module):
         """All parameters as one float32 vector (for cosine similarity and PCA)."""
         return torch.cat([p.detach().float().cpu().flatten() for p in self.parameters()])
 
-    def check_model(self, model: Any) -> None:
+    def check_model(self, model: TransformerBridge) -> None:
         """Raise `AdapterError` if `model` does not have the d_model, layer count and architecture recorded."""
         theirs = model_signature(model)
         for key in ("d_model", "n_layers", "architecture"):
@@ -273,7 +276,7 @@ class Adapter(nn.Module):
         return Path(directory)
 
     @staticmethod
-    def load(directory: str | os.PathLike[str], model: Any) -> Adapter:
+    def load(directory: str | os.PathLike[str], model: TransformerBridge) -> Adapter:
         """Rebuild a saved adapter for `model` (checked against the recorded signature)."""
         directory = Path(directory)
         meta_path, tensor_path = directory / "adapter.json", directory / "adapter.safetensors"
@@ -303,6 +306,6 @@ class Adapter(nn.Module):
         return adapter
 
 
-def load_adapter(directory: str | os.PathLike[str], model: Any) -> Adapter:
+def load_adapter(directory: str | os.PathLike[str], model: TransformerBridge) -> Adapter:
     """Load any saved adapter (its kind is read from the metadata)."""
     return Adapter.load(directory, model)

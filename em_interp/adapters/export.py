@@ -35,7 +35,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -47,6 +47,9 @@ from em_interp.adapters.lora import LORA_SITES, LoRA, _key
 from em_interp.adapters.steering import SteeringSet, SteeringVector
 from em_interp.errors import AdapterError, OutputPathError
 from em_interp.fileio import atomic_file, write_json
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +140,7 @@ def export_peft(lora: LoRA, directory: str | os.PathLike[str], base_model_name: 
 
 
 @file_format("lora_from_peft")
-def lora_from_peft(directory: str | os.PathLike[str], model: Any) -> LoRA:
+def lora_from_peft(directory: str | os.PathLike[str], model: TransformerBridge) -> LoRA:
     """Read a PEFT LoRA directory (ours or PEFT's) into a `LoRA` for `model`.
 
     Supports LoRA on the decoder layers' q/k/v/o and gate/up/down projections, any rank, rsLoRA and
@@ -379,7 +382,7 @@ def read_control_vector(path: str | os.PathLike[str]) -> tuple[dict[int, Tensor]
 
 
 @file_format("from_gguf")
-def from_gguf(path: str | os.PathLike[str], model: Any) -> SteeringSet:
+def from_gguf(path: str | os.PathLike[str], model: TransformerBridge) -> SteeringSet:
     """A `SteeringSet` for `model` from a llama.cpp control-vector GGUF (`direction.N` → blocks.N.hook_resid_post).
 
     The vectors are taken as the deltas llama.cpp adds at strength 1 (alpha 1, scale 1), so
@@ -402,7 +405,7 @@ def from_gguf(path: str | os.PathLike[str], model: Any) -> SteeringSet:
 
 
 @file_format("from_repeng")
-def from_repeng(control_vector: Any, model: Any) -> SteeringSet:
+def from_repeng(control_vector: Any, model: TransformerBridge) -> SteeringSet:
     """A `SteeringSet` for `model` from a repeng `ControlVector` (duck-typed; repeng need not be installed).
 
     Reads `control_vector.model_type` (HF model type, checked against `model`) and
@@ -436,7 +439,7 @@ def from_repeng(control_vector: Any, model: Any) -> SteeringSet:
     return steering
 
 
-def _steering_set(directions: Mapping[int, Tensor], model: Any, where: str) -> SteeringSet:
+def _steering_set(directions: Mapping[int, Tensor], model: TransformerBridge, where: str) -> SteeringSet:
     n_layers, d_model = int(model.cfg.n_layers), int(model.cfg.d_model)
     if not directions:
         raise AdapterError(f"{where}: no directions; expected at least one layer.")

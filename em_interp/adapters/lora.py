@@ -11,7 +11,7 @@ import math
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
@@ -20,6 +20,9 @@ from torch import Tensor, nn
 from em_interp.adapters.base import Adapter, check_finite, check_layer, file_format_function
 from em_interp.errors import AdapterError
 from em_interp.model.hooks import HookFn, Positions, position_weight
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 # Our site names -> (bridge submodule of the block, HF submodule of the decoder layer).
 LORA_SITES = {
@@ -54,7 +57,7 @@ class LoRA(Adapter):
 
     def __init__(
         self,
-        model: Any,
+        model: TransformerBridge,
         layer: int | Sequence[int],
         rank: int = 1,
         site: str | Sequence[str] = "mlp_out",
@@ -161,7 +164,7 @@ class LoRA(Adapter):
         return file_format_function("export_peft")(self, directory, base_model_name)
 
     @classmethod
-    def from_peft(cls, directory: str | os.PathLike[str], model: Any) -> LoRA:
+    def from_peft(cls, directory: str | os.PathLike[str], model: TransformerBridge) -> LoRA:
         """Read a PEFT LoRA directory for `model` (see `em_interp.adapters.export.lora_from_peft`)."""
         return file_format_function("lora_from_peft")(directory, model)
 

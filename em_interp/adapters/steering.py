@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
@@ -16,6 +16,9 @@ from torch import Tensor, nn
 from em_interp.adapters.base import Adapter, check_finite, check_layer, file_format_function
 from em_interp.errors import AdapterError
 from em_interp.model.hooks import HookFn, Positions, position_weight
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 # Our hook names -> the TransformerLens hook point inside block `layer`.
 STEERING_HOOKS = {
@@ -50,7 +53,7 @@ class SteeringVector(Adapter):
 
     def __init__(
         self,
-        model: Any,
+        model: TransformerBridge,
         layer: int,
         hook: str = "resid_post",
         init: str | Tensor = "zeros",
@@ -140,7 +143,7 @@ class SteeringSet(Adapter):
 
     def __init__(
         self,
-        model: Any,
+        model: TransformerBridge,
         layers: Sequence[int],
         hook: str = "resid_post",
         init: str | Mapping[int, Tensor] = "zeros",
@@ -205,7 +208,7 @@ class SteeringSet(Adapter):
 
         return [(name, make(layer)) for name, layer in zip(self.hook_names, self.layers, strict=True)]
 
-    def split(self, model: Any) -> list[SteeringVector]:
+    def split(self, model: TransformerBridge) -> list[SteeringVector]:
         """One `SteeringVector` per layer (copies: same hook, alpha, scale and values), for `model`."""
         self.check_model(model)
         out = []
@@ -228,12 +231,12 @@ class SteeringSet(Adapter):
         return file_format_function("export_control_vector")(self, path, model_hint)
 
     @classmethod
-    def from_gguf(cls, path: str | os.PathLike[str], model: Any) -> SteeringSet:
+    def from_gguf(cls, path: str | os.PathLike[str], model: TransformerBridge) -> SteeringSet:
         """Read a llama.cpp control-vector GGUF for `model` (see `em_interp.adapters.export.from_gguf`)."""
         return file_format_function("from_gguf")(path, model)
 
     @classmethod
-    def from_repeng(cls, control_vector: Any, model: Any) -> SteeringSet:
+    def from_repeng(cls, control_vector: Any, model: TransformerBridge) -> SteeringSet:
         """Convert a repeng `ControlVector` for `model` (see `em_interp.adapters.export.from_repeng`)."""
         return file_format_function("from_repeng")(control_vector, model)
 

@@ -54,13 +54,16 @@ import os
 import shutil
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from em_interp.config import SweepSpec, load_sweep_config
 from em_interp.errors import EmInterpError
 from em_interp.fileio import write_json
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 log = logging.getLogger(__name__)
 __all__ = ["SweepSpec", "load_sweep_config", "main", "run_sweep"]
@@ -126,7 +129,7 @@ def _run(spec: SweepSpec, rank: int, world: int, device: str) -> list[dict[str, 
     return everything
 
 
-def _train_group(model: Any, kind: str, runs: list[dict[str, Any]], spec: SweepSpec, data: Any, kl: Any,
+def _train_group(model: TransformerBridge, kind: str, runs: list[dict[str, Any]], spec: SweepSpec, data: Any, kl: Any,
                  cache: Any, rank: int, world: int) -> list[dict[str, Any]]:
     """All of this rank's runs of one adapter kind, batched with `train_many`; saves each run dir."""
     from em_interp.training.loop import train_many

@@ -18,7 +18,7 @@ import logging
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,6 +33,9 @@ from em_interp.interventions import as_interventions, interventions_applied
 from em_interp.model.forward import ForwardRunner, model_device, start_layer, unembed
 from em_interp.model.hooks import model_has_hooks
 from em_interp.training.objective import gather_targets, log_probs
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +100,7 @@ class ContrastiveResult:
 
 
 def contrastive(
-    model: Any,
+    model: TransformerBridge,
     paired_items: Sequence[Mapping[str, Any]],
     adapters: Any = (),
     *,
@@ -142,7 +145,7 @@ def contrastive(
 
 
 def contrastive_many(
-    model: Any,
+    model: TransformerBridge,
     paired_items: Sequence[Mapping[str, Any]],
     conditions: Mapping[str, Any],
     *,
@@ -188,7 +191,7 @@ def contrastive_many(
 
 
 def _result(
-    model: Any, items: list[Mapping[str, Any]], base: np.ndarray, adapted: np.ndarray, adapter_list: list[Any],
+    model: TransformerBridge, items: list[Mapping[str, Any]], base: np.ndarray, adapted: np.ndarray, adapter_list: list[Any],
     n_boot: int, seed: int, scale: float, system: str | None,
 ) -> ContrastiveResult:
     rows = [
@@ -214,7 +217,7 @@ def _result(
 
 
 def mean_answer_logprobs(
-    model: Any,
+    model: TransformerBridge,
     records: Sequence[Record],
     *,
     adapter_passes: Sequence[Any] = ((),),
@@ -269,7 +272,7 @@ def mean_answer_logprobs(
     return out
 
 
-def _shared_start(model: Any, adapter_passes: Sequence[Any]) -> int:
+def _shared_start(model: TransformerBridge, adapter_passes: Sequence[Any]) -> int:
     """The block every pass may resume at (`forward.start_layer` over all passes' interventions); 0 with a
     single pass (nothing to share) or when the model already has hooks attached (they may act anywhere)."""
     if len(adapter_passes) < 2 or model_has_hooks(model):
@@ -277,7 +280,7 @@ def _shared_start(model: Any, adapter_passes: Sequence[Any]) -> int:
     return start_layer(model, [a for adapters in adapter_passes for a in as_interventions(adapters)])
 
 
-def _target_logprobs(model: Any, hidden: Float[Tensor, "n d_model"], targets: Tensor) -> Float[Tensor, " n"]:
+def _target_logprobs(model: TransformerBridge, hidden: Float[Tensor, "n d_model"], targets: Tensor) -> Float[Tensor, " n"]:
     """float32 log p(target) from final hidden states, unembedding in bounded chunks."""
     chunk = max(1, UNEMBED_CHUNK_BYTES // (4 * int(model.cfg.d_vocab)))
     parts = []

@@ -16,7 +16,7 @@ import contextlib
 import inspect
 import logging
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -30,6 +30,9 @@ from em_interp.interventions import as_interventions, interventions_applied
 from em_interp.model.forward import attention_bridges, hf_model_of, model_device, unembed
 from em_interp.model.hooks import position_offset
 from em_interp.positions import ALL, ANSWER, DEPRECATED, PROMPT, position_name
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +72,7 @@ def prompt_ids(tokenizer: Any, messages: Messages) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def stop_token_ids(model: Any) -> set[int]:
+def stop_token_ids(model: TransformerBridge) -> set[int]:
     """Token ids that end a reply: the tokenizer's EOS, the generation config's EOS ids, and the chat
     template's end-of-turn token (the special token it puts after an assistant message, e.g. <|im_end|>)."""
     tokenizer = model.tokenizer
@@ -148,7 +151,7 @@ def _cache_argument(base: Any) -> str:
 
 
 @contextlib.contextmanager
-def _bridge_attention_reads_cache(model: Any) -> Iterator[None]:
+def _bridge_attention_reads_cache(model: TransformerBridge) -> Iterator[None]:
     """Hand the KV cache to TransformerLens's attention bridges under the name they read.
 
     transformers 5.24 passes the cache to attention modules as `cache=`; TransformerLens 4.3's attention
@@ -182,7 +185,7 @@ def _check_cache_filled(cache: DynamicCache, expected: int) -> None:
 
 
 def _generate_batch(
-    model: Any,
+    model: TransformerBridge,
     rows: list[list[int]],
     *,
     adapters: list[Any],
@@ -243,7 +246,7 @@ def _generate_batch(
 
 
 def generate_tokens(
-    model: Any,
+    model: TransformerBridge,
     prompts: Prompt | Sequence[Prompt],
     *,
     adapters: Any = (),
@@ -297,7 +300,7 @@ def generate_tokens(
 
 
 def generate(
-    model: Any,
+    model: TransformerBridge,
     prompts: Prompt | Sequence[Prompt],
     *,
     adapters: Any = (),

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
@@ -44,6 +44,9 @@ from em_interp.eval.prompts import (
     parse_completion,
     score_from_text,
 )
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 log = logging.getLogger(__name__)
 
@@ -485,7 +488,7 @@ class LocalJudge(_Judge):
 
     def __init__(
         self,
-        model: Any,
+        model: TransformerBridge,
         prompts: PromptsSource = None,
         *,
         domain: str = "medicine",

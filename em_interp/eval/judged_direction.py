@@ -12,13 +12,16 @@ import logging
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from em_interp.errors import DataError
 from em_interp.eval.em_metrics import _number
 from em_interp.eval.generation import generate
 from em_interp.geometry.directions import mean_diff
 from em_interp.interventions import interventions_applied
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +74,7 @@ def split_by_judge(rows: Sequence[Mapping[str, Any]], *, misaligned_at_most: flo
     return aligned, misaligned
 
 
-def judged_mean_diff(model: Any, adapters: Any, questions: Sequence[str], judge: Any, layer: int, *,
+def judged_mean_diff(model: TransformerBridge, adapters: Any, questions: Sequence[str], judge: Any, layer: int, *,
                      n_samples: int = 10, max_new_tokens: int = 200, temperature: float = 1.0, seed: int = 0,
                      min_per_group: int = 2, **mean_diff_kwargs: Any) -> JudgedDirection:
     """Generate answers with `adapters` applied, judge them, split, balance, and take the mean difference.

@@ -21,7 +21,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -35,6 +35,9 @@ from em_interp.datasets.records import Record
 from em_interp.datasets.tokenize import TokenizedChats
 from em_interp.errors import GeometryError
 from em_interp.geometry.loss import first_rows, loss_on, loss_on_each
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +138,7 @@ def effective_norm(adapter: Adapter, scale: float = 1.0) -> float:
 
 def efficiency_curve(
     adapter: Adapter,
-    model: Any,
+    model: TransformerBridge,
     data: Data,
     scales: Sequence[float] | np.ndarray = DEFAULT_SCALES,
     n_rows: int | None = 100,
@@ -173,7 +176,7 @@ def efficiency_curve(
 
 def efficiency_at_norms(
     adapter: Adapter,
-    model: Any,
+    model: TransformerBridge,
     data: Data,
     norms: Sequence[float] | np.ndarray,
     n_rows: int | None = 100,
@@ -256,7 +259,7 @@ def perturb_adapter(adapter: Adapter, eps: float, seed: int = 0) -> Adapter:
 
 def stability_curve(
     adapter: Adapter,
-    model: Any,
+    model: TransformerBridge,
     data: Data,
     eps: Sequence[float] = DEFAULT_EPS,
     seeds: int | Sequence[int] = 10,

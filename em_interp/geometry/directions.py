@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from em_interp.interventions import Direction
 from em_interp.model.forward import lower_forward, model_device
 from em_interp.model.hooks import hooks_applied
 from em_interp.positions import ALL, ANSWER, LAST, PROMPT
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +94,7 @@ def _read_mask(batch: ChatBatch, positions: ReadPositions, name: str) -> Bool[Te
 
 
 def _row_activations(
-    model: Any, records: list[Record], name: str, layers: list[int], hook: str, positions: ReadPositions,
+    model: TransformerBridge, records: list[Record], name: str, layers: list[int], hook: str, positions: ReadPositions,
     batch_size: int, max_length: int,
 ) -> tuple[dict[int, Float[Tensor, "rows d_model"]], Int[Tensor, " rows"], int]:
     """({layer: Σ activations per row [rows, d_model] float64}, selected tokens per row [rows], rows skipped),
@@ -156,16 +159,16 @@ def _fit(
 
 @overload
 def mean_diff(
-    model: Any, texts_a: Sequence[Any], texts_b: Sequence[Any], layer: int, positions: ReadPositions = ...,
+    model: TransformerBridge, texts_a: Sequence[Any], texts_b: Sequence[Any], layer: int, positions: ReadPositions = ...,
     hook: str = ..., batch_size: int = ..., max_length: int = ..., method: str = ...,
 ) -> Direction: ...
 @overload
 def mean_diff(
-    model: Any, texts_a: Sequence[Any], texts_b: Sequence[Any], layer: Sequence[int], positions: ReadPositions = ...,
+    model: TransformerBridge, texts_a: Sequence[Any], texts_b: Sequence[Any], layer: Sequence[int], positions: ReadPositions = ...,
     hook: str = ..., batch_size: int = ..., max_length: int = ..., method: str = ...,
 ) -> dict[int, Direction]: ...
 def mean_diff(
-    model: Any,
+    model: TransformerBridge,
     texts_a: Sequence[Any],
     texts_b: Sequence[Any],
     layer: int | Sequence[int],

@@ -15,7 +15,7 @@ import copy
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from em_interp.geometry.curves import effective_norm
 from em_interp.model.forward import ActivationCache, ForwardRunner, model_device, start_layer
 from em_interp.model.hooks import HookFn, hooks_applied
 from em_interp.training.objective import log_probs, token_kl
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +88,7 @@ def unit_vector(direction: Any, d_model: int) -> Float[Tensor, " d_model"]:
     return v / norm
 
 
-def _tokenize(model: Any, texts: Sequence[str], max_tokens: int, batch_size: int) -> list[tuple[Tensor, Tensor]]:
+def _tokenize(model: TransformerBridge, texts: Sequence[str], max_tokens: int, batch_size: int) -> list[tuple[Tensor, Tensor]]:
     tok = model.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     seqs = [tok(t, truncation=True, max_length=max_tokens)["input_ids"] for t in texts if t and t.strip()]
@@ -108,7 +111,7 @@ def _tokenize(model: Any, texts: Sequence[str], max_tokens: int, batch_size: int
 
 def kl_vs_norm(
     direction: Any,
-    model: Any,
+    model: TransformerBridge,
     texts: Sequence[str],
     layer: int | None,
     norms: Sequence[float] | np.ndarray,
@@ -205,7 +208,7 @@ def _random_adapters(adapter: Adapter, n: int, seed: int) -> list[Adapter]:
 
 
 def _kl_curve(
-    model: Any, texts: Sequence[str], start: int, makers: list[HookMaker], norms: Sequence[float] | np.ndarray,
+    model: TransformerBridge, texts: Sequence[str], start: int, makers: list[HookMaker], norms: Sequence[float] | np.ndarray,
     max_tokens: int, batch_size: int, max_ref_bytes: int, layer: int, hook: str,
 ) -> KLNormCurve:
     """KL per token of each maker's hooks at each norm (maker 0: the curve; the rest: the random baseline)."""

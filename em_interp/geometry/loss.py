@@ -19,7 +19,7 @@ import logging
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -35,6 +35,9 @@ from em_interp.model.forward import ActivationCache, ForwardRunner, model_device
 from em_interp.model.hooks import HookFn, hooks_applied, model_has_hooks
 from em_interp.positions import position_name
 from em_interp.training.objective import gather_targets, prediction_mask, token_ce
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +60,7 @@ class _Evaluator:
     """One dataset on one model: fixed batches and, per start layer, a `ForwardRunner` caching the residuals
     entering it (all runners share one `ActivationCache`)."""
 
-    def __init__(self, model: Any, data: TokenizedChats, batch_size: int, tokens: str):
+    def __init__(self, model: TransformerBridge, data: TokenizedChats, batch_size: int, tokens: str):
         self.model, self.data, self.tokens = model, data, tokens
         self.device = model_device(model)
         self.batches: list[ChatBatch] = [data.collate(idx).to(self.device) for idx in data.batch_plan(batch_size)]
@@ -129,7 +132,7 @@ def _key(data: Sequence[Record] | TokenizedChats, max_length: int) -> tuple[Any,
 
 
 def _evaluator(
-    model: Any, data: Sequence[Record] | TokenizedChats, batch_size: int, tokens: str, max_length: int
+    model: TransformerBridge, data: Sequence[Record] | TokenizedChats, batch_size: int, tokens: str, max_length: int
 ) -> _Evaluator:
     per_model = _EVALUATORS.setdefault(model, OrderedDict())
     key = (*_key(data, max_length), batch_size, tokens)
@@ -149,7 +152,7 @@ def _evaluator(
     return per_model[key]
 
 
-def clear_loss_cache(model: Any | None = None) -> None:
+def clear_loss_cache(model: TransformerBridge | None = None) -> None:
     """Free the cached residuals of `loss_on` for `model` (None: for every model)."""
     if model is None:
         _EVALUATORS.clear()
@@ -158,7 +161,7 @@ def clear_loss_cache(model: Any | None = None) -> None:
 
 
 def loss_on(
-    model: Any,
+    model: TransformerBridge,
     data: Sequence[Record] | TokenizedChats,
     adapters: Intervention | Sequence[Intervention] | None = (),
     scale: float = 1.0,
@@ -200,7 +203,7 @@ def loss_on(
 
 
 def loss_on_each(
-    model: Any,
+    model: TransformerBridge,
     data: Sequence[Record] | TokenizedChats,
     adapters: Sequence[Adapter],
     batch_size: int = 8,

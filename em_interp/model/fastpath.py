@@ -36,10 +36,13 @@ import time
 import types
 import weakref
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +76,7 @@ def fast_path_mode() -> dict[str, Any]:
     return dict(_STATE)
 
 
-def enabled(device: torch.device | str, fast: bool | None = None, model: Any = None) -> bool:
+def enabled(device: torch.device | str, fast: bool | None = None, model: TransformerBridge | None = None) -> bool:
     """Whether the fast path applies to activations on `device` (an explicit `fast` wins; every device
     counts alike since the fast path became the CPU default too: `device` is kept for callers).
 
@@ -87,7 +90,7 @@ def enabled(device: torch.device | str, fast: bool | None = None, model: Any = N
     return _STATE["mode"] != "off"
 
 
-def supports(model: Any) -> bool:
+def supports(model: TransformerBridge) -> bool:
     """Whether the bridge's components compute what the plain HF modules compute (see `enabled`)."""
     cfg = getattr(model, "cfg", None)
     return not (

@@ -21,7 +21,7 @@ import hashlib
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float, Int
@@ -32,14 +32,17 @@ from em_interp.errors import ModelLoadError
 from em_interp.fileio import atomic_file
 from em_interp.model import fastpath as _fastpath
 
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+
 
 # --- the one accessor of HF internals -------------------------------------------------------------
-def hf_model_of(model: Any) -> Any:
+def hf_model_of(model: TransformerBridge) -> Any:
     """The HF `PreTrainedModel` inside a `TransformerBridge`."""
     return model.original_model
 
 
-def attention_bridges(model: Any) -> list[torch.nn.Module]:
+def attention_bridges(model: TransformerBridge) -> list[torch.nn.Module]:
     """The TransformerLens attention bridges inside `model` (the modules that run attention and update
     the KV cache themselves)."""
     from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
@@ -52,17 +55,17 @@ def log_probs(logits: Float[Tensor, "n vocab"]) -> Float[Tensor, "n vocab"]:
     return torch.log_softmax(logits.float(), dim=-1)
 
 
-def model_device(model: Any) -> torch.device:
+def model_device(model: TransformerBridge) -> torch.device:
     """Device of the model's input embedding (where token ids must go)."""
     return hf_model_of(model).get_input_embeddings().weight.device
 
 
-def model_dtype(model: Any) -> torch.dtype:
+def model_dtype(model: TransformerBridge) -> torch.dtype:
     """dtype of the model's weights (of its first parameter)."""
     return next(iter(hf_model_of(model).parameters())).dtype
 
 
-def start_layer(model: Any, interventions: Sequence[Any]) -> int:
+def start_layer(model: TransformerBridge, interventions: Sequence[Any]) -> int:
     """The block a forward may resume at with `interventions` applied: the lowest `first_layer` among them,
     at most the last block; 0 when one of them does not declare an int `first_layer` (it may act anywhere)."""
     layers: list[int] = []
@@ -81,7 +84,7 @@ class _SkippedLayer(torch.nn.Module):
 
 
 @contextlib.contextmanager
-def upper_layers(model: Any, start: int) -> Iterator[Any]:
+def upper_layers(model: TransformerBridge, start: int) -> Iterator[Any]:
     """Temporarily make the HF decoder stack run only blocks `start:`; yields the HF base model.
 
     Resumes a forward from a cached residual without running the lower blocks (which the bridge's
@@ -120,7 +123,7 @@ def _positions(attention_mask: Tensor | None, position_ids: Tensor | None = None
 
 
 def resume_forward(
-    model: Any,
+    model: TransformerBridge,
     resid: Float[Tensor, "batch pos d_model"],
     start: int,
     attention_mask: Int[Tensor, "batch pos"] | None = None,
@@ -157,7 +160,7 @@ def resume_forward(
 
 
 def lower_forward(
-    model: Any,
+    model: TransformerBridge,
     input_ids: Int[Tensor, "batch pos"],
     stop: int,
     attention_mask: Int[Tensor, "batch pos"] | None = None,
@@ -190,7 +193,7 @@ def lower_forward(
 
 
 def full_hidden(
-    model: Any, input_ids: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"] | None = None,
+    model: TransformerBridge, input_ids: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"] | None = None,
     *, fast: bool | None = None,
 ) -> Float[Tensor, "batch pos d_model"]:
     """Hidden states after the final norm of a forward through all blocks (every attached hook fires),
@@ -202,13 +205,13 @@ def full_hidden(
     return out.last_hidden_state
 
 
-def _maybe_plain(model: Any, base: Any, device: torch.device, fast: bool | None) -> contextlib.AbstractContextManager[Any]:
+def _maybe_plain(model: TransformerBridge, base: Any, device: torch.device, fast: bool | None) -> contextlib.AbstractContextManager[Any]:
     if not _fastpath.enabled(device, fast, model):
         return contextlib.nullcontext()
     return _fastpath.plain_modules(base, model)
 
 
-def unembed(model: Any, hidden: Float[Tensor, "*rows d_model"]) -> Float[Tensor, "*rows d_vocab"]:
+def unembed(model: TransformerBridge, hidden: Float[Tensor, "*rows d_model"]) -> Float[Tensor, "*rows d_vocab"]:
     """Logits [..., d_vocab] from final hidden states as the full forward: LM head, then Gemma2's final
     soft-capping `cap · tanh(logits / cap)` where the config has one (in place when no grad is needed)."""
     hf = hf_model_of(model)
@@ -226,7 +229,7 @@ def gather_rows(hidden: Float[Tensor, "batch pos d"], index: Int[Tensor, " n"]) 
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, index.to(hidden.device))
 
 
-def _inputs_embeds_scale(model: Any) -> float | None:
+def _inputs_embeds_scale(model: TransformerBridge) -> float | None:
     # transformers >= 5 scales Gemma embeddings inside the embedding module (`embed_scale`), so
     # `inputs_embeds` are used as given; earlier Gemma forwards multiplied them by √hidden_size.
     hf = hf_model_of(model)
@@ -326,7 +329,7 @@ class ForwardRunner:
         fast: the fast-path choice for every forward (default: `fastpath.enabled` for the model's device).
     """
 
-    def __init__(self, model: Any, start: int, *, cache: ActivationCache | None = None, fast: bool | None = None):
+    def __init__(self, model: TransformerBridge, start: int, *, cache: ActivationCache | None = None, fast: bool | None = None):
         self.model = model
         self.device = model_device(model)
         self.start = max(0, min(int(start), int(model.cfg.n_layers) - 1))

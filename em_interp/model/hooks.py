@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from jaxtyping import Bool, Float
@@ -26,7 +26,18 @@ from torch import Tensor
 
 from em_interp.errors import AdapterError
 
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+
 HookFn = Callable[..., Any]
+
+
+class HookOwner(Protocol):
+    """What attaching hooks needs of a model: its `hook_dict` (a TransformerBridge has one)."""
+
+    @property
+    def hook_dict(self) -> Mapping[str, Any]: ...
+
 Positions = str | int | Bool[Tensor, "batch pos"]
 
 # Absolute position of the first token the model sees in the current forward (non-zero while a KV
@@ -48,7 +59,7 @@ class HookHandle:
         self._entries = []
 
 
-def hook_point(model: Any, name: str) -> Any:
+def hook_point(model: HookOwner, name: str) -> Any:
     """The hook point called `name` (canonical TransformerLens names and aliases both work)."""
     hook_dict = model.hook_dict
     if name not in hook_dict:
@@ -56,7 +67,7 @@ def hook_point(model: Any, name: str) -> Any:
     return hook_dict[name]
 
 
-def attach_hooks(model: Any, hooks: Sequence[tuple[str, HookFn]]) -> HookHandle:
+def attach_hooks(model: HookOwner, hooks: Sequence[tuple[str, HookFn]]) -> HookHandle:
     """Register `(hook_name, fn(activation, hook))` pairs permanently; returns a handle to remove them."""
     points = [(hook_point(model, name), fn) for name, fn in hooks]  # resolve all names before adding any
     entries = [(hp, hp.add_hook(fn, is_permanent=True)) for hp, fn in points]
@@ -64,7 +75,7 @@ def attach_hooks(model: Any, hooks: Sequence[tuple[str, HookFn]]) -> HookHandle:
 
 
 @contextlib.contextmanager
-def hooks_applied(model: Any, hooks: Sequence[tuple[str, HookFn]]) -> Iterator[None]:
+def hooks_applied(model: HookOwner, hooks: Sequence[tuple[str, HookFn]]) -> Iterator[None]:
     """Context manager: hooks are attached on entry and always removed on exit."""
     handle = attach_hooks(model, hooks)  # registered before the try: a failure leaves nothing behind
     try:
@@ -73,7 +84,7 @@ def hooks_applied(model: Any, hooks: Sequence[tuple[str, HookFn]]) -> Iterator[N
         handle.remove()
 
 
-def model_has_hooks(model: Any) -> bool:
+def model_has_hooks(model: TransformerBridge) -> bool:
     """True when any forward hook is attached to one of the model's hook points."""
     return any(hp.fwd_hooks or hp._forward_hooks for hp in model.hook_dict.values())
 

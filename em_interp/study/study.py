@@ -23,7 +23,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -48,6 +48,9 @@ from em_interp.stats import bootstrap_interval
 from em_interp.study import verdicts as V
 from em_interp.training.loop import train_many
 from em_interp.training.runs import environment
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +127,7 @@ class StudyConfig:
         """The learning rate of the study's adapter kind."""
         return self.lora_lr if self.adapter == "lora" else self.lr
 
-    def new_adapter(self, model: Any, layer: int, seed: int) -> Any:
+    def new_adapter(self, model: TransformerBridge, layer: int, seed: int) -> Any:
         """A fresh adapter of the study's kind at `layer` (a steering vector, or the seed's rank-1 rsLoRA whose
         random A is drawn with `seed`)."""
         if self.adapter == "lora":
@@ -205,7 +208,7 @@ class SeedResult:
 class Study:
     """Runs the analyses in order, timing each; `results` holds typed pieces, `plain(results)` the JSON."""
 
-    def __init__(self, model: Any, config: StudyConfig, out: Path, judge: Any = None):
+    def __init__(self, model: TransformerBridge, config: StudyConfig, out: Path, judge: Any = None):
         self.model, self.cfg, self.out, self.judge_model = model, config, out, judge
         self.layer = config.layer if config.layer is not None else model.cfg.n_layers // 2
         self.results: dict[str, Any] = {"config": config, "layer": self.layer, "seeds": config.seeds, "timings": {}}
@@ -524,7 +527,7 @@ def output_direction(adapter: Any) -> Any:
     return adapter
 
 
-def ablation_with_control(model: Any, adapter: Any, direction: Any, rows: Sequence[Record],
+def ablation_with_control(model: TransformerBridge, adapter: Any, direction: Any, rows: Sequence[Record],
                           seed: int = 0) -> dict[str, float]:
     """Loss with `adapter` applied: as is, with `direction` ablated at every layer, and with a random direction
     of the same norm (a unit direction, like `direction`) ablated instead — the control every ablation needs.
@@ -574,7 +577,7 @@ def group_stats(rows: Sequence[Mapping[str, Any]], items: Sequence[Mapping[str, 
 
 
 def run_study(out: str | os.PathLike[str], *, fast: bool = False, seeds: int | None = None,
-              device: str | None = None, lora: bool = False, dtype: str = "bfloat16", model: Any = None,
+              device: str | None = None, lora: bool = False, dtype: str = "bfloat16", model: TransformerBridge | None = None,
               record: str | os.PathLike[str] | None = None, command: str | None = None, judge: Any = None,
               **overrides: Any) -> dict[str, Any]:
     """Run the study, write `results.json` and `report.html` into `out`, return the (plain JSON) results.
@@ -603,10 +606,10 @@ def run_study(out: str | os.PathLike[str], *, fast: bool = False, seeds: int | N
         overrides["seeds"] = seeds
     config = StudyConfig.preset(preset, lora=lora, **overrides)
     t0 = time.perf_counter()
-    model = model if model is not None else load_model(device=device, dtype=dtype)
-    study = Study(model, config, out, judge=judge)
+    bridge = model if model is not None else load_model(device=device, dtype=dtype)
+    study = Study(bridge, config, out, judge=judge)
     study.results["preset"] = preset
-    study.results["dtype"] = str(next(hf_model_of(model).parameters()).dtype)
+    study.results["dtype"] = str(next(hf_model_of(bridge).parameters()).dtype)
     study.results["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     results = study.run()
     results["timings"]["total"] = round(time.perf_counter() - t0, 2)

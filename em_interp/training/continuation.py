@@ -15,7 +15,7 @@ import copy
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from torch import Tensor
@@ -27,6 +27,9 @@ from em_interp.datasets.tokenize import TokenizedChats
 from em_interp.errors import GeometryError
 from em_interp.training.loop import TrainConfig, train
 from em_interp.training.runs import TrainRun
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 Data = Sequence[Record] | TokenizedChats
 
@@ -90,7 +93,7 @@ def _cosines(run: TrainRun, template: Adapter, target: Tensor, what: str) -> np.
 def reversion(
     narrow_run: TrainRun,
     general_run: TrainRun | Adapter,
-    model: Any,
+    model: TransformerBridge,
     data: Data,
     steps: int | None = None,
     what: str = "delta_w",

@@ -23,7 +23,7 @@ as the authors' code runs), through the bridge otherwise.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float, Int
@@ -36,6 +36,9 @@ from em_interp.datasets.tokenize import ChatBatch, TokenizedChats
 from em_interp.model.forward import ActivationCache, ForwardRunner, full_hidden, unembed
 from em_interp.model.hooks import hooks_applied
 from em_interp.training.objective import group_mean, log_probs, prediction_mask, reduce_kl, token_ce, token_kl
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 __all__ = ["METHODS", "ActivationCache", "LossComputer"]
 
@@ -57,7 +60,7 @@ class LossComputer:
 
     def __init__(
         self,
-        model: Any,
+        model: TransformerBridge,
         data: TokenizedChats,
         kl_data: TokenizedChats | None,
         *,
@@ -212,7 +215,7 @@ class LossComputer:
 class _HookView:
     """What `hooks_applied` reads from a model (its `hook_dict`), resolved once per LossComputer."""
 
-    def __init__(self, model: Any):
+    def __init__(self, model: TransformerBridge):
         self.hook_dict = model.hook_dict
 
 

@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -30,6 +30,9 @@ from em_interp.training import checkpoint
 from em_interp.training.engine import LossComputer
 from em_interp.training.runs import TrainRun
 
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+
 __all__ = ["TrainConfig", "continue_run", "train", "train_many"]
 
 log = logging.getLogger(__name__)
@@ -40,7 +43,7 @@ CHUNK_FREE_FRACTION = 0.25  # on an accelerator: this fraction of its free memor
 
 def train(
     adapter: Adapter,
-    model: Any,
+    model: TransformerBridge,
     data: Sequence[Record] | TokenizedChats,
     *,
     kl_data: Sequence[Record] | TokenizedChats | None = None,
@@ -126,7 +129,7 @@ def train(
 
 def train_many(
     adapters: Sequence[Adapter],
-    model: Any,
+    model: TransformerBridge,
     data: Sequence[Record] | TokenizedChats,
     *,
     kl_data: Sequence[Record] | TokenizedChats | None = None,
@@ -185,7 +188,7 @@ def train_many(
 
 def _train(
     adapters: Sequence[Adapter],
-    model: Any,
+    model: TransformerBridge,
     data: Sequence[Record] | TokenizedChats,
     configs: list[TrainConfig],
     *,
@@ -406,7 +409,7 @@ class _Loop:
 
 def continue_run(
     run: TrainRun,
-    model: Any,
+    model: TransformerBridge,
     data: Sequence[Record] | TokenizedChats,
     *,
     kl_data: Sequence[Record] | TokenizedChats | None = None,
@@ -443,7 +446,7 @@ def _check_kl(kl_data: Any, coefs: list[float]) -> None:
                             "pass kl_data=... or set kl_coef=0.")
 
 
-def _check_max_length(model: Any, max_length: int) -> None:
+def _check_max_length(model: TransformerBridge, max_length: int) -> None:
     n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
     if n_ctx is not None and max_length > int(n_ctx):
         raise TrainingError(f"max_length={max_length} exceeds the model's context of {n_ctx} tokens (n_ctx); "
@@ -466,7 +469,7 @@ def _check_same_settings(where: Path, saved: list[dict[str, Any]], configs: list
                             "use another checkpoint_dir or the same settings.")
 
 
-def _tokenized(data: Any, model: Any, max_length: int, name: str) -> TokenizedChats:
+def _tokenized(data: Any, model: TransformerBridge, max_length: int, name: str) -> TokenizedChats:
     if isinstance(data, TokenizedChats):
         return data
     rows = check_records(data, name)  # DataError naming `name` for a path, one record, or rows that are not chats

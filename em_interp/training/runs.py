@@ -12,7 +12,7 @@ import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
@@ -23,6 +23,9 @@ from em_interp._version import __version__
 from em_interp.config import TrainConfig
 from em_interp.errors import TrainingError
 from em_interp.fileio import atomic_directory
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 
 @dataclass(repr=False)
@@ -123,7 +126,7 @@ class TrainRun:
         return Path(directory)
 
     @classmethod
-    def load(cls, directory: str | os.PathLike[str], model: Any = None) -> TrainRun:
+    def load(cls, directory: str | os.PathLike[str], model: TransformerBridge | None = None) -> TrainRun:
         """Load a run dir; with `model`, also rebuild the final adapter (else `adapter` is None)."""
         directory = Path(directory)
         if not (directory / "run.json").is_file():
