@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from em_interp.testing import tiny_chat_records, tiny_model
+from em_interp.model.load import wrap_hf_model
+from em_interp.testing import tiny_chat_records, tiny_hf_model, tiny_model
+
+SMALL_VOCAB = 1000  # tiny models for export / import tests: a small vocabulary keeps file I/O fast
 
 
 @pytest.fixture(autouse=True)
@@ -44,3 +47,17 @@ def smollm():
     from em_interp import load_model
 
     return load_model(device="cpu")
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def pair(request):
+    """(bridge, independent plain HF model with the same weights), vocabulary `SMALL_VOCAB`."""
+    model = wrap_hf_model(tiny_hf_model(request.param, 0, vocab_size=SMALL_VOCAB), None,
+                          model_id=f"tiny-{request.param}")
+    return model, tiny_hf_model(request.param, 0, vocab_size=SMALL_VOCAB)
+
+
+@pytest.fixture
+def tokens():
+    """Two rows of 9 token ids below `SMALL_VOCAB` (seeded)."""
+    return torch.randint(5, SMALL_VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))

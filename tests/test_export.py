@@ -18,11 +18,8 @@ from em_interp.adapters.export import (
     read_control_vector,
 )
 from em_interp.errors import AdapterError
-from em_interp.model.load import wrap_hf_model
-from em_interp.testing import tiny_hf_model
 
 peft = pytest.importorskip("peft")
-VOCAB = 1000
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -32,18 +29,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n_threads)
-
-
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
-def pair(request):
-    """(bridge, independent plain HF model with the same weights); a small vocabulary keeps PEFT I/O fast."""
-    model = wrap_hf_model(tiny_hf_model(request.param, 0, vocab_size=VOCAB), None, model_id=f"tiny-{request.param}")
-    return model, tiny_hf_model(request.param, 0, vocab_size=VOCAB)
-
-
-@pytest.fixture
-def tokens():
-    return torch.randint(5, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
 
 
 def _hooked(model, adapter, tokens):

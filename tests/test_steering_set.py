@@ -12,23 +12,8 @@ import em_interp as em
 from em_interp.adapters import SteeringSet, SteeringVector, load_adapter
 from em_interp.adapters.export import export_control_vector, from_gguf, from_repeng, read_control_vector
 from em_interp.errors import AdapterError
-from em_interp.model.load import wrap_hf_model
-from em_interp.testing import tiny_hf_model
 
-VOCAB = 1000
 D = 64  # tiny d_model
-
-
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
-def pair(request):
-    """(bridge, independent plain HF model with the same weights)."""
-    model = wrap_hf_model(tiny_hf_model(request.param, 0, vocab_size=VOCAB), None, model_id=f"tiny-{request.param}")
-    return model, tiny_hf_model(request.param, 0, vocab_size=VOCAB)
-
-
-@pytest.fixture
-def tokens():
-    return torch.randint(5, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
 
 
 class StandInControlVector:
