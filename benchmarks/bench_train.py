@@ -10,7 +10,9 @@ environment variable):
    reuse it. speedup = median step time of the baseline / median step time of "cached", per epoch phase.
 3. Memory: each method's peak RSS in its own subprocess (one epoch + 1 step), and an 8-vector `train_many` sweep
    and a single run in their own subprocesses (two epochs; step times of the second): peak_rss_gib_sweep8 and
-   sweep_steps_per_s_ratio = (8 · steps / sweep time) / (steps / single-run time).
+   sweep_steps_per_s_ratio = (8 · steps / sweep time) / (steps / single-run time). Peaks cover the training
+   phase: the peak count is reset after the model is loaded (Linux VmHWM via /proc/self/clear_refs); the model's
+   resident memory is included, and the loading peak is recorded beside it (load_peak_rss_gib).
 Each (case, baseline) is one JSON line appended to benchmarks/results/bench_train.jsonl.
 
 Usage: python benchmarks/bench_train.py [--device cpu] [--batches 5] [--epochs 2] [--sweep 8] [--note TEXT]
@@ -62,13 +64,38 @@ def sync_fn(device: str):
     return torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
 
 
+def _status_gib(field: str) -> float | None:
+    """A memory field of /proc/self/status (e.g. VmHWM, the peak RSS) in GiB; None where there is no /proc."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_rss() -> float | None:
+    """Restart the peak-RSS count (Linux: writing 5 to /proc/self/clear_refs resets VmHWM to the current RSS), so
+    that a measurement covers the training phase, not model loading; returns the RSS at the reset (GiB)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    return _status_gib("VmRSS")
+
+
 def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+    """Peak RSS since the last `reset_peak_rss` (VmHWM), or of the whole process where /proc is missing."""
+    hwm = _status_gib("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def measure(args) -> dict:
     """Subprocess mode: one method (or the sweep) alone; prints its peak RSS and step times as JSON."""
     model, data, kl_data, tok, kl_tok = load(args.device, args.dtype, args.batches)
+    load_peak = peak_rss_gib()
+    after_load = reset_peak_rss()
     what = args.measure
     if what.startswith("sweep"):
         n = int(what.removeprefix("sweep"))
@@ -78,13 +105,14 @@ def measure(args) -> dict:
                       batch_size=8, kl_batch_size=8, warmup_steps=1, record_every=1000, progress=False,
                       on_step=lambda step, losses: stamps.append(time.perf_counter()))
         later = [b - a for a, b in zip(stamps[args.batches - 1:], stamps[args.batches:], strict=False)]
-        return {"what": what, "peak_rss_gib": peak_rss_gib(), "adapters": n, "later_step_s": later}
+        return {"what": what, "peak_rss_gib": peak_rss_gib(), "rss_after_load_gib": after_load,
+                "load_peak_rss_gib": load_peak, "adapters": n, "later_step_s": later}
     case, method = what.split(":")
     name_method, mode, _ = BASELINES.get(method, ("cached", "auto", False))
     s = Stepper(model, make_adapter(model, case), tok, kl_tok, method=name_method, mode=mode)
     for _ in range(args.batches + 1):
         s.step()
-    return {"what": what, "peak_rss_gib": peak_rss_gib()}
+    return {"what": what, "peak_rss_gib": peak_rss_gib(), "rss_after_load_gib": after_load, "load_peak_rss_gib": load_peak}
 
 
 def subprocess_measure(args, what: str) -> dict:
@@ -140,6 +168,7 @@ def main() -> None:
             ratio = (args.sweep / sum(s8["later_step_s"])) / (1 / sum(s1["later_step_s"]))
             sweep = {"peak_rss_gib_sweep8" if args.sweep == 8 else f"peak_rss_gib_sweep{args.sweep}": s8["peak_rss_gib"],
                      "peak_rss_gib_single_run": s1["peak_rss_gib"], "sweep_steps_per_s_ratio": ratio,
+                     "rss_after_load_gib": s8["rss_after_load_gib"], "load_peak_rss_gib": s8["load_peak_rss_gib"],
                      "sweep_detail": {"adapters": args.sweep, "steps_timed": len(s8["later_step_s"]),
                                       "sweep_s": sum(s8["later_step_s"]), "single_s": sum(s1["later_step_s"]),
                                       "phase": "epoch 2 of 2 (warm activation cache), each in its own process"}}
