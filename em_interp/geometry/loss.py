@@ -116,8 +116,8 @@ class _Evaluator:
                     hidden = runner.resume(resid.repeat(g, 1, 1), mask)
                 h, targets, rows = gather_targets(hidden, batch.input_ids.repeat(g, 1), target.repeat(g, 1))
                 ce = token_ce(unembed(self.model, h), targets).double()
-                totals[lo : lo + g] += torch.zeros(g, dtype=torch.float64, device=ce.device).index_add_(
-                    0, owner[rows].to(ce.device), ce).to(self.device)
+                per_adapter = torch.zeros(g, dtype=torch.float64, device=ce.device)
+                totals[lo : lo + g] += per_adapter.index_add_(0, owner.to(rows.device)[rows].to(ce.device), ce).to(self.device)
             count += int(target.sum())
         if count == 0:
             raise GeometryError(f"loss_on_each: the data has no {self.tokens!r} target tokens.")
