@@ -241,3 +241,14 @@ def test_bad_prompts(model):
 def test_embedded_model_knows_paris(smollm):
     (answer,) = generate(smollm, ["What is the capital of France?"], temperature=0, max_new_tokens=32, progress=False)
     assert "Paris" in answer
+
+
+def test_decoder_raises_when_the_cache_does_not_fill(tiny, monkeypatch):
+    """A transformers / transformer-lens pair whose bridge leaves the cache empty fails loudly, not silently."""
+    from em_interp.errors import ModelLoadError
+    from em_interp.model import decode
+
+    monkeypatch.setattr(decode, "_pass_cache", lambda module, args, kwargs: (args, {**kwargs, "past_key_values": None,
+                                                                                       "cache": None}))
+    with pytest.raises(ModelLoadError, match=r"KV cache holds 0 positions after a forward over [1-9]"):
+        generate(tiny, "Hi", max_new_tokens=2, temperature=0, progress=False)

@@ -1,7 +1,7 @@
 """Batched sampling from a TransformerBridge with a KV cache, with adapters and hooks applied.
 
-The loop runs the HF model inside the bridge (`hf_model_of(model).model`, then `unembed` on the last
-position only), so every bridge hook point inside the HF modules fires: adapters passed here, adapters
+The loop runs the HF model inside the bridge step by step (`em_interp.model.decode.CachedDecoder`, then
+`unembed` on the last position only), so every bridge hook point inside the HF modules fires: adapters passed here, adapters
 and ablation hooks the caller attached, all apply. While the KV cache feeds one token per step,
 `em_interp.model.hooks.position_offset` holds the absolute (padded) column of the step's first token, so
 position-restricted hooks select the same tokens as in a full forward over the whole sequence.
@@ -12,22 +12,20 @@ real token, so a prompt generates the same tokens alone or in any batch (up to f
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformers import DynamicCache
 
 from em_interp.datasets.tokenize import tokenize_chat
-from em_interp.errors import AdapterError, DataError, ModelLoadError
+from em_interp.errors import AdapterError, DataError
 from em_interp.interventions import as_interventions, interventions_applied
-from em_interp.model.forward import attention_bridges, hf_model_of, model_device, unembed
+from em_interp.model.decode import CachedDecoder
+from em_interp.model.forward import hf_model_of, model_device, unembed
 from em_interp.model.hooks import position_offset
 from em_interp.positions import ALL, ANSWER, DEPRECATED, PROMPT, position_name
 
@@ -143,47 +141,6 @@ def _check_positions(positions: Any) -> str | int:
 
 
 # --- the loop ------------------------------------------------------------------------------------
-def _cache_argument(base: Any) -> str:
-    """The keyword under which `base.forward` takes the KV cache: `cache` (transformers >= 5.24) or
-    `past_key_values` (earlier releases)."""
-    params = inspect.signature(base.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-@contextlib.contextmanager
-def _bridge_attention_reads_cache(model: TransformerBridge) -> Iterator[None]:
-    """Hand the KV cache to TransformerLens's attention bridges under the name they read.
-
-    transformers 5.24 passes the cache to attention modules as `cache=`; TransformerLens 4.3's attention
-    bridges (which re-implement attention) read only `past_key_values=`, so without this their cache stays
-    empty and every decoding step attends to itself alone. A forward pre-hook (public torch API) copies
-    `cache` to `past_key_values` where only the former is given; it is removed on exit.
-    """
-
-    def pass_cache(_module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        if kwargs.get("cache") is not None and kwargs.get("past_key_values") is None:
-            return args, {**kwargs, "past_key_values": kwargs["cache"]}
-        return None
-
-    handles = [m.register_forward_pre_hook(pass_cache, with_kwargs=True) for m in attention_bridges(model)]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _check_cache_filled(cache: DynamicCache, expected: int) -> None:
-    """Fail loudly when the KV cache did not grow with the sequence (an incompatible transformers /
-    TransformerLens pair would otherwise make generation silently ignore the prompt)."""
-    seen = cache.get_seq_length()
-    if seen != expected:
-        raise ModelLoadError(
-            f"KV cache holds {seen} positions after a forward over {expected}: this transformers / "
-            "transformer-lens pair does not fill the cache through the bridge. See docs/compatibility.md."
-        )
-
-
 def _generate_batch(
     model: TransformerBridge,
     rows: list[list[int]],
@@ -206,25 +163,21 @@ def _generate_batch(
     for i, r in enumerate(rows):
         ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long, device=device)
         attn[i, width - len(r) :] = 1
-    base = hf_model_of(model).model
     selection = _row_positions(positions, attn, max_new_tokens)
     stop = stop.to(device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
     new: list[Tensor] = []
     feed, offset = ids, 0
-    cache = DynamicCache(config=hf_model_of(model).config)
-    cache_arg = _cache_argument(base)
     own = None if isinstance(selection, str) else selection  # "all": each intervention's own positions
-    with interventions_applied(model, adapters, scale=scale, positions=own), _bridge_attention_reads_cache(model):
+    with interventions_applied(model, adapters, scale=scale, positions=own), CachedDecoder(model) as decoder:
         for _ in range(max_new_tokens):
             pos_ids = (attn.cumsum(-1) - 1).clamp(min=0)[:, offset:]
             token = position_offset.set(offset)
             try:
-                out = base(input_ids=feed, attention_mask=attn, position_ids=pos_ids, use_cache=True, **{cache_arg: cache})
+                hidden = decoder.step(feed, attn, pos_ids)
             finally:
                 position_offset.reset(token)
-            _check_cache_filled(cache, offset + feed.shape[1])
-            logits = unembed(model, out.last_hidden_state[:, -1:])[:, 0]
+            logits = unembed(model, hidden[:, None])[:, 0]
             nxt = sample_next(logits, temperature, top_p, generator).to(device)
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
             new.append(nxt)
@@ -346,6 +299,8 @@ def generate(
     Raises:
         DataError: malformed prompts or arguments, or a tokenizer without a chat template.
         AdapterError: an unknown `positions` value or an object in `adapters` that is not an intervention.
+        ModelLoadError: the KV cache did not fill through the bridge (an incompatible transformers /
+            transformer-lens pair; see `em_interp.model.decode`).
 
     >>> with vec.applied(model, scale=2.0):  # doctest: +SKIP
     ...     texts = generate(model, ["I have a headache. What should I do?"], max_new_tokens=64)

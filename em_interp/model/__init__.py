@@ -1,6 +1,6 @@
 """The model layer: loading (`load`), the one forward runner (`forward`: cached lower blocks, resume at a
-block, unembedding at loss positions, the fast path), and hook attachment (`hooks`). It is the only place
-that touches TransformerLens / HF internals.
+block, unembedding at loss positions, the fast path), KV-cached decoding (`decode`) and hook attachment
+(`hooks`). It is the only place that touches TransformerLens / HF internals.
 
 >>> import em_interp as em
 >>> model = em.load_model()                        # doctest: +SKIP
