@@ -491,8 +491,8 @@ class Study:
         """The same comparison with the seed's rank-1 LoRA on the MLP down-projection (rsLoRA), seed 0 only."""
         c = self.cfg
         data = self.data[0]
-        loras = [LoRA(self.model, self.layer, rank=1, site="mlp_out", alpha=c.lora_alpha, rslora=True, seed=c.seed)
-                 for _ in range(2)]
+        lora_cfg = dataclasses.replace(c, adapter="lora")
+        loras = [lora_cfg.new_adapter(self.model, self.layer, c.seed) for _ in range(2)]
         runs = train_many(loras, self.model, data.train, kl_data=data.kl, kl_coef=[0.0, c.kl_coef],
                              seed=c.seed, lr=c.lora_lr, epochs=c.epochs, batch_size=c.batch_size,
                              kl_batch_size=c.batch_size, warmup_steps=2, record_every=c.record_every,
