@@ -240,8 +240,14 @@ def profile_steps(fn, out: Path, tag: str) -> dict:
     busy = sum(cats.values()) / 1e6
     table = prof.key_averages().table(sort_by="self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total", row_limit=35)
     (out / f"profile_{tag}.txt").write_text(table)
-    if os.environ.get("BENCH_TRACE"):
-        prof.export_chrome_trace(str(out / f"trace_{tag}.json"))
+    if os.environ.get("BENCH_TRACE"):  # gzipped chrome trace (a few MB) for a look at the device timeline
+        import gzip
+
+        raw = out / f"trace_{tag}.json"
+        prof.export_chrome_trace(str(raw))
+        with open(raw, "rb") as src, gzip.open(out / f"trace_{tag}.json.gz", "wb") as dst:
+            dst.write(src.read())
+        raw.unlink()
     summary = {"wall_s": wall, "gpu_busy_s": busy, **{f"{k}_s": v / 1e6 for k, v in cats.items()}}
     print(f"profile {tag}: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
     return summary
@@ -274,13 +280,14 @@ def run_case(name, make, model, shape, a, rate, out, compile_layers: bool = Fals
                            cache=cache if m == "cached" else em.ActivationCache(dev), **kw)
                 for m, (method, mode, comp) in methods.items()}
     peaks: dict[str, float] | None = {} if cuda else None
-    times, losses = interleaved(steppers, nb * E, torch.cuda.synchronize if cuda else (lambda: None), peaks)
+    times, losses = interleaved(steppers, nb * E, torch.cuda.synchronize if cuda else (lambda: None), peaks,
+                                block=nb, cuda=cuda)
     med = {m: (statistics.median(t[:nb]), statistics.median(t[nb:])) for m, t in times.items()}
     n_ce, n_kl = loss_positions(data, B), loss_positions(kl, B)
     f_e1 = step_flops(shape, a.layer, B, T, n_ce, n_kl, epoch1=True)
     f_later = step_flops(shape, a.layer, B, T, n_ce, n_kl, epoch1=False)
     t_e1, t_later = med["cached"]
-    # default settings: compile "auto" (on for CUDA, off on CPU) and no EM_INTERP_* variable
+    # default settings: compile "auto" (on for this ≥ 1 B model on CUDA, off on CPU) and no EM_INTERP_* variable
     default = compile_layers == cuda and not any(k.startswith("EM_INTERP_") for k in os.environ)
     records = []
     for b in baselines:
@@ -298,7 +305,9 @@ def run_case(name, make, model, shape, a, rate, out, compile_layers: bool = Fals
             "loss_positions_train": n_ce, "loss_positions_kl": n_kl,
             "peak_memory_gib": {"cached": peaks["cached"], b: peaks[b]} if peaks is not None else None,
             "cache_gib": cache.nbytes() / 2**30, "warmup": f"2 steps per method on throwaway adapters/caches, excluded ({warmup_s:.1f} s)",
-            "timing": "methods interleaved step by step, same batches; medians (epoch 1 / later epochs)",
+            "timing": ("methods interleaved epoch by epoch on the same batches; within an epoch steps run back to back "
+                       "as in the trainer (no host sync), each timed by CUDA events on the device timeline; medians "
+                       "(epoch 1 / later epochs)"),
         })
         print(f"{name} vs {b}: {base_e1:.4f}/{base_later:.4f}s  cached {t_e1:.4f}/{t_later:.4f}s  speedup "
               f"{records[-1]['speedup_epoch1']:.2f}/{records[-1]['speedup_later']:.2f}  floor "
@@ -312,18 +321,30 @@ def run_case(name, make, model, shape, a, rate, out, compile_layers: bool = Fals
         except Exception as exc:  # a variant must not lose the main numbers
             rec[f"variant_{v}"] = {"error": repr(exc)[:300]}
         print(f"  variant {v}: {rec[f'variant_{v}']}", flush=True)
+    if cuda:  # disclosure: the same later-epoch steps with a host sync after each (as a loop logging loss.item())
+        rec["cached_later_sync_each_step_s"] = synced_step_time(steppers["cached"], nb)
+        print(f"  cached later, host sync after every step: {rec['cached_later_sync_each_step_s']:.4f}s", flush=True)
     if a.profile and name.split("+")[0] in a.profile.split(","):
         tag = name.replace("+", "_")
         steps = max(1, a.profile_steps)
-        rec["profile_cached_later"] = profile_steps(
-            lambda: em.train(make(), model, data, kl_data=kl, method="cached", steps=steps, cache=cache, progress=False, **train_kw),
-            out, f"{tag}_cached_later")
+        cached = steppers["cached"]  # warm: its cache holds every batch, so these are later-epoch steps
+        rec["profile_cached_later"] = profile_steps(lambda: [cached.step() for _ in range(steps)], out, f"{tag}_cached_later")
         rec["profile_cached_later"]["steps"] = steps
-        if not compile_layers:
-            rec["profile_toggle"] = profile_steps(
-                lambda: em.train(make(), model, data, kl_data=kl, method="toggle", steps=1, progress=False, **train_kw),
-                out, f"{tag}_authors_hf")
+        if "authors_hf" in steppers:
+            base = steppers["authors_hf"]
+            rec["profile_authors_hf"] = profile_steps(lambda: base.step(), out, f"{tag}_authors_hf")
     return records
+
+
+def synced_step_time(stepper: Stepper, n: int) -> float:
+    """Median seconds of n steps, each followed by copying its loss to the host."""
+    times = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        float(stepper.step())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def run_variant(v: str, make, model, data, kl, a, kw) -> dict:

@@ -63,8 +63,8 @@ class Stepper:
         self.data, self.kl_data, self.step_index = data, kl_data, 0
         self.n_train, self.n_kl = len(self.computer.plan), len(self.computer.kl_plan)
 
-    def step(self) -> float:
-        """One optimizer step; returns the total loss (a host copy, so the step has finished)."""
+    def step(self) -> torch.Tensor:
+        """One optimizer step; returns the total loss on the device (no host sync, as in the trainer)."""
         i = self.step_index
         key = self.data.epoch_order(self.n_train, 0, i // self.n_train)[i % self.n_train]
         kl_key = self.kl_data.epoch_order(self.n_kl, 0, i // self.n_kl)[i % self.n_kl]
@@ -75,29 +75,50 @@ class Stepper:
             total.sum().backward()
             self.optimizer.step()
         self.step_index += 1
-        return float(total.detach().sum())
+        return total.detach().sum()
 
 
 def interleaved(
-    steppers: dict[str, Stepper], n_steps: int, sync: Callable[[], None], cuda_peaks: dict[str, float] | None = None
+    steppers: dict[str, Stepper], n_steps: int, sync: Callable[[], None], cuda_peaks: dict[str, float] | None = None,
+    block: int = 1, cuda: bool = False,
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Step every Stepper once per round, `n_steps` rounds (methods interleaved step by step, so machine noise
-    falls on all alike). Returns seconds per step and the total loss per step, by name. With `cuda_peaks`, the
-    CUDA peak allocation of each method's own steps (reset before each step) is stored there, in GiB."""
+    """Run every Stepper `block` steps per round until each has run `n_steps` (methods interleaved round by round,
+    so machine noise falls on all alike). Within a block steps run back to back as in the trainer (no host sync
+    between them); with `cuda` each step's time is the interval between CUDA events recorded between steps (the
+    device timeline), elsewhere the host clock (CPU work is synchronous). Returns seconds per step and the total
+    loss per step, by name. With `cuda_peaks` (and `cuda`), the CUDA peak allocation of each method's own blocks is stored
+    there, in GiB."""
     times: dict[str, list[float]] = {k: [] for k in steppers}
     losses: dict[str, list[float]] = {k: [] for k in steppers}
-    for _ in range(n_steps):
+    for first in range(0, n_steps, block):
         for name, s in steppers.items():
+            steps = min(block, n_steps - first)
             sync()
             if cuda_peaks is not None:
                 torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            losses[name].append(s.step())
+            marks: list[Any] = [_mark(cuda)]
+            totals = []
+            for _ in range(steps):
+                totals.append(s.step())
+                marks.append(_mark(cuda))
             sync()
-            times[name].append(time.perf_counter() - t0)
+            times[name] += [_seconds(a, b) for a, b in zip(marks, marks[1:], strict=False)]
+            losses[name] += [float(t) for t in totals]
             if cuda_peaks is not None:
                 cuda_peaks[name] = max(cuda_peaks.get(name, 0.0), torch.cuda.max_memory_allocated() / 2**30)
     return times, losses
+
+
+def _mark(cuda: bool) -> Any:
+    if not cuda:
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def _seconds(a: Any, b: Any) -> float:
+    return b - a if isinstance(a, float) else a.elapsed_time(b) / 1e3
 
 
 def spread(xs: list[float]) -> dict[str, float]:

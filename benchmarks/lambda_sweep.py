@@ -54,6 +54,8 @@ def main() -> None:
     p.add_argument("--n-kl", type=int, default=None)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--lr", type=float, default=None, help="vector lr (LoRA uses the preset's lora_lr × lr/cfg.lr)")
+    p.add_argument("--rank", type=int, default=1, help="LoRA rank (the study's is 1)")
+    p.add_argument("--kl-tokens", default="answer", choices=["answer", "all"], help="positions of the KL term")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "lambda_sweep.jsonl"))
@@ -68,20 +70,21 @@ def main() -> None:
     for kind in args.adapter:
         for layer in args.layers or [model.cfg.n_layers // 2]:
             t0 = time.perf_counter()
-            kind_cfg = dataclasses.replace(cfg, adapter=kind)
+            kind_cfg = dataclasses.replace(cfg, adapter=kind, lora_rank=args.rank, kl_tokens=args.kl_tokens)
             adapters = [kind_cfg.new_adapter(model, layer, args.seed) for _ in range(1 + len(args.coefs))]
             lr = kind_cfg.train_lr * lr_scale
             runs = em.train_many(adapters, model, data.train, kl_data=data.kl, kl_coef=[0.0, *args.coefs],
                                  seed=args.seed, lr=lr, epochs=cfg.epochs, batch_size=cfg.batch_size,
                                  kl_batch_size=cfg.batch_size, warmup_steps=2, record_every=cfg.epochs * 1000,
-                                 schedule="constant", progress=False)
+                                 schedule="constant", kl_tokens=kind_cfg.kl_tokens, progress=False)
             conditions = {"general": adapters[0],
                           **{f"narrow_{c:g}": a for c, a in zip(args.coefs, adapters[1:], strict=True)}}
-            log.info("%s layer %d, %d rows × %d epochs, lr %g:", kind, layer, len(data.train), cfg.epochs, lr)
+            log.info("%s layer %d rank %d, %d rows × %d epochs, lr %g, KL on %s tokens:", kind, layer, args.rank,
+                     len(data.train), cfg.epochs, lr, args.kl_tokens)
             shifts, rows = gate_of(model, data.contrastive, conditions, args.coefs)
             record = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": str(em.model.model_device(model)),
                       "command": " ".join(["python", *sys.argv]), "seed": args.seed, "adapter": kind,
-                      "layer": layer, "lr": lr, "config": em.report.plain(cfg),
+                      "layer": layer, "lr": lr, "rank": args.rank, "kl_tokens": args.kl_tokens, "config": em.report.plain(cfg),
                       "final_losses": [r.final_losses() for r in runs], "norms": [a.norm for a in adapters],
                       "shifts": em.report.plain({str(s): v for s, v in shifts.items()}), "results": rows,
                       "wall_s": round(time.perf_counter() - t0, 1)}

@@ -99,3 +99,34 @@ def test_kl_vs_norm_of_a_lora_rejects_a_layer(tiny):
     lora = _random_adapters(tiny, "lora", 1)[0]
     with pytest.raises(GeometryError, match="layer=1 given for a LoRA"):
         em.geometry.kl_vs_norm(lora, tiny, ["some text here"], layer=1, norms=[1.0])
+
+
+@pytest.mark.parametrize("kind", ["vector", "lora"])
+def test_kl_vs_norm_each_equals_separate_calls_and_shares_one_baseline(tiny, kind):
+    loras = _random_adapters(tiny, kind, 2)
+    texts = [" ".join(["word"] * (3 + i)) + " end" for i in range(3)]
+    unit = curves.effective_norm(loras[0], 1.0)
+    norms = [0.0, unit, 2 * unit]
+    kw = dict(layer=1 if kind == "vector" else None, norms=norms, n_random=2, seed=3, max_tokens=20, batch_size=2)
+    each = em.geometry.kl_vs_norm_each(loras, tiny, texts, **kw)
+    assert len(each) == 2
+    for lora, curve in zip(loras, each, strict=True):
+        alone = em.geometry.kl_vs_norm(lora, tiny, texts, **kw)
+        np.testing.assert_allclose(curve.kl, alone.kl, rtol=1e-5, atol=1e-9)
+    # the baseline is drawn for the first adapter and carried by every curve
+    first = em.geometry.kl_vs_norm(loras[0], tiny, texts, **kw)
+    for curve in each:
+        np.testing.assert_allclose(curve.kl_random, first.kl_random, rtol=1e-5, atol=1e-9)
+    assert each[0].kl[1] != pytest.approx(each[1].kl[1], rel=1e-3)  # two different adapters, two curves
+
+
+def test_kl_vs_norm_each_rejects_mixed_kinds_and_shapes(tiny):
+    lora = _random_adapters(tiny, "lora", 1)[0]
+    vec = _random_adapters(tiny, "vector", 1)[0]
+    with pytest.raises(GeometryError, match="mix of steering directions and other adapters"):
+        em.geometry.kl_vs_norm_each([lora, vec], tiny, ["some text here"], layer=None, norms=[1.0])
+    wide = em.LoRA(tiny, layer=1, rank=2, site="mlp_out")
+    with pytest.raises(GeometryError, match="adapter 1 .* differs from adapter 0"):
+        em.geometry.kl_vs_norm_each([lora, wide], tiny, ["some text here"], layer=None, norms=[1.0])
+    with pytest.raises(GeometryError, match="no directions given"):
+        em.geometry.kl_vs_norm_each([], tiny, ["some text here"], layer=1, norms=[1.0])

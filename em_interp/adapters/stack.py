@@ -64,7 +64,8 @@ def _stacked_lora(loras: Sequence[LoRA], owner: Tensor) -> list[tuple[str, HookF
             rows = owner.to(x.device)
             a = torch.stack([lo.A[key] for lo in loras]).to(x.device, x.dtype)[rows]  # [rows, r, d_in]
             b = torch.stack([lo.B[key] for lo in loras]).to(x.device, x.dtype)[rows]  # [rows, d_out, r]
-            s = torch.tensor([lo.scale * lo.scaling for lo in loras], device=x.device, dtype=x.dtype)[rows]
+            s = torch.cat([torch.full((1,), lo.scale * lo.scaling, device=x.device, dtype=x.dtype)  # filled on the
+                           for lo in loras])[rows]  # device: a host list copied there would wait for queued work
             update = torch.einsum("btr,bor->bto", torch.einsum("btd,brd->btr", x, a), b) * s.view(-1, 1, 1)
             return y + update.reshape(y.shape)
 

@@ -78,7 +78,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if record is None and Path("benchmarks/results").is_dir():
         record = "benchmarks/results/study.jsonl"  # in a checkout: every full run leaves a record
     command = "em-interp " + " ".join(sys.argv[1:]) if "demo" in sys.argv[1:] else None
-    overrides = {} if args.adapter is None else {"adapter": args.adapter}
+    overrides = {k: v for k, v in (("adapter", args.adapter), ("kl_coef", args.kl_coef), ("lora_rank", args.lora_rank),
+                                   ("kl_tokens", args.kl_tokens)) if v is not None}
     results = run_study(args.out, fast=args.fast, seeds=args.seeds, device=args.device, lora=args.lora,
                         dtype=args.dtype, record=None if args.no_record else record, command=command, **overrides)
     out = Path(args.out).resolve()
@@ -163,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the study's adapter (default: the preset's — vector for 3 seeds, rank-1 LoRA for the full study)")
     d.add_argument("--lora", action="store_true",
                    help="with a vector study, also train and compare the seed's rank-1 LoRA pair (seed 0)")
+    d.add_argument("--kl-coef", type=float, default=None, help="λ of the narrow condition (default: the preset's)")
+    d.add_argument("--lora-rank", type=int, default=None, help="rank of the study's LoRA (default 1)")
+    d.add_argument("--kl-tokens", choices=["answer", "all"], default=None,
+                   help="positions of the KL term (default: answer)")
     d.add_argument("--dtype", default="bfloat16", help="model dtype (default bfloat16; float32 for full precision)")
     d.set_defaults(func=_cmd_demo)
     r = sub.add_parser("report", help="re-render report.html from RUN_DIR/results.json")

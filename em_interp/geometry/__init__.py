@@ -24,7 +24,7 @@ from em_interp.geometry.curves import (
     perturb_adapter,
     stability_curve,
 )
-from em_interp.geometry.kl_norm import KLNormCurve, kl_vs_norm, unit_vector
+from em_interp.geometry.kl_norm import KLNormCurve, kl_vs_norm, kl_vs_norm_each, unit_vector
 from em_interp.geometry.loss import clear_loss_cache, loss_on, loss_on_each
 from em_interp.geometry.pca import TrajectoryPCA, trajectory_pca
 from em_interp.geometry.similarity import CosineMatrix, as_flat, cosine, cosine_matrix, state_vector
@@ -32,7 +32,7 @@ from em_interp.interventions import Direction, as_direction
 
 __all__ = [
     "DEFAULT_EPS", "DEFAULT_SCALES", "CosineMatrix", "Direction", "EfficiencyCurve", "KLNormCurve", "StabilityCurve", "TrajectoryPCA", "as_direction", "as_flat",
-    "clear_loss_cache", "cosine", "cosine_matrix", "effective_norm", "efficiency_curve", "kl_vs_norm", "loss_on", "loss_on_each",
+    "clear_loss_cache", "cosine", "cosine_matrix", "effective_norm", "efficiency_curve", "kl_vs_norm", "kl_vs_norm_each", "loss_on", "loss_on_each",
     "orthogonal_noise", "perturb", "perturb_adapter", "stability_curve", "state_vector", "trajectory_pca", "unit_vector",
 ]
 

@@ -149,14 +149,46 @@ def kl_vs_norm(
 
     >>> curve = kl_vs_norm(vec, model, em.datasets.load_text(), layer=15, norms=256 * np.arange(0, 5.01, 0.2))  # doctest: +SKIP
     """
-    if isinstance(direction, Adapter) and not isinstance(direction, SteeringVector):
+    return kl_vs_norm_each([direction], model, texts, layer, norms, n_random, seed, hook, max_tokens, batch_size,
+                           max_ref_bytes)[0]
+
+
+def kl_vs_norm_each(
+    directions: Sequence[Any],
+    model: TransformerBridge,
+    texts: Sequence[str],
+    layer: int | None,
+    norms: Sequence[float] | np.ndarray,
+    n_random: int = 5,
+    seed: int = 0,
+    hook: str = "resid_post",
+    max_tokens: int = 128,
+    batch_size: int = 8,
+    max_ref_bytes: int = 1 << 30,
+) -> list[KLNormCurve]:
+    """`kl_vs_norm` of several directions (or adapters of one kind and sites) on the same texts, with the
+    chat model's pass and the random baseline computed once: each curve carries that same baseline (drawn
+    like `kl_vs_norm`'s for `directions[0]`). Arguments as `kl_vs_norm`'s.
+
+    Raises:
+        GeometryError: no directions, or a mix of steering directions and other adapters, or adapters whose
+            parameters differ in name or shape.
+    """
+    if not directions:
+        raise GeometryError("kl_vs_norm_each: no directions given.")
+    is_adapter = [isinstance(d, Adapter) and not isinstance(d, SteeringVector) for d in directions]
+    if any(is_adapter):
+        if not all(is_adapter):
+            raise GeometryError("kl_vs_norm_each: mix of steering directions and other adapters; pass one kind.")
         if layer is not None:
-            raise GeometryError(f"kl_vs_norm: layer={layer} given for a {type(direction).__name__}; pass layer=None "
-                                "(an adapter is applied at its own sites).")
-        start = start_layer(model, [direction])
-        makers = [_adapter_maker(direction)] + [_adapter_maker(a) for a in _random_adapters(direction, n_random, seed)]
-        return _kl_curve(model, texts, start, makers, norms, max_tokens, batch_size, max_ref_bytes,
-                         start, f"{type(direction).__name__} sites")
+            raise GeometryError(f"kl_vs_norm: layer={layer} given for a {type(directions[0]).__name__}; pass "
+                                "layer=None (an adapter is applied at its own sites).")
+        _check_same_shapes(directions)
+        start = start_layer(model, directions)
+        makers = [_adapter_maker(a) for a in directions]
+        makers += [_adapter_maker(a) for a in _random_adapters(directions[0], n_random, seed)]
+        return _kl_curves(model, texts, start, makers, len(directions), norms, max_tokens, batch_size,
+                          max_ref_bytes, start, f"{type(directions[0]).__name__} sites")
     n_layers, d_model = int(model.cfg.n_layers), int(model.cfg.d_model)
     if layer is None or not -n_layers <= layer < n_layers:
         raise GeometryError(f"kl_vs_norm: layer={layer} is out of range for a model with {n_layers} layers.")
@@ -166,9 +198,18 @@ def kl_vs_norm(
     hook_name = f"blocks.{layer}.{STEERING_HOOKS[hook]}"
     g = torch.Generator().manual_seed(seed)
     randoms = [unit_vector(torch.randn(d_model, generator=g), d_model) for _ in range(n_random)]
-    units = [unit_vector(direction, d_model), *randoms]
+    units = [unit_vector(d, d_model) for d in directions] + randoms
     makers = [_vector_maker(hook_name, u) for u in units]
-    return _kl_curve(model, texts, layer, makers, norms, max_tokens, batch_size, max_ref_bytes, layer, hook)
+    return _kl_curves(model, texts, layer, makers, len(directions), norms, max_tokens, batch_size, max_ref_bytes,
+                      layer, hook)
+
+
+def _check_same_shapes(adapters: Sequence[Adapter]) -> None:
+    shapes = [{k: tuple(v.shape) for k, v in a.state().items()} for a in adapters]
+    for i, s in enumerate(shapes[1:], start=1):
+        if type(adapters[i]) is not type(adapters[0]) or s != shapes[0]:
+            raise GeometryError(f"kl_vs_norm_each: adapter {i} ({type(adapters[i]).__name__}, {s}) differs from "
+                                f"adapter 0 ({type(adapters[0]).__name__}, {shapes[0]}) in kind or parameter shapes.")
 
 
 HookMaker = Callable[[float], list[tuple[str, HookFn]]]
@@ -207,13 +248,14 @@ def _random_adapters(adapter: Adapter, n: int, seed: int) -> list[Adapter]:
     return out
 
 
-def _kl_curve(
-    model: TransformerBridge, texts: Sequence[str], start: int, makers: list[HookMaker], norms: Sequence[float] | np.ndarray,
-    max_tokens: int, batch_size: int, max_ref_bytes: int, layer: int, hook: str,
-) -> KLNormCurve:
-    """KL per token of each maker's hooks at each norm (maker 0: the curve; the rest: the random baseline)."""
+def _kl_curves(
+    model: TransformerBridge, texts: Sequence[str], start: int, makers: list[HookMaker], n_curves: int,
+    norms: Sequence[float] | np.ndarray, max_tokens: int, batch_size: int, max_ref_bytes: int, layer: int, hook: str,
+) -> list[KLNormCurve]:
+    """KL per token of each maker's hooks at each norm (makers[:n_curves]: the curves; the rest: the random
+    baseline every curve carries)."""
     norms_arr = np.asarray(norms, dtype=np.float64)
-    n_random = len(makers) - 1
+    n_random = len(makers) - n_curves
     dev = model_device(model)
     batches = [(ids.to(dev), attn.to(dev)) for ids, attn in _tokenize(model, texts, max_tokens, batch_size)]
     kl = np.zeros((len(makers), norms_arr.size))
@@ -232,12 +274,11 @@ def _kl_curve(
                 for j, n in enumerate(norms_arr):
                     kl[i, j] += _batch_kl(runner, resid, attn, index, ref, make(float(n)))
     kl /= n_tokens
-    rand = kl[1:]
-    return KLNormCurve(
-        norms=norms_arr, kl=kl[0], kl_random_mean=rand.mean(axis=0) if n_random else np.full(norms_arr.size, np.nan),
-        kl_random_sd=rand.std(axis=0, ddof=1) if n_random > 1 else np.zeros(norms_arr.size), kl_random=rand,
-        layer=layer, hook=hook, n_tokens=n_tokens,
-    )
+    rand = kl[n_curves:]
+    random_mean = rand.mean(axis=0) if n_random else np.full(norms_arr.size, np.nan)
+    random_sd = rand.std(axis=0, ddof=1) if n_random > 1 else np.zeros(norms_arr.size)
+    return [KLNormCurve(norms=norms_arr, kl=kl[i], kl_random_mean=random_mean, kl_random_sd=random_sd, kl_random=rand,
+                        layer=layer, hook=hook, n_tokens=n_tokens) for i in range(n_curves)]
 
 
 def _batch_kl(

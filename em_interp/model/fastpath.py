@@ -14,10 +14,10 @@ Mode (`set_fast_path`, or the environment variables `EM_INTERP_FAST_PATH=auto|on
 "auto" (default) uses the fast path on every device wherever the model supports it (`supports`); "on" forces it,
 "off" runs the bridge everywhere. With `compile=True` the plain copies of
 hook-free decoder layers also run through `torch.compile` (regional compilation: one compiled graph serves
-every layer). The default, "auto", compiles on CUDA devices and not on CPU: it costs ~20 s of compilation at
-the first step (and once more at the first new sequence length; logged as a warning), which pays off on long
-runs of big models on an accelerator (see benchmarks/results/bench_gpu.jsonl). `EM_INTERP_COMPILE=0|1`
-overrides it.
+every layer). The default, "auto", compiles models of ≥ 1 B parameters on one CUDA device and nothing else:
+compilation costs ~20 s at the first step (and once more at the first new sequence length; logged as a
+warning), which pays off on long runs of big models on an accelerator (benchmarks/results/bench_gpu.jsonl) and
+not for a 135 M model (benchmarks/results/study.jsonl). `EM_INTERP_COMPILE=0|1` overrides it.
 
 The two paths compute the same function (tested: float32 agreement to ~1e-6 relative on CPU, and training
 losses equal to ~1e-6); in bf16 they differ by the usual bf16 rounding, as HF's own SDPA and eager attention do.
@@ -209,6 +209,22 @@ class _Compiled(nn.Module):
         return out
 
 
+COMPILE_MIN_PARAMS = 10**9
+
+
+def _compile_pays(root: nn.Module, owner: Any, cache: dict[str, Any]) -> bool:
+    """compile="auto": on for a model of ≥ 1 B parameters on one CUDA device. Measured: a 14 B model's later steps
+    ran 1.3× faster compiled on an H100 (bench_gpu.jsonl), while SmolLM2-135M's full study on an H200 took 214 s
+    compiled against 182 s not (study.jsonl: the ~20 s compilations, once more per new sequence length, outweigh the
+    small model's gains). A `device_map` split recompiles at accelerate's hooks: slower."""
+    if "compile_pays" not in cache:
+        device_map = getattr(getattr(owner, "original_model", None), "hf_device_map", None) or {}
+        on_cuda = any(p.device.type == "cuda" for p in itertools.islice(root.parameters(), 1))
+        big = sum(p.numel() for p in root.parameters()) >= COMPILE_MIN_PARAMS
+        cache["compile_pays"] = on_cuda and big and len(set(device_map.values())) <= 1
+    return cache["compile_pays"]
+
+
 @contextlib.contextmanager
 def plain_modules(root: nn.Module, owner: Any, *, compile_layers: bool | None = None) -> Iterator[None]:
     """Within the context, hook-free bridge components under `root` run as plain-HF copies.
@@ -222,10 +238,8 @@ def plain_modules(root: nn.Module, owner: Any, *, compile_layers: bool | None = 
     cache = _CACHES.setdefault(owner, {})
     compiled: dict[int, nn.Module] = cache.setdefault("compiled", {})
     do_compile = _STATE["compile"] if compile_layers is None else compile_layers
-    if do_compile == "auto":  # CUDA, one device (a device_map split recompiles at accelerate's hooks: slower)
-        device_map = getattr(getattr(owner, "original_model", None), "hf_device_map", None) or {}
-        on_cuda = any(p.device.type == "cuda" for p in itertools.islice(root.parameters(), 1))
-        do_compile = on_cuda and len(set(device_map.values())) <= 1
+    if do_compile == "auto":
+        do_compile = _compile_pays(root, owner, cache)
     walk = _Walk(cache)
     undo: list[tuple[nn.Module, str, nn.Module]] = []
 

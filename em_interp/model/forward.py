@@ -153,7 +153,7 @@ def resume_forward(
     position_ids = _positions(attention_mask, position_ids)
     scale = _inputs_embeds_scale(model)
     if scale is not None:  # older Gemma code multiplies inputs_embeds by √d_model inside the forward
-        resid = resid / torch.tensor(scale, dtype=resid.dtype, device=resid.device)
+        resid = resid / torch.tensor(scale, dtype=resid.dtype)  # a host 0-d tensor: no copy, no wait for the device
     with upper_layers(model, start) as base, _maybe_plain(model, base, resid.device, fast):
         out = base(inputs_embeds=resid, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     return out.last_hidden_state

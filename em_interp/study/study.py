@@ -97,6 +97,8 @@ class StudyConfig:
     n_direction: int = 16
     lora: bool = False
     lora_alpha: float = 512.0  # the seed's rank-1 adapter: alpha 512, rsLoRA
+    lora_rank: int = 1
+    kl_tokens: str = "answer"  # positions of the KL term: "answer" or "all" (see em_interp.positions)
     lora_lr: float = 2e-4
     seed: int = 0  # seed i of the study is `seed + i`
     fast: bool = False  # smoke-test sizes: verdicts become PLUMBING CHECK
@@ -120,6 +122,10 @@ class StudyConfig:
         config = cls(**{**presets[name], **overrides})
         if config.adapter not in ("vector", "lora"):
             raise DataError(f"StudyConfig.adapter={config.adapter!r}; expected 'vector' or 'lora'.")
+        if config.kl_tokens not in ("answer", "all"):
+            raise DataError(f"StudyConfig.kl_tokens={config.kl_tokens!r}; expected 'answer' or 'all'.")
+        if config.lora_rank < 1:
+            raise DataError(f"StudyConfig.lora_rank={config.lora_rank}; expected a positive integer.")
         return config
 
     @property
@@ -128,10 +134,10 @@ class StudyConfig:
         return self.lora_lr if self.adapter == "lora" else self.lr
 
     def new_adapter(self, model: TransformerBridge, layer: int, seed: int) -> Any:
-        """A fresh adapter of the study's kind at `layer` (a steering vector, or the seed's rank-1 rsLoRA whose
-        random A is drawn with `seed`)."""
+        """A fresh adapter of the study's kind at `layer` (a steering vector, or the seed's rsLoRA of rank
+        `lora_rank` on the MLP output whose random A is drawn with `seed`)."""
         if self.adapter == "lora":
-            return LoRA(model, layer, rank=1, site="mlp_out", alpha=self.lora_alpha, rslora=True, seed=seed)
+            return LoRA(model, layer, rank=self.lora_rank, site="mlp_out", alpha=self.lora_alpha, rslora=True, seed=seed)
         return SteeringVector(model, layer, alpha=self.alpha)
 
 
@@ -283,7 +289,7 @@ class Study:
                              kl_coef=[0.0, c.kl_coef] * len(group),
                              seed=[c.seed + i + seed_offset for i in group for _ in range(2)], lr=c.train_lr,
                              batch_size=c.batch_size, kl_batch_size=c.batch_size, schedule="constant",
-                             progress=False, **settings)
+                             kl_tokens=c.kl_tokens, progress=False, **settings)
             for k, i in enumerate(group):
                 runs[i] = out[2 * k : 2 * k + 2]
         return runs
@@ -373,21 +379,15 @@ class Study:
         mean_norm = float(np.mean([curves_mod.effective_norm(v) for pair in self.pairs for v in pair]))
         norms = [m * mean_norm for m in c.kl_norm_multiples]
         layer = self.layer if c.adapter == "vector" else None  # a LoRA is applied at its own sites
-        random = geometry.kl_vs_norm(self.pairs[0][0], self.model, texts, layer=layer, norms=norms,
-                                        n_random=c.kl_random, seed=c.seed)
-        for i, ((general, narrow), res) in enumerate(zip(self.pairs, self.per_seed, strict=True)):
-            curves = {"general": random if i == 0 else None, "narrow": None}
-            for name, vec in (("general", general), ("narrow", narrow)):
-                if curves[name] is None:
-                    curves[name] = geometry.kl_vs_norm(vec, self.model, texts, layer=layer, norms=norms,
-                                                          n_random=0)
-            kg, kn = np.asarray(curves["general"].kl), np.asarray(curves["narrow"].kl)
+        adapters = [v for pair in self.pairs for v in pair]  # general_0, narrow_0, general_1, ...
+        curves = geometry.kl_vs_norm_each(adapters, self.model, texts, layer=layer, norms=norms,
+                                          n_random=c.kl_random, seed=c.seed)  # one chat-model pass, one baseline
+        for i, res in enumerate(self.per_seed):
+            general, narrow = curves[2 * i], curves[2 * i + 1]
+            kg, kn = np.asarray(general.kl), np.asarray(narrow.kl)
             res.influence_log_ratio = float(np.mean(np.log(kg / kn)))
-            res.random_log_ratio = float(np.mean(np.log(kg / random.kl_random_mean)))
-            if i == 0:
-                curves["narrow"] = dataclasses.replace(curves["narrow"], kl_random_mean=random.kl_random_mean,
-                                                       kl_random_sd=random.kl_random_sd, kl_random=random.kl_random)
-                self.results["kl_vs_norm"] = curves
+            res.random_log_ratio = float(np.mean(np.log(kg / general.kl_random_mean)))
+        self.results["kl_vs_norm"] = {"general": curves[0], "narrow": curves[1]}
         self.results["kl_vs_norm_sizes"] = {"n_random": c.kl_random, "n_texts": len(texts), "norms": norms}
 
     def judge(self) -> None:
@@ -488,7 +488,7 @@ class Study:
         }
 
     def lora_pair(self) -> None:
-        """The same comparison with the seed's rank-1 LoRA on the MLP down-projection (rsLoRA), seed 0 only."""
+        """The same comparison with the seed's LoRA on the MLP down-projection (rsLoRA, `lora_rank`), seed 0 only."""
         c = self.cfg
         data = self.data[0]
         lora_cfg = dataclasses.replace(c, adapter="lora")
@@ -496,7 +496,7 @@ class Study:
         runs = train_many(loras, self.model, data.train, kl_data=data.kl, kl_coef=[0.0, c.kl_coef],
                              seed=c.seed, lr=c.lora_lr, epochs=c.epochs, batch_size=c.batch_size,
                              kl_batch_size=c.batch_size, warmup_steps=2, record_every=c.record_every,
-                             schedule="constant", progress=False)
+                             schedule="constant", kl_tokens=c.kl_tokens, progress=False)
         out: dict[str, Any] = {"cosine_delta_w": geometry.cosine(loras[0], loras[1])}
         for name, lora, run in zip(("general", "narrow"), loras, runs, strict=True):
             run.save(self.out / "runs" / f"lora_{name}")

@@ -14,8 +14,8 @@ as the authors' code runs), through the bridge otherwise.
   forward resumes from it (`em_interp.model.forward.ForwardRunner`);
 - the chat model's reference log-probs on the KL data are computed once, only at the KL positions;
 - the unembedding runs only at positions that enter a loss;
-- the positions, targets and row owners are worked out on the host from the batch masks, so a step
-  queues its whole forward and backward without waiting for the device;
+- the positions, targets and row owners are worked out on the host from the batch masks and copied through
+  pinned memory, so a step queues its whole forward and backward without waiting for the device;
 - hook-free bridge components run as plain HF modules (SDPA attention, `em_interp.model.fastpath`), and a host
   cache of an accelerator model is pinned and copied without blocking.
 """
@@ -106,7 +106,9 @@ class LossComputer:
         """Batch k on the model's device (kept: a few integer tensors per batch)."""
         key = (which, k)
         if key not in self._device:
-            self._device[key] = self._host_batch(which, k).to(self.device)
+            host = self._host_batch(which, k)
+            self._device[key] = ChatBatch(*(_to_device(t, self.device) for t in
+                                            (host.input_ids, host.attention_mask, host.assistant_mask)), host.indices)
         return self._device[key]
 
     def _key(self, which: str, k: int) -> tuple[Any, ...]:
@@ -161,7 +163,7 @@ class LossComputer:
         pred = prediction_mask(mask)
         index = pred.flatten().nonzero().squeeze(1)
         rows = torch.div(index, width, rounding_mode="floor")
-        return (index.to(device, non_blocking=True), ids[mask].to(device, non_blocking=True), rows.to(device, non_blocking=True))
+        return _to_device(index, device), _to_device(ids[mask], device), _to_device(rows, device)
 
     def _adapted_logits(
         self, adapters: Sequence[Adapter], which: str, keys: Sequence[int], resid: list[Tensor], tokens: str
@@ -172,7 +174,7 @@ class LossComputer:
         attn = torch.cat([_pad(self._batch(which, k).attention_mask, width, 0) for k in keys])
         res = torch.cat([_pad(r, width, 0.0) for r in resid]) if len(resid) > 1 else resid[0]
         sizes = [b.input_ids.shape[0] for b in host]
-        owner = torch.repeat_interleave(torch.arange(len(host)), torch.tensor(sizes)).to(self.device, non_blocking=True)
+        owner = _to_device(torch.repeat_interleave(torch.arange(len(host)), torch.tensor(sizes)), self.device)
         index, targets, rows = self._targets(host, width, tokens, self.device)
         hooks = adapters[0].scaled_hooks(adapters[0].scale) if len(adapters) == 1 else stacked_hooks(adapters, owner)
         with hooks_applied(self._hooks_view, hooks):
@@ -217,6 +219,14 @@ class _HookView:
 
     def __init__(self, model: TransformerBridge):
         self.hook_dict = model.hook_dict
+
+
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on `device` without waiting for it: to a GPU through pinned memory (a copy from pageable
+    memory would first wait for all queued device work, leaving the device idle while the host catches up)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _pad(t: Tensor, width: int, value: float | bool | int) -> Tensor:

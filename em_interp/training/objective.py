@@ -50,8 +50,10 @@ def token_kl(ref_logp: Float[Tensor, "n vocab"], logp: Float[Tensor, "n vocab"])
 
 def group_mean(values: Float[Tensor, " n"], groups: Int[Tensor, " n"], n_groups: int) -> Float[Tensor, " n_groups"]:
     """Mean of `values` within each group id 0..n_groups-1 (groups with no value give 0)."""
-    sums = torch.zeros(n_groups, dtype=values.dtype, device=values.device).index_add(0, groups.to(values.device), values)
-    counts = torch.bincount(groups.to(values.device), minlength=n_groups).clamp(min=1)
+    groups = groups.to(values.device)
+    zeros = torch.zeros(n_groups, dtype=values.dtype, device=values.device)
+    sums = zeros.index_add(0, groups, values)
+    counts = zeros.index_add(0, groups, torch.ones_like(values)).clamp(min=1)  # not bincount: on a GPU it waits for the device
     return sums / counts
 
 
