@@ -26,6 +26,7 @@ import torch
 
 from em_interp.datasets import TokenizedChats
 from em_interp.model import fastpath
+from em_interp.model.forward import model_device
 from em_interp.training.engine import ActivationCache, LossComputer
 
 BASELINES = {
@@ -55,7 +56,8 @@ class Stepper:
     def __init__(self, model: Any, adapter: Any, data: TokenizedChats, kl_data: TokenizedChats, *, method: str,
                  mode: str = "auto", compile_layers: bool = False, batch_size: int = 8, kl_coef: float = 1.0,
                  lr: float = 5e-4, cache: ActivationCache | None = None):
-        self.mode, self.compile_layers, self.kl_coef, self.adapter = mode, compile_layers, kl_coef, adapter
+        self.mode, self.compile_layers, self.kl_coef = mode, compile_layers, kl_coef
+        self.adapter = adapter.to(model_device(model))  # as `em.train` does: the adapter lives on the model's device
         with fast_path(mode, compile_layers):  # the LossComputer fixes its fast-path choice when built
             self.computer = LossComputer(model, data, kl_data, batch_size=batch_size, kl_batch_size=batch_size,
                                          start_layer=adapter.first_layer, method=method, cache=cache)

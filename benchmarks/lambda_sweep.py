@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -44,6 +45,28 @@ def gate_of(model: Any, items: list[dict[str, Any]], conditions: dict[str, Any],
     return shifts, rows
 
 
+def margin(gate: dict[str, Any]) -> float:
+    """How far the gate's worst ratio is inside its bound (negative: outside): min(in − 0.5, 0.25 − max other)."""
+    if gate.get("in_domain") is None or any(v is None for v in gate["other"].values()):
+        return -math.inf  # a ratio could not be formed
+    return min([gate["in_domain"] - gate["min_in"]] + [gate["max_other"] - v for v in gate["other"].values()])
+
+
+def summarize(path: Path) -> None:
+    """One line per (setting, λ) of the records in `path`: the gate's margin per seed."""
+    rows: dict[tuple[Any, ...], dict[int, float]] = {}
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        epochs = r["config"]["epochs"] if isinstance(r["config"], dict) else None
+        for row in r["results"]:
+            key = (r.get("adapter", "vector"), r.get("layer"), r.get("rank", 1), r.get("kl_tokens", "answer"), epochs, row["kl_coef"])
+            rows.setdefault(key, {})[r["seed"]] = margin(row["gate"])
+    for key, by_seed in sorted(rows.items(), key=lambda kv: str(kv[0])):
+        worst = min(by_seed.values())
+        print(f"{key}: margins " + ", ".join(f"seed {s} {m:+.3f}" for s, m in sorted(by_seed.items()))
+              + f"; worst {worst:+.3f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--coefs", type=float, nargs="+", default=[4.0, 16.0, 64.0])
@@ -59,7 +82,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "lambda_sweep.jsonl"))
+    p.add_argument("--summarize", action="store_true", help="print each setting's gate margins from --out and stop")
     args = p.parse_args()
+    if args.summarize:
+        summarize(Path(args.out))
+        return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     overrides = {k: v for k, v in (("n_train", args.n_train), ("n_kl", args.n_kl), ("epochs", args.epochs))
                  if v is not None}
