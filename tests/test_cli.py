@@ -172,7 +172,8 @@ def test_demo_prints_report_and_verdicts(tmp_path, capsys, monkeypatch):
     seen = {}
 
     def fake_run_study(out, *, fast=False, device=None, lora=False, seeds=None, **kw):
-        seen.update(out=out, fast=fast, device=device, lora=lora, seeds=seeds, record=kw.get("record"))
+        seen.update(out=out, fast=fast, device=device, lora=lora, seeds=seeds, record=kw.get("record"),
+                    overrides={k for k in kw if k not in ("record", "dtype", "command")})
         return synthetic_results()
 
     monkeypatch.setattr(em_interp.study, "run_study", fake_run_study)
@@ -180,12 +181,33 @@ def test_demo_prints_report_and_verdicts(tmp_path, capsys, monkeypatch):
     assert main(["demo", "--out", str(tmp_path / "d"), "--fast", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert seen == {"out": str(tmp_path / "d"), "fast": True, "device": "cpu", "lora": False, "seeds": None,
-                    "record": None}
+                    "record": None, "overrides": set()}
     assert "report.html" in out and "REFUTED" in out and "UNCLEAR" in out and "total time: 14.0 s" in out
     assert "interval [+0.09, +0.13]" in out and "gate: passed" in out
     record = tmp_path / "study.jsonl"
     assert main(["demo", "--out", str(tmp_path / "e"), "--seeds", "8", "--record", str(record)]) == 0
     assert seen["seeds"] == 8 and seen["record"] == str(record)
+    assert "kl_coef" not in seen["overrides"]  # the preset's λ unless given
+
+
+def test_demo_passes_study_settings(tmp_path, monkeypatch):
+    import em_interp.study
+
+    seen = {}
+
+    def fake_run_study(out, **kw):
+        seen.update(kw)
+        return synthetic_results()
+
+    monkeypatch.setattr(em_interp.study, "run_study", fake_run_study)
+    monkeypatch.chdir(tmp_path)
+    argv = ["demo", "--out", str(tmp_path / "d"), "--fast", "--adapter", "lora", "--kl-coef", "18", "--lora-rank", "2",
+            "--kl-tokens", "all"]
+    assert main(argv) == 0
+    assert (seen["adapter"], seen["kl_coef"], seen["lora_rank"], seen["kl_tokens"]) == ("lora", 18.0, 2, "all")
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--kl-tokens", "prompt"])
+    assert exc.value.code == 2
 
 
 def test_no_command_and_bad_arguments(capsys):

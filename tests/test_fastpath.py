@@ -155,3 +155,25 @@ def test_accelerate_device_hooks_still_run_around_plain_clones():
         fast = resume_forward(model, resid, 1, fast=True)
     assert calls == ["PositionEmbeddingsAttentionBridge", "Qwen2Attention"]
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+
+
+def test_compile_auto_only_for_big_models_on_one_cuda_device():
+    big, small = fastpath.COMPILE_MIN_PARAMS, fastpath.COMPILE_MIN_PARAMS - 1
+    assert fastpath.compile_pays(big, "cuda", 1)
+    assert not fastpath.compile_pays(small, "cuda", 1)  # e.g. SmolLM2-135M: compiling costs more than it saves
+    assert not fastpath.compile_pays(big, "cpu", 0)
+    assert not fastpath.compile_pays(big, "cuda", 2)  # a device_map split
+
+
+def test_compile_auto_leaves_a_small_cpu_model_uncompiled():
+    model = wrap_hf_model(tiny_hf_model("llama"), chat_tokenizer(), model_id="tiny")
+    fastpath.set_fast_path("on", compile="auto")
+    try:
+        base = hf_model_of(model).model
+        with fastpath.plain_modules(base, model):
+            assert not any(isinstance(m, fastpath._Compiled) for m in base.layers)
+        fastpath.set_fast_path("on", compile=True)  # forced: the plain layers are wrapped (compiled at first call)
+        with fastpath.plain_modules(base, model):
+            assert all(isinstance(m, fastpath._Compiled) for m in base.layers)
+    finally:
+        fastpath.set_fast_path("auto", compile="auto")

@@ -51,3 +51,14 @@ def test_lora_study_runs_every_analysis(tiny, tmp_path):
     assert math.isfinite(results["direction"]["cosine_general"])
     html = (tmp_path / "s" / "report.html").read_text()
     assert "rank-1 LoRA on the MLP down-projection" in html
+
+
+def test_study_config_checks_kl_tokens_and_rank():
+    from em_interp.errors import DataError
+    from em_interp.study import StudyConfig
+
+    assert StudyConfig.preset("default", kl_tokens="all", lora_rank=2).lora_rank == 2
+    with pytest.raises(DataError, match="kl_tokens='prompt'"):
+        StudyConfig.preset("default", kl_tokens="prompt")
+    with pytest.raises(DataError, match="lora_rank=0"):
+        StudyConfig.preset("default", lora_rank=0)

@@ -212,16 +212,22 @@ class _Compiled(nn.Module):
 COMPILE_MIN_PARAMS = 10**9
 
 
-def _compile_pays(root: nn.Module, owner: Any, cache: dict[str, Any]) -> bool:
+def compile_pays(n_params: int, device_type: str, n_devices: int) -> bool:
     """compile="auto": on for a model of ≥ 1 B parameters on one CUDA device. Measured: a 14 B model's later steps
     ran 1.3× faster compiled on an H100 (bench_gpu.jsonl), while SmolLM2-135M's full study on an H200 took 214 s
     compiled against 182 s not (study.jsonl: the ~20 s compilations, once more per new sequence length, outweigh the
     small model's gains). A `device_map` split recompiles at accelerate's hooks: slower."""
+    return device_type == "cuda" and n_params >= COMPILE_MIN_PARAMS and n_devices <= 1
+
+
+def _compile_pays(root: nn.Module, owner: Any, cache: dict[str, Any]) -> bool:
+    """`compile_pays` for the model under `root` (worked out once per model)."""
     if "compile_pays" not in cache:
         device_map = getattr(getattr(owner, "original_model", None), "hf_device_map", None) or {}
-        on_cuda = any(p.device.type == "cuda" for p in itertools.islice(root.parameters(), 1))
-        big = sum(p.numel() for p in root.parameters()) >= COMPILE_MIN_PARAMS
-        cache["compile_pays"] = on_cuda and big and len(set(device_map.values())) <= 1
+        first = next(itertools.islice(root.parameters(), 1), None)
+        cache["compile_pays"] = compile_pays(sum(p.numel() for p in root.parameters()),
+                                             first.device.type if first is not None else "cpu",
+                                             len(set(device_map.values())))
     return cache["compile_pays"]
 
 
