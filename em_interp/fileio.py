@@ -1,4 +1,5 @@
-"""Atomic, non-destructive writes: each file appears whole or not at all, and nothing we did not write is removed.
+"""Atomic, non-destructive writes (each file appears whole or not at all, and nothing we did not write is removed),
+and the matching read of a saved `.json` + `.safetensors` pair.
 
 Every writer in em_interp goes through these helpers:
 
@@ -8,6 +9,10 @@ Every writer in em_interp goes through these helpers:
   `directory` (created if missing). Files already in `directory` under other names are kept: saving an
   adapter into a folder holding `data/train.jsonl` leaves that file alone and only (re)places
   `adapter.json` and `adapter.safetensors`.
+
+`read_saved(folder, stem, ...)` reads back what `Direction.save` and `Adapter.save` write: it checks that
+`stem.json` and `stem.safetensors` exist, parses the metadata, refuses a newer `format_version` and reads the
+tensors (safetensors, never pickle), raising the caller's error class with the file and the problem named.
 
 Files and folders get the user's umask (0644 / 0755 by default), not the 0600 / 0700 of `tempfile`
 or of writers such as safetensors' `save_file`. On error the temporary file or folder is removed and the target is left as it was.
@@ -23,9 +28,12 @@ import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from em_interp.errors import OutputPathError
+from em_interp.errors import EmInterpError, OutputPathError
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 _UMASK_LOCK = threading.Lock()
 
@@ -154,4 +162,61 @@ def _merge(src: Path, dst: Path) -> None:
             os.replace(entry, target)
 
 
-__all__ = ["atomic_directory", "atomic_file", "umask", "write_json", "write_text"]
+def read_saved(
+    folder: str | os.PathLike[str],
+    stem: str,
+    *,
+    writer: str,
+    version: int,
+    error: type[EmInterpError],
+    required: tuple[str, ...] = (),
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """Read `folder/stem.json` (metadata) and `folder/stem.safetensors` (tensors) as written by `writer`.
+
+    Args:
+        folder: the folder `writer` saved into.
+        stem: the file names' stem, e.g. "adapter" for `adapter.json` + `adapter.safetensors`.
+        writer: what writes this pair, named in the error when a file is missing (e.g. "Adapter.save").
+        version: the newest `format_version` this library reads (a file without one counts as 1).
+        error: the exception class to raise (e.g. `AdapterError`).
+        required: metadata keys that must be present.
+
+    Returns:
+        The metadata (a dict) and the tensors by name (CPU).
+
+    Raises:
+        EmInterpError: (as `error`) a file is missing, the metadata is not a JSON object with the `required`
+            keys and a `format_version` (an integer) of at most `version`, or the tensors are not a readable
+            safetensors file; the message names the file.
+    """
+    from safetensors.torch import load_file  # here, so the writers above do not import torch
+
+    folder = Path(folder)
+    meta_path, tensor_path = folder / f"{stem}.json", folder / f"{stem}.safetensors"
+    if not meta_path.is_file() or not tensor_path.is_file():
+        raise error(f"{folder}: expected {meta_path.name} and {tensor_path.name} (written by {writer}).")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except ValueError as exc:  # invalid JSON or UTF-8
+        raise error(f"{meta_path}: unreadable {stem} metadata ({exc}).") from None
+    if not isinstance(meta, dict):
+        raise error(f"{meta_path}: unreadable {stem} metadata (a JSON {type(meta).__name__}, expected an object).")
+    missing = [key for key in required if key not in meta]
+    if missing:
+        raise error(f"{meta_path}: unreadable {stem} metadata (missing {', '.join(map(repr, missing))}).")
+    try:
+        found = int(meta.get("format_version", 1))
+    except (TypeError, ValueError):
+        raise error(f"{meta_path}: format_version {meta['format_version']!r} is not an integer.") from None
+    if found > version:
+        raise error(f"{meta_path}: format_version {meta['format_version']} is newer than this library's.")
+    try:
+        tensors = load_file(str(tensor_path))
+    except Exception as exc:  # safetensors raises its own SafetensorError on truncated or corrupt files
+        raise error(
+            f"{tensor_path}: not a readable safetensors file ({exc}); it may be truncated — save the {stem} again."
+        ) from None
+    return meta, tensors
+
+
+__all__ = ["atomic_directory", "atomic_file", "read_saved", "umask", "write_json", "write_text"]

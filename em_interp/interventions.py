@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from em_interp._version import __version__
@@ -44,7 +44,7 @@ from em_interp.adapters.base import Adapter, check_finite, provenance_line
 from em_interp.adapters.lora import LoRA
 from em_interp.adapters.steering import STEERING_HOOKS, SteeringVector
 from em_interp.errors import AdapterError, GeometryError
-from em_interp.fileio import atomic_directory
+from em_interp.fileio import atomic_directory, read_saved
 from em_interp.model.hooks import HookFn, Positions, attach_hooks, check_positions, hooks_applied, position_weight
 
 if TYPE_CHECKING:
@@ -105,23 +105,16 @@ class Direction:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Direction:
         """Read a directory written by `save` (never unpickles anything)."""
-        path = Path(path)
-        meta_path, tensor_path = path / "direction.json", path / "direction.safetensors"
-        if not meta_path.is_file() or not tensor_path.is_file():
-            raise GeometryError(f"{path}: expected direction.json and direction.safetensors (written by Direction.save).")
+        meta, tensors = read_saved(path, "direction", writer="Direction.save", version=FORMAT_VERSION,
+                                   error=GeometryError, required=("layer",))
+        meta_path, tensor_path = Path(path) / "direction.json", Path(path) / "direction.safetensors"
         try:
-            meta = json.loads(meta_path.read_text())
-            layer, hook = int(meta["layer"]), str(meta.get("hook", "resid_post"))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise GeometryError(f"{meta_path}: unreadable direction metadata ({exc!r}).") from None
-        if int(meta.get("format_version", 1)) > FORMAT_VERSION:
-            raise GeometryError(f"{meta_path}: format_version {meta['format_version']} is newer than this library's.")
-        try:
-            tensors = load_file(str(tensor_path))
-        except Exception as exc:  # safetensors raises its own SafetensorError on truncated or corrupt files
-            raise GeometryError(f"{tensor_path}: not a readable safetensors file ({exc}); save the direction again.") from None
+            layer = int(meta["layer"])
+        except (TypeError, ValueError):
+            raise GeometryError(f"{meta_path}: layer={meta['layer']!r}; expected an integer.") from None
         if "direction" not in tensors:
             raise GeometryError(f"{tensor_path}: no tensor named 'direction'.")
+        hook = str(meta.get("hook", "resid_post"))
         return cls(tensors["direction"], layer, hook, dict(meta.get("provenance") or {}))
 
 

@@ -535,6 +535,9 @@ def test_load_errors(tiny, tmp_path):
     meta_path.write_text(json.dumps({**meta, "format_version": 99}))
     with pytest.raises(AdapterError, match="format_version 99"):
         load_adapter(out, tiny)
+    meta_path.write_text(json.dumps({k: v for k, v in meta.items() if k != "config"}))
+    with pytest.raises(AdapterError, match=r"adapter\.json: unreadable adapter metadata \(missing 'config'\)"):
+        load_adapter(out, tiny)
 
 
 # --- generation -----------------------------------------------------------------------------------

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import em_interp as em
 from em_interp.adapters.export import export_control_vector, export_peft
 from em_interp.datasets.records import save_jsonl
-from em_interp.errors import OutputPathError
-from em_interp.fileio import atomic_directory, atomic_file, write_json, write_text
+from em_interp.errors import AdapterError, GeometryError, OutputPathError
+from em_interp.fileio import atomic_directory, atomic_file, read_saved, write_json, write_text
 from em_interp.interventions import Direction
 from em_interp.report import write_report
 from em_interp.testing import tiny_chat_records
@@ -142,3 +143,60 @@ def test_write_json_round_trip_and_mode(tmp_path, umask):
     path = write_json(tmp_path / "sub" / "x.json", {"a": [1, 2]})
     assert json.loads(path.read_text()) == {"a": [1, 2]}
     assert _mode(path) == 0o666 & ~umask and _mode(path.parent) == 0o777 & ~umask
+
+
+def _pair(folder: Path, meta: object, tensors: bytes | None = None) -> Path:
+    """A `thing.json` + `thing.safetensors` pair in `folder` (a real tensor file unless `tensors` is given)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / "thing.json", meta)
+    if tensors is None:
+        save_file({"x": torch.arange(3.0)}, str(folder / "thing.safetensors"))
+    else:
+        (folder / "thing.safetensors").write_bytes(tensors)
+    return folder
+
+
+def test_read_saved_round_trip(tmp_path):
+    meta, tensors = read_saved(_pair(tmp_path / "p", {"kind": "k", "format_version": 1}), "thing",
+                               writer="Thing.save", version=1, error=AdapterError, required=("kind",))
+    assert meta == {"kind": "k", "format_version": 1} and list(tensors) == ["x"]
+    assert torch.equal(tensors["x"], torch.arange(3.0))
+    meta, _ = read_saved(_pair(tmp_path / "old", {"kind": "k"}), "thing", writer="Thing.save", version=1,
+                         error=AdapterError)  # no format_version: an old file, read as version 1
+    assert meta == {"kind": "k"}
+
+
+@pytest.mark.parametrize("meta, tensors, message", [
+    ({"kind": "k", "format_version": 2}, None, r"p/thing\.json: format_version 2 is newer than this library's"),
+    ({"kind": "k", "format_version": "two"}, None, r"p/thing\.json: format_version 'two' is not an integer"),
+    ([1, 2], None, r"p/thing\.json: unreadable thing metadata \(a JSON list, expected an object\)"),
+    ({"other": 1}, None, r"p/thing\.json: unreadable thing metadata \(missing 'kind'\)"),
+    ({"kind": "k"}, b"\x08\x00\x00\x00\x00\x00\x00\x00{", r"p/thing\.safetensors: not a readable safetensors file"),
+])
+def test_read_saved_names_the_file_and_the_problem(tmp_path, meta, tensors, message):
+    folder = _pair(tmp_path / "p", meta, tensors)
+    with pytest.raises(GeometryError, match=message):
+        read_saved(folder, "thing", writer="Thing.save", version=1, error=GeometryError, required=("kind",))
+
+
+def test_read_saved_missing_or_invalid_files(tmp_path):
+    with pytest.raises(AdapterError, match=r"nothing: expected thing\.json and thing\.safetensors \(written by Thing\.save\)"):
+        read_saved(tmp_path / "nothing", "thing", writer="Thing.save", version=1, error=AdapterError)
+    folder = _pair(tmp_path / "p", {"kind": "k"})
+    (folder / "thing.json").write_text("{not json")
+    with pytest.raises(AdapterError, match=r"p/thing\.json: unreadable thing metadata \(Expecting property name"):
+        read_saved(folder, "thing", writer="Thing.save", version=1, error=AdapterError)
+
+
+def test_direction_load_errors_name_the_file(tmp_path):
+    folder = Direction(torch.randn(8), layer=1).save(tmp_path / "d")
+    meta = json.loads((folder / "direction.json").read_text())
+    write_json(folder / "direction.json", {**meta, "layer": "one"})
+    with pytest.raises(GeometryError, match=r"d/direction\.json: layer='one'; expected an integer"):
+        Direction.load(folder)
+    write_json(folder / "direction.json", {k: v for k, v in meta.items() if k != "layer"})
+    with pytest.raises(GeometryError, match=r"d/direction\.json: unreadable direction metadata \(missing 'layer'\)"):
+        Direction.load(folder)
+    write_json(folder / "direction.json", {**meta, "format_version": 99})
+    with pytest.raises(GeometryError, match=r"d/direction\.json: format_version 99 is newer"):
+        Direction.load(folder)

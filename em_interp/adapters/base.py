@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from em_interp._version import __version__
 from em_interp.errors import AdapterError
-from em_interp.fileio import atomic_directory
+from em_interp.fileio import atomic_directory, read_saved
 from em_interp.model.forward import hf_model_of
 from em_interp.model.hooks import HookFn, HookHandle, Positions, attach_hooks, check_positions
 
@@ -278,28 +278,16 @@ class Adapter(nn.Module):
     @staticmethod
     def load(directory: str | os.PathLike[str], model: TransformerBridge) -> Adapter:
         """Rebuild a saved adapter for `model` (checked against the recorded signature)."""
-        directory = Path(directory)
-        meta_path, tensor_path = directory / "adapter.json", directory / "adapter.safetensors"
-        if not meta_path.is_file() or not tensor_path.is_file():
-            raise AdapterError(f"{directory}: expected adapter.json and adapter.safetensors (written by Adapter.save).")
-        try:
-            meta = json.loads(meta_path.read_text())
-            kind = meta["kind"]
-        except (ValueError, KeyError) as exc:
-            raise AdapterError(f"{meta_path}: unreadable adapter metadata ({exc}).") from None
+        meta, tensors = read_saved(directory, "adapter", writer="Adapter.save", version=FORMAT_VERSION,
+                                   error=AdapterError, required=("kind", "config"))
+        meta_path, kind = Path(directory) / "adapter.json", meta["kind"]
         if kind not in _REGISTRY:
             raise AdapterError(f"{meta_path}: unknown adapter kind {kind!r}; known: {sorted(_REGISTRY)}.")
-        if int(meta.get("format_version", 1)) > FORMAT_VERSION:
-            raise AdapterError(f"{meta_path}: format_version {meta['format_version']} is newer than this library's.")
         theirs = model_signature(model)
         for key in ("d_model", "n_layers", "architecture"):
             if key in meta and meta[key] != theirs[key]:
                 raise AdapterError(f"{meta_path}: saved for {key}={meta[key]!r}; this model has {key}={theirs[key]!r}.")
         adapter = _REGISTRY[kind](model, **meta["config"])
-        try:
-            tensors = load_file(str(tensor_path))
-        except Exception as exc:  # safetensors raises its own SafetensorError on truncated or corrupt files
-            raise AdapterError(f"{tensor_path}: not a readable safetensors file ({exc}); it may be truncated — save the adapter again.") from None
         adapter.load_state(tensors)
         adapter.scale = float(meta.get("scale", 1.0))
         adapter.provenance = dict(meta.get("provenance") or {})
