@@ -422,3 +422,35 @@ def test_reversion_continues_a_copy_without_kl(tiny):
     assert result.cosine_narrow[0] == pytest.approx(1.0, abs=1e-6)
 
 
+
+
+@pytest.mark.parametrize("kind", ["vector", "lora"])
+def test_merged_ce_and_kl_forward_equals_separate_forwards(tiny, data, kl_data, monkeypatch, kind):
+    from em_interp.training import engine
+
+    def make(seed: int):
+        if kind == "vector":
+            return em.SteeringVector(tiny, layer=1, init="random", alpha=1.0 + seed)
+        lora = em.LoRA(tiny, 1, rank=1, site="mlp_out", seed=seed)
+        lora.load_state({k: torch.randn(v.shape, generator=torch.Generator().manual_seed(seed)) for k, v in lora.state().items()})
+        return lora
+
+    train_tok, kl_tok = TokenizedChats(data, tiny.tokenizer), TokenizedChats(kl_data, tiny.tokenizer)
+    results = {}
+    for merge, padding in (("never", -1.0), ("always", 100.0)):
+        monkeypatch.setattr(engine, "MERGE_PADDING", padding)
+        for n in (1, 2):
+            adapters = [make(s) for s in range(n)]
+            computer = LossComputer(tiny, train_tok, kl_tok, batch_size=4, kl_batch_size=4, start_layer=1)
+            assert computer._worth_merging([("train", [1] * n, "answer"), ("kl", [0] * n, "answer")]) == (merge == "always")
+            ce, kl = computer.losses(adapters, [1, 0][:n], [0, 1][:n])
+            (ce.sum() + 3.0 * kl.sum()).backward()
+            grads = [p.grad.clone() for a in adapters for p in a.parameters()]
+            results[merge, n] = (ce.detach(), kl.detach(), grads)
+    for n in (1, 2):
+        (ce_a, kl_a, g_a), (ce_b, kl_b, g_b) = results["never", n], results["always", n]
+        torch.testing.assert_close(ce_a, ce_b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(kl_a, kl_b, rtol=1e-4, atol=1e-7)
+        assert float(kl_a.min()) > 0
+        for x, y in zip(g_a, g_b, strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)

@@ -14,6 +14,8 @@ as the authors' code runs), through the bridge otherwise.
   forward resumes from it (`em_interp.model.forward.ForwardRunner`);
 - the chat model's reference log-probs on the KL data are computed once, only at the KL positions;
 - the unembedding runs only at positions that enter a loss;
+- the CE and KL batches run through the upper blocks as one forward when that pads them little
+  (`MERGE_PADDING`): half the kernel launches, which is what a small model on a GPU waits for;
 - the positions, targets and row owners are worked out on the host from the batch masks and copied through
   pinned memory, so a step queues its whole forward and backward without waiting for the device;
 - hook-free bridge components run as plain HF modules (SDPA attention, `em_interp.model.fastpath`), and a host
@@ -40,7 +42,9 @@ from em_interp.training.objective import group_mean, log_probs, prediction_mask,
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
-__all__ = ["METHODS", "ActivationCache", "LossComputer"]
+__all__ = ["METHODS", "MERGE_PADDING", "ActivationCache", "LossComputer"]
+
+MERGE_PADDING = 0.1  # the CE and KL batches share a forward when padding them to one width adds ≤ 10% tokens
 
 
 
@@ -107,8 +111,9 @@ class LossComputer:
         key = (which, k)
         if key not in self._device:
             host = self._host_batch(which, k)
-            self._device[key] = ChatBatch(*(_to_device(t, self.device) for t in
-                                            (host.input_ids, host.attention_mask, host.assistant_mask)), host.indices)
+            dev = self.device
+            self._device[key] = ChatBatch(_to_device(host.input_ids, dev), _to_device(host.attention_mask, dev),
+                                          _to_device(host.assistant_mask, dev), host.indices)
         return self._device[key]
 
     def _key(self, which: str, k: int) -> tuple[Any, ...]:
@@ -135,16 +140,29 @@ class LossComputer:
             if n != 1:
                 raise ValueError(f"the {self.method} method trains one adapter at a time")
             return self._full_forwards(adapters[0], train_keys[0], None if kl_keys is None else kl_keys[0])
-        resid = [self._residual("train", k) for k in train_keys]
-        logits, targets, owner = self._adapted_logits(adapters, "train", train_keys, resid, self.ce_tokens)
+        parts = [("train", train_keys, self.ce_tokens)]
+        if kl_keys is not None:
+            parts.append(("kl", kl_keys, self.kl_tokens))
+        groups = [parts] if self._worth_merging(parts) else [[part] for part in parts]
+        out = [result for group in groups for result in self._adapted_logits(adapters, group)]
+        logits, targets, owner = out[0]
         ce = group_mean(token_ce(logits, targets), owner, n)
         if kl_keys is None:
             return ce, torch.zeros_like(ce)
         refs = torch.cat([self._reference(k) for k in kl_keys]) if n > 1 else self._reference(kl_keys[0])
-        resid = [self._residual("kl", k) for k in kl_keys]
-        logits, _, owner = self._adapted_logits(adapters, "kl", kl_keys, resid, self.kl_tokens)
+        logits, _, owner = out[1]
         kl = reduce_kl(token_kl(refs, log_probs(logits)), owner, n, self.kl_reduction, self.vocab)
         return ce, kl
+
+    def _worth_merging(self, parts: list[tuple[str, Sequence[int], str]]) -> bool:
+        """Whether the CE and KL batches run as one forward: it halves the kernels launched per step (what a
+        small model on a GPU waits for), at the cost of padding the narrower rows (≤ `MERGE_PADDING` extra)."""
+        if len(parts) < 2:
+            return False
+        shapes = [(b.input_ids.shape[0], b.input_ids.shape[1])
+                  for which, keys, _ in parts for b in (self._host_batch(which, k) for k in keys)]
+        width = max(w for _, w in shapes)
+        return sum(r for r, _ in shapes) * width <= (1 + MERGE_PADDING) * sum(r * w for r, w in shapes)
 
     def _mask(self, host: list[ChatBatch], mask: Tensor) -> Tensor | None:
         """The attention mask to pass on: None on the fast path when no row is padded (checked on the host),
@@ -166,21 +184,30 @@ class LossComputer:
         return _to_device(index, device), _to_device(ids[mask], device), _to_device(rows, device)
 
     def _adapted_logits(
-        self, adapters: Sequence[Adapter], which: str, keys: Sequence[int], resid: list[Tensor], tokens: str
-    ) -> tuple[Float[Tensor, "n d_vocab"], Int[Tensor, " n"], Int[Tensor, " n"]]:
-        """Logits at target positions of the stacked batches with adapter i on batch keys[i]'s rows."""
-        host = [self._host_batch(which, k) for k in keys]
-        width = max(b.input_ids.shape[1] for b in host)
-        attn = torch.cat([_pad(self._batch(which, k).attention_mask, width, 0) for k in keys])
-        res = torch.cat([_pad(r, width, 0.0) for r in resid]) if len(resid) > 1 else resid[0]
-        sizes = [b.input_ids.shape[0] for b in host]
-        owner = _to_device(torch.repeat_interleave(torch.arange(len(host)), torch.tensor(sizes)), self.device)
-        index, targets, rows = self._targets(host, width, tokens, self.device)
+        self, adapters: Sequence[Adapter], parts: list[tuple[str, Sequence[int], str]]
+    ) -> list[tuple[Float[Tensor, "n d_vocab"], Int[Tensor, " n"], Int[Tensor, " n"]]]:
+        """One forward over the stacked batches of every part (which, keys, tokens), adapter i on batch keys[i]'s
+        rows; per part, the logits at its target positions, the targets and each position's adapter."""
+        host = [[self._host_batch(which, k) for k in keys] for which, keys, _ in parts]
+        flat = [b for batches in host for b in batches]
+        width = max(b.input_ids.shape[1] for b in flat)
+        attn = torch.cat([_pad(self._batch(which, k).attention_mask, width, 0) for which, keys, _ in parts for k in keys])
+        resid = [_pad(self._residual(which, k), width, 0.0) for which, keys, _ in parts for k in keys]
+        res = torch.cat(resid) if len(resid) > 1 else resid[0]
+        sizes = [b.input_ids.shape[0] for b in flat]
+        adapter_of = [i for _, keys, _ in parts for i in range(len(keys))]  # batch j's adapter
+        owner = _to_device(torch.repeat_interleave(torch.tensor(adapter_of), torch.tensor(sizes)), self.device)
         hooks = adapters[0].scaled_hooks(adapters[0].scale) if len(adapters) == 1 else stacked_hooks(adapters, owner)
         with hooks_applied(self._hooks_view, hooks):
-            hidden = self.runner.resume(res, self._mask(host, attn))
+            hidden = self.runner.resume(res, self._mask(flat, attn))
         dev = hidden.device  # the last block's device when the model is spread over several
-        return self.runner.logits_at(hidden, index), targets, owner[rows].to(dev)
+        out, first_row = [], 0
+        for batches, (_, _, tokens) in zip(host, parts, strict=True):
+            index, targets, rows = self._targets(batches, width, tokens, self.device)
+            index, rows = index + first_row * width, rows + first_row
+            out.append((self.runner.logits_at(hidden, index), targets, owner[rows].to(dev)))
+            first_row += sum(b.input_ids.shape[0] for b in batches)
+        return out
 
     def _full_log_probs(self, batch: ChatBatch) -> Float[Tensor, "batch pos d_vocab"]:
         """float32 log-probs at every position of a forward through the whole model (hooks attached now fire)."""
