@@ -438,7 +438,7 @@ def test_merged_ce_and_kl_forward_equals_separate_forwards(tiny, data, kl_data, 
     train_tok, kl_tok = TokenizedChats(data, tiny.tokenizer), TokenizedChats(kl_data, tiny.tokenizer)
     results = {}
     for merge, padding in (("never", -1.0), ("always", 100.0)):
-        monkeypatch.setattr(engine, "MERGE_PADDING", padding)
+        monkeypatch.setitem(engine.MERGE_PADDING, "cpu", padding)
         for n in (1, 2):
             adapters = [make(s) for s in range(n)]
             computer = LossComputer(tiny, train_tok, kl_tok, batch_size=4, kl_batch_size=4, start_layer=1)
@@ -454,3 +454,18 @@ def test_merged_ce_and_kl_forward_equals_separate_forwards(tiny, data, kl_data, 
         assert float(kl_a.min()) > 0
         for x, y in zip(g_a, g_b, strict=True):
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_merging_pads_only_within_the_device_budget(tiny, data, kl_data):
+    from em_interp.training import engine
+
+    train_tok, kl_tok = TokenizedChats(data, tiny.tokenizer), TokenizedChats(kl_data, tiny.tokenizer)
+    computer = LossComputer(tiny, train_tok, kl_tok, batch_size=4, kl_batch_size=4, start_layer=1)
+    widths = {w: (which, k) for which, plan, tok in (("train", computer.plan, train_tok), ("kl", computer.kl_plan, kl_tok))
+              for k in range(len(plan)) for w in [tok.collate(plan[k]).input_ids.shape[1]]}
+    assert len(widths) >= 2, "the test needs batches of different widths"
+    (w1, (wh1, k1)), (w2, (wh2, k2)) = sorted(widths.items())[0], sorted(widths.items())[-1]
+    parts = [(wh1, [k1], "answer"), (wh2, [k2], "answer")]
+    assert engine.MERGE_PADDING["cpu"] == 0.0 and not computer._worth_merging(parts)  # a CPU pays for padding
+    same = [(wh1, [k1], "answer"), (wh1, [k1], "answer")]
+    assert computer._worth_merging(same)  # equal widths: no padding, merged on every device

@@ -44,7 +44,10 @@ if TYPE_CHECKING:
 
 __all__ = ["METHODS", "MERGE_PADDING", "ActivationCache", "LossComputer"]
 
-MERGE_PADDING = 0.1  # the CE and KL batches share a forward when padding them to one width adds ≤ 10% tokens
+# The CE and KL batches share a forward when padding them to one width adds at most this fraction of tokens, by
+# device type: on a GPU a small model waits for kernel launches, which the merge halves; a CPU computes every
+# padded token, so there only equal widths merge.
+MERGE_PADDING = {"cuda": 0.1, "cpu": 0.0}
 
 
 
@@ -156,13 +159,15 @@ class LossComputer:
 
     def _worth_merging(self, parts: list[tuple[str, Sequence[int], str]]) -> bool:
         """Whether the CE and KL batches run as one forward: it halves the kernels launched per step (what a
-        small model on a GPU waits for), at the cost of padding the narrower rows (≤ `MERGE_PADDING` extra)."""
+        small model on a GPU waits for), at the cost of padding the narrower part's rows to the wider part's
+        width; merged when that adds at most `MERGE_PADDING[device type]` to the tokens the separate forwards run."""
         if len(parts) < 2:
             return False
-        shapes = [(b.input_ids.shape[0], b.input_ids.shape[1])
-                  for which, keys, _ in parts for b in (self._host_batch(which, k) for k in keys)]
-        width = max(w for _, w in shapes)
-        return sum(r for r, _ in shapes) * width <= (1 + MERGE_PADDING) * sum(r * w for r, w in shapes)
+        sizes = [[self._host_batch(which, k).input_ids.shape for k in keys] for which, keys, _ in parts]
+        rows = [sum(shape[0] for shape in part) for part in sizes]
+        widths = [max(shape[1] for shape in part) for part in sizes]
+        separate = sum(r * w for r, w in zip(rows, widths, strict=True))
+        return sum(rows) * max(widths) <= (1 + MERGE_PADDING.get(self.device.type, 0.0)) * separate
 
     def _mask(self, host: list[ChatBatch], mask: Tensor) -> Tensor | None:
         """The attention mask to pass on: None on the fast path when no row is padded (checked on the host),
