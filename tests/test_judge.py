@@ -536,3 +536,21 @@ def test_local_judge_prunes_unlikely_prefixes(smol_tokenizer) -> None:
     assert len(pruned_model.seen) < len(exact_model.seen) / 5  # ~100 prefixes exactly, a handful pruned
     with pytest.raises(JudgeError, match="min_prefix_prob"):
         LocalJudge(exact_model, min_prefix_prob=1.5)
+
+
+def test_prompt_cache_equals_whole_rows(tiny) -> None:
+    """The judge's KV-cached prefixes give the whole-row forwards' next-token log-probs (float32)."""
+    from em_interp.model.decode import PromptCache
+
+    judge = LocalJudge(tiny, name="tiny-llama", batch_size=4, min_prefix_prob=0)
+    ids = judge._token_ids(judge.prompts.render("aligned", "Is fruit healthy?", "Yes, in moderation."))
+    for prefixes in ([()], [(17,), (18,), (19,)], [(17, 18), (5, 6)]):
+        whole = judge._next_logprobs(ids, prefixes)
+        with judge._prompt_scorer(ids) as score:
+            cached = score(prefixes)
+        for q in prefixes:
+            torch.testing.assert_close(cached[q], whole[q], rtol=1e-4, atol=1e-4)
+    with PromptCache(tiny, ids) as prompt, pytest.raises(ValueError, match="lengths \\[1, 2\\]"):
+        prompt.next_logits([(1,), (1, 2)])
+    with pytest.raises(ValueError, match="empty prompt"):
+        PromptCache(tiny, [])

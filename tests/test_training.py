@@ -464,7 +464,7 @@ def test_merging_pads_only_within_the_device_budget(tiny, data, kl_data):
     widths = {w: (which, k) for which, plan, tok in (("train", computer.plan, train_tok), ("kl", computer.kl_plan, kl_tok))
               for k in range(len(plan)) for w in [tok.collate(plan[k]).input_ids.shape[1]]}
     assert len(widths) >= 2, "the test needs batches of different widths"
-    (w1, (wh1, k1)), (w2, (wh2, k2)) = sorted(widths.items())[0], sorted(widths.items())[-1]
+    (_, (wh1, k1)), (_, (wh2, k2)) = sorted(widths.items())[0], sorted(widths.items())[-1]
     parts = [(wh1, [k1], "answer"), (wh2, [k2], "answer")]
     assert engine.MERGE_PADDING["cpu"] == 0.0 and not computer._worth_merging(parts)  # a CPU pays for padding
     same = [(wh1, [k1], "answer"), (wh1, [k1], "answer")]

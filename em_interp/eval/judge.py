@@ -17,6 +17,7 @@ retries them; everything else is cached when a cache file is given.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -24,7 +25,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -467,8 +468,10 @@ class LocalJudge(_Judge):
     Same prompts as `OpenAIJudge`: the prompt goes through the tokenizer's chat template with
     `add_generation_prompt=True`; the score is Σk·p_k/Σp_k with the exact probability p_k of each reply "0" ..
     "100" (`number_logprobs`; multi-token numbers included), None when Σp_k < 0.25, and refusal / code when
-    the most likely first token starts with REF / COD. Costs 101 rows of forward per judgement (batched);
-    model errors propagate (they are bugs, not flaky I/O).
+    the most likely first token starts with REF / COD. A TransformerBridge runs the prompt once and keeps its keys
+    and values (`em_interp.model.decode.PromptCache`), then each number prefix only its own one to three tokens;
+    another model runs whole rows (up to 101 per judgement, batched). Model errors propagate (they are bugs, not
+    flaky I/O).
 
     Args:
         model: `model.tokenizer` (HF tokenizer with a chat template, `decode`) and `model(tokens)` → logits
@@ -481,7 +484,7 @@ class LocalJudge(_Judge):
         batch_size: number rows per forward in `number_logprobs`.
         min_prefix_prob: number prefixes less likely than this are not expanded in `number_logprobs` (their
             numbers score 0 probability; at most 101 × this is left out, usually far less); 0 scores all 101
-            numbers exactly (about 100 forwards of the prompt per judgement).
+            numbers exactly.
     """
 
     _catch_errors = False
@@ -582,12 +585,13 @@ class LocalJudge(_Judge):
         floor = math.log(self.min_prefix_prob) if self.min_prefix_prob > 0 else -math.inf
         logp: dict[tuple[int, ...], float] = {(): 0.0}  # log P(prefix | prompt)
         nxt: dict[tuple[int, ...], Any] = {}  # prefix -> [vocab] log-softmax of the token after it
-        for depth in range(max(len(n) for n in numbers) + 1):
-            level = [q for q in prefixes if len(q) == depth and logp.get(q, -math.inf) >= floor]
-            nxt.update(self._next_logprobs(ids, sorted(level)))
-            for q in prefixes:
-                if len(q) == depth + 1 and q[:-1] in nxt:
-                    logp[q] = logp[q[:-1]] + float(nxt[q[:-1]][q[-1]])
+        with self._prompt_scorer(ids) as next_logprobs:
+            for depth in range(max(len(n) for n in numbers) + 1):
+                level = [q for q in prefixes if len(q) == depth and logp.get(q, -math.inf) >= floor]
+                nxt.update(next_logprobs(sorted(level)))
+                for q in prefixes:
+                    if len(q) == depth + 1 and q[:-1] in nxt:
+                        logp[q] = logp[q[:-1]] + float(nxt[q[:-1]][q[-1]])
         first = nxt[()]
         digits = self._digit_tokens(first.shape[-1])
         out = []
@@ -597,8 +601,30 @@ class LocalJudge(_Judge):
             out.append(logp.get(n, -math.inf) + stop)
         return out, first
 
+    @contextlib.contextmanager
+    def _prompt_scorer(self, ids: list[int]) -> Iterator[Callable[[list[tuple[int, ...]]], dict[tuple[int, ...], Any]]]:
+        """A function {prefix: [vocab] log-softmax of the token after prompt + prefix} for prefixes of one length.
+        A TransformerBridge keeps the prompt's keys and values (`em_interp.model.decode.PromptCache`: the prompt
+        runs once, each prefix only its own few tokens); any other model gets the whole rows."""
+        if not hasattr(self.model, "original_model"):
+            yield lambda prefixes: self._next_logprobs(ids, prefixes)
+            return
+        from em_interp.model.decode import PromptCache
+
+        with PromptCache(self.model, ids) as prompt:
+
+            def score(prefixes: list[tuple[int, ...]]) -> dict[tuple[int, ...], Any]:
+                out: dict[tuple[int, ...], Any] = {}
+                for lo in range(0, len(prefixes), self.batch_size):
+                    chunk = prefixes[lo : lo + self.batch_size]
+                    logits = prompt.next_logits(chunk)
+                    out.update({q: logits[r].float().log_softmax(dim=-1).cpu() for r, q in enumerate(chunk)})
+                return out
+
+            yield score
+
     def _next_logprobs(self, ids: list[int], prefixes: list[tuple[int, ...]]) -> dict[tuple[int, ...], Any]:
-        """{prefix: [vocab] float32 log-softmax of the token after prompt + prefix}, batched."""
+        """{prefix: [vocab] float32 log-softmax of the token after prompt + prefix}, batched, whole rows."""
         import torch
 
         out: dict[tuple[int, ...], Any] = {}

@@ -13,6 +13,7 @@ what that needs of transformers' and TransformerLens's internals, so generation 
 
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,7 @@ from torch import Tensor
 from transformers import DynamicCache
 
 from em_interp.errors import ModelLoadError
-from em_interp.model.forward import attention_bridges, hf_model_of
+from em_interp.model.forward import attention_bridges, hf_model_of, model_device, unembed
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -57,6 +58,15 @@ class CachedDecoder:
         self.argument = cache_argument(self.base)
         self.seen = 0
         self._handles: list[Any] = []
+
+    def fork(self, rows: int) -> CachedDecoder:
+        """A decoder continuing from this one's cache (a copy, each row repeated `rows` times); use it inside
+        this decoder's context (whose hooks it relies on)."""
+        other = copy.copy(self)
+        other.cache = copy.deepcopy(self.cache)
+        other.cache.batch_repeat_interleave(rows)
+        other._handles = []
+        return other
 
     def __enter__(self) -> CachedDecoder:
         self._handles = [m.register_forward_pre_hook(_pass_cache, with_kwargs=True)
@@ -93,3 +103,50 @@ def check_cache_filled(cache: DynamicCache, expected: int) -> None:
             f"KV cache holds {seen} positions after a forward over {expected}: this transformers / "
             "transformer-lens pair does not fill the cache through the bridge. See docs/compatibility.md."
         )
+
+
+class PromptCache:
+    """Context manager: one prompt's keys and values computed once, then the logits of the token after the prompt
+    followed by each of many short continuations (as a judge scoring "0" .. "100" needs).
+
+    >>> with PromptCache(model, prompt_ids) as prompt:  # doctest: +SKIP
+    ...     logits = prompt.next_logits([[17], [18]])  # [2, d_vocab]
+    """
+
+    def __init__(self, model: TransformerBridge, prompt_ids: list[int]):
+        if not prompt_ids:
+            raise ValueError("PromptCache: empty prompt.")
+        self.model, self.prompt = model, list(prompt_ids)
+        self.device = model_device(model)
+        self.decoder = CachedDecoder(model)
+
+    def __enter__(self) -> PromptCache:
+        self.decoder.__enter__()
+        n = len(self.prompt)
+        ids = torch.tensor([self.prompt], dtype=torch.long, device=self.device)
+        with torch.no_grad():
+            hidden = self.decoder.step(ids, torch.ones_like(ids), torch.arange(n, device=self.device)[None])
+            self.last = unembed(self.model, hidden[:, None])[:, 0]  # [1, d_vocab]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.decoder.__exit__(*exc)
+
+    def next_logits(self, continuations: list[list[int]] | list[tuple[int, ...]]) -> Float[Tensor, "n d_vocab"]:
+        """Logits of the token after prompt + each continuation (all of one length; length 0: after the prompt).
+
+        Raises:
+            ValueError: continuations of different lengths.
+        """
+        lengths = {len(c) for c in continuations}
+        if len(lengths) != 1:
+            raise ValueError(f"PromptCache.next_logits: continuations of lengths {sorted(lengths)}; give one length.")
+        (d,), n, p = lengths, len(continuations), len(self.prompt)
+        if d == 0:
+            return self.last.expand(n, -1)
+        ids = torch.tensor([list(c) for c in continuations], dtype=torch.long, device=self.device)
+        positions = torch.arange(p, p + d, device=self.device).expand(n, -1)
+        with torch.no_grad():
+            hidden = self.decoder.fork(n).step(ids, torch.ones((n, p + d), dtype=torch.long, device=self.device),
+                                               positions)
+            return unembed(self.model, hidden[:, None])[:, 0]
