@@ -102,6 +102,8 @@ def interleaved(
             totals = []
             for _ in range(steps):
                 totals.append(s.step())
+                if not cuda:
+                    sync()  # host clock: the step must have finished (a no-op on a CPU)
                 marks.append(_mark(cuda))
             sync()
             times[name] += [_seconds(a, b) for a, b in zip(marks, marks[1:], strict=False)]
