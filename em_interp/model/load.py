@@ -22,7 +22,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -39,9 +39,6 @@ from em_interp.model.forward import (
     unembed,
     upper_layers,
 )
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = [
     "EMBEDDED_MODEL_ID", "SUPPORTED_ARCHITECTURES", "cache_dir", "embedded_gguf_path", "embedded_tokenizer_dir",
