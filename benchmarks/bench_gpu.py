@@ -50,6 +50,7 @@ from em_interp.model.load import wrap_hf_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import BASELINES, Stepper, interleaved, spread, versions  # noqa: E402
+from trace_summary import kernel_kind  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "bench_gpu.jsonl"
 SHAPES = {
@@ -228,15 +229,7 @@ def profile_steps(fn, out: Path, tag: str) -> dict:
     for e in prof.key_averages():
         if getattr(e, "device_type", None) != DeviceType.CUDA:
             continue  # host-side ops; their kernels are listed as device events of their own
-        dev, k = e.self_device_time_total, e.key.lower()
-        if "memcpy" in k or "memset" in k:
-            cats["memcpy/memset"] += dev
-        elif any(s in k for s in ("gemm", "cutlass", "nvjet", "xmma", "sm90_", "cublas", "gemv", "splitk")):
-            cats["gemm"] += dev
-        elif any(s in k for s in ("flash", "fmha", "attention")):
-            cats["attention"] += dev
-        else:
-            cats["elementwise/other"] += dev
+        cats[kernel_kind(e.key)] += e.self_device_time_total
     busy = sum(cats.values()) / 1e6
     table = prof.key_averages().table(sort_by="self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total", row_limit=35)
     (out / f"profile_{tag}.txt").write_text(table)

@@ -17,7 +17,21 @@ import json
 from pathlib import Path
 from typing import Any
 
-GEMM = ("nvjet", "gemm", "cutlass", "xmma", "cublas")
+GEMM = ("nvjet", "gemm", "cutlass", "xmma", "cublas", "gemv", "splitk")
+ATTENTION = ("flash", "fmha", "attention")
+
+
+def kernel_kind(name: str) -> str:
+    """"memcpy/memset", "attention", "gemm" or "elementwise/other" for a device kernel's name (attention is
+    checked before GEMM: cuDNN's fused attention kernels carry GEMM-like architecture tags in their names)."""
+    k = name.lower()
+    if "memcpy" in k or "memset" in k:
+        return "memcpy/memset"
+    if any(s in k for s in ATTENTION):
+        return "attention"
+    if any(s in k for s in GEMM):
+        return "gemm"
+    return "elementwise/other"
 
 
 def load(path: Path) -> list[dict[str, Any]]:
@@ -38,14 +52,14 @@ def summarize(events: list[dict[str, Any]], steps: int) -> list[str]:
         idle += max(0.0, e["ts"] - reach)
         busy += e["dur"]
         reach = max(reach, e["ts"] + e["dur"])
-    gemm = sum(e["dur"] for e in kernels if any(s in e["name"].lower() for s in GEMM))
+    gemm = sum(e["dur"] for e in kernels if kernel_kind(e["name"]) == "gemm")
     ms = 1e3 * steps
     out = [f"per step ({steps} steps): span {(end - start) / ms:.1f} ms, kernels busy {busy / ms:.1f} ms "
            f"(GEMM {gemm / ms:.1f}, other {(busy - gemm) / ms:.1f}), idle gaps {idle / ms:.1f} ms",
            "largest kernels (ms per step, launches per step):"]
     by_name: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
     for e in kernels:
-        name = "GEMM (all)" if any(s in e["name"].lower() for s in GEMM) else e["name"][:100]
+        name = "GEMM (all)" if kernel_kind(e["name"]) == "gemm" else e["name"][:100]
         by_name[name][0] += e["dur"]
         by_name[name][1] += 1
     for name, (dur, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:15]:
