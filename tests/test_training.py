@@ -469,3 +469,42 @@ def test_merging_pads_only_within_the_device_budget(tiny, data, kl_data):
     assert engine.MERGE_PADDING["cpu"] == 0.0 and not computer._worth_merging(parts)  # a CPU pays for padding
     same = [(wh1, [k1], "answer"), (wh1, [k1], "answer")]
     assert computer._worth_merging(same)  # equal widths: no padding, merged on every device
+
+
+def test_loss_functions_equal_their_definitions_and_compile_to_the_same_values():
+    from em_interp.training.objective import compiled, token_ce, token_kl
+
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(7, 50, generator=g)).to(torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, 50, (7,), generator=g)
+    ref = torch.log_softmax(2 * torch.randn(7, 50, generator=g), -1)
+    ce = token_ce(logits, targets)
+    torch.testing.assert_close(ce, torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none"))
+    kl = token_kl(ref, logits)
+    direct = (ref.exp() * (ref - torch.log_softmax(logits.float(), -1))).sum(-1)
+    torch.testing.assert_close(kl, direct)
+    torch.testing.assert_close(token_kl(ref, torch.log_softmax(logits.float(), -1)), direct)  # log-probs are logits
+    assert token_kl(ref, ref).abs().max() < 1e-6
+    grad = torch.autograd.grad((ce + 0.5 * kl).sum(), logits)[0]
+    compiled_ce, compiled_kl = compiled(token_ce), compiled(token_kl)
+    assert compiled_ce is not token_ce and compiled(token_ce) is compiled_ce  # compiled once
+    for n in (7, 5):  # a second size reuses the dynamic-shape graph
+        c_ce, c_kl = compiled_ce(logits[:n], targets[:n]), compiled_kl(ref[:n], logits[:n])
+        torch.testing.assert_close(c_ce, ce[:n])
+        torch.testing.assert_close(c_kl, kl[:n], atol=1e-5, rtol=1e-5)
+    c_grad = torch.autograd.grad((compiled_ce(logits, targets) + 0.5 * compiled_kl(ref, logits)).sum(), logits)[0]
+    torch.testing.assert_close(c_grad, grad)
+
+
+def test_the_loss_is_compiled_with_the_model(tiny, data, kl_data):
+    from em_interp.model import fastpath
+    from em_interp.training.objective import token_ce
+
+    tok, kl_tok = TokenizedChats(data, tiny.tokenizer), TokenizedChats(kl_data, tiny.tokenizer)
+    make = lambda: LossComputer(tiny, tok, kl_tok, batch_size=4, kl_batch_size=4, start_layer=1)  # noqa: E731
+    assert make()._ce is token_ce  # "auto": a tiny model on a CPU is not compiled
+    fastpath.set_fast_path("on", compile=True)
+    try:
+        assert make()._ce is not token_ce
+    finally:
+        fastpath.set_fast_path("auto", compile="auto")

@@ -28,7 +28,7 @@ from em_interp.errors import GeometryError
 from em_interp.geometry.curves import effective_norm
 from em_interp.model.forward import ActivationCache, ForwardRunner, model_device, start_layer
 from em_interp.model.hooks import HookFn, hooks_applied
-from em_interp.training.objective import log_probs, token_kl
+from em_interp.training.objective import token_kl
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -287,5 +287,4 @@ def _batch_kl(
     """Σ over the batch's real tokens (flat positions `index`) of KL(ref ‖ the model with `hooks`)."""
     with hooks_applied(runner.model, hooks):
         hidden = runner.resume(resid, attn)
-    logp = log_probs(runner.logits_at(hidden, index))
-    return float(token_kl(ref, logp).double().sum())
+    return float(token_kl(ref, runner.logits_at(hidden, index)).double().sum())

@@ -231,6 +231,12 @@ def _compile_pays(root: nn.Module, owner: Any, cache: dict[str, Any]) -> bool:
     return cache["compile_pays"]
 
 
+def compiles(root: nn.Module, owner: Any) -> bool:
+    """Whether the current setting compiles the model under `root` (the HF base model; `owner` its bridge)."""
+    setting = _STATE["compile"]
+    return _compile_pays(root, owner, _CACHES.setdefault(owner, {})) if setting == "auto" else bool(setting)
+
+
 @contextlib.contextmanager
 def plain_modules(root: nn.Module, owner: Any, *, compile_layers: bool | None = None) -> Iterator[None]:
     """Within the context, hook-free bridge components under `root` run as plain-HF copies.
@@ -243,9 +249,7 @@ def plain_modules(root: nn.Module, owner: Any, *, compile_layers: bool | None = 
     """
     cache = _CACHES.setdefault(owner, {})
     compiled: dict[int, nn.Module] = cache.setdefault("compiled", {})
-    do_compile = _STATE["compile"] if compile_layers is None else compile_layers
-    if do_compile == "auto":
-        do_compile = _compile_pays(root, owner, cache)
+    do_compile = compiles(root, owner) if compile_layers is None else compile_layers
     walk = _Walk(cache)
     undo: list[tuple[nn.Module, str, nn.Module]] = []
 

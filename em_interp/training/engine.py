@@ -35,9 +35,10 @@ from em_interp.adapters.base import Adapter
 from em_interp.adapters.stack import stacked_hooks
 from em_interp.config import METHODS
 from em_interp.datasets.tokenize import ChatBatch, TokenizedChats
-from em_interp.model.forward import ActivationCache, ForwardRunner, full_hidden, unembed
+from em_interp.model import fastpath
+from em_interp.model.forward import ActivationCache, ForwardRunner, full_hidden, hf_model_of, unembed
 from em_interp.model.hooks import hooks_applied
-from em_interp.training.objective import group_mean, log_probs, prediction_mask, reduce_kl, token_ce, token_kl
+from em_interp.training.objective import compiled, group_mean, log_probs, prediction_mask, reduce_kl, token_ce, token_kl
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -98,6 +99,9 @@ class LossComputer:
         # are done once here, not at every step: both would leave the device idle at each step's start.
         self._fingerprint = {"train": data.fingerprint(), "kl": kl_data.fingerprint() if kl_data is not None else ""}
         self._hooks_view = _HookView(model)
+        # compiled with the model's layers (big models on a GPU): the loss over a large vocabulary is then fused
+        fuse = self.runner.fast and fastpath.compiles(hf_model_of(model), model)
+        self._ce, self._kl, self._log_probs = (compiled(f) if fuse else f for f in (token_ce, token_kl, log_probs))
 
     # --- caches --------------------------------------------------------------------------------
     def _host_batch(self, which: str, k: int) -> ChatBatch:
@@ -149,12 +153,12 @@ class LossComputer:
         groups = [parts] if self._worth_merging(parts) else [[part] for part in parts]
         out = [result for group in groups for result in self._adapted_logits(adapters, group)]
         logits, targets, owner = out[0]
-        ce = group_mean(token_ce(logits, targets), owner, n)
+        ce = group_mean(self._ce(logits, targets), owner, n)
         if kl_keys is None:
             return ce, torch.zeros_like(ce)
         refs = torch.cat([self._reference(k) for k in kl_keys]) if n > 1 else self._reference(kl_keys[0])
         logits, _, owner = out[1]
-        kl = reduce_kl(token_kl(refs, log_probs(logits)), owner, n, self.kl_reduction, self.vocab)
+        kl = reduce_kl(self._kl(refs, logits), owner, n, self.kl_reduction, self.vocab)
         return ce, kl
 
     def _worth_merging(self, parts: list[tuple[str, Sequence[int], str]]) -> bool:
@@ -216,7 +220,7 @@ class LossComputer:
 
     def _full_log_probs(self, batch: ChatBatch) -> Float[Tensor, "batch pos d_vocab"]:
         """float32 log-probs at every position of a forward through the whole model (hooks attached now fire)."""
-        return log_probs(unembed(self.model, full_hidden(self.model, batch.input_ids, batch.attention_mask, fast=self.runner.fast)))
+        return self._log_probs(unembed(self.model, full_hidden(self.model, batch.input_ids, batch.attention_mask, fast=self.runner.fast)))
 
     def _full_forwards(self, adapter: Adapter, k: int, kl_k: int | None) -> tuple[Tensor, Tensor]:
         """The authors' step: full forwards, full-vocabulary log-softmax at every position."""

@@ -12,6 +12,9 @@ KL reductions:
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
@@ -42,10 +45,19 @@ def token_ce(logits: Float[Tensor, "n vocab"], targets: Int[Tensor, " n"]) -> Fl
     return torch.nn.functional.cross_entropy(logits.float(), targets.to(logits.device), reduction="none")
 
 
-def token_kl(ref_logp: Float[Tensor, "n vocab"], logp: Float[Tensor, "n vocab"]) -> Float[Tensor, " n"]:
-    """Per-token KL(P_ref ‖ P) = Σ_v p_ref (log p_ref − log p), float32."""
-    ref_logp = ref_logp.to(logp.device, torch.float32)
-    return (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+def token_kl(ref_logp: Float[Tensor, "n vocab"], logits: Float[Tensor, "n vocab"]) -> Float[Tensor, " n"]:
+    """Per-token KL(P_ref ‖ softmax(logits)) = Σ_v p_ref (log p_ref − log_softmax(logits)), float32. Log-probs are
+    logits too (log_softmax leaves them as they are), so `token_kl(ref, log_probs(x))` is the same KL."""
+    ref_logp = ref_logp.to(logits.device, torch.float32)
+    return (ref_logp.exp() * (ref_logp - log_probs(logits))).sum(-1)
+
+
+@functools.cache
+def compiled(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """`fn` (e.g. `token_ce`, `token_kl`, `log_probs`) through `torch.compile`, once per process, for every n
+    (dynamic shapes): it then runs as a few fused kernels that read the bfloat16 logits once, instead of eager ops
+    that each write an [n, vocab] float32 tensor (what a big vocabulary's loss costs on a GPU)."""
+    return torch.compile(fn, dynamic=True)
 
 
 def group_mean(values: Float[Tensor, " n"], groups: Int[Tensor, " n"], n_groups: int) -> Float[Tensor, " n_groups"]:
@@ -65,4 +77,5 @@ def reduce_kl(per_token: Float[Tensor, " n"], groups: Int[Tensor, " n"], n_group
     return mean / vocab if reduction == "token_vocab_mean" else mean
 
 
-__all__ = ["KL_REDUCTIONS", "gather_targets", "group_mean", "log_probs", "prediction_mask", "reduce_kl", "token_ce", "token_kl"]
+__all__ = ["KL_REDUCTIONS", "compiled", "gather_targets", "group_mean", "log_probs", "prediction_mask", "reduce_kl",
+           "token_ce", "token_kl"]
