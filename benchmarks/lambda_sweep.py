@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -52,19 +53,43 @@ def margin(gate: dict[str, Any]) -> float:
     return min([gate["in_domain"] - gate["min_in"]] + [gate["max_other"] - v for v in gate["other"].values()])
 
 
-def summarize(path: Path) -> None:
-    """One line per (setting, λ) of the records in `path`: the gate's margin per seed."""
+def setting(record: dict[str, Any], kl_coef: float) -> tuple[Any, ...]:
+    """(adapter, layer, rank, KL tokens, epochs, λ) of one narrow condition in a record."""
+    epochs = record["config"]["epochs"] if isinstance(record["config"], dict) else None
+    return (record.get("adapter", "vector"), record.get("layer"), record.get("rank", 1),
+            record.get("kl_tokens", "answer"), epochs, kl_coef)
+
+
+def pooled_gate(records: list[dict[str, Any]], kl_coef: float) -> dict[str, Any]:
+    """The gate as the study forms it: on each group's shift averaged over the records' seeds."""
+    def mean_shifts(name: str) -> dict[float, dict[str, float]]:
+        return {float(s): {g: statistics.fmean(r["shifts"][s][name][g]["mean_shift"] for r in records)
+                           for g in records[0]["shifts"][s][name]} for s in records[0]["shifts"]}
+    return em.report.plain(em.study.verdicts.narrowness_gate(mean_shifts("general"), mean_shifts(f"narrow_{kl_coef:g}")))
+
+
+def summarize(path: Path) -> tuple[Any, ...] | None:
+    """One line per (setting, λ) of the records in `path`: the gate's margin per seed, and the margin of the gate
+    on the shifts averaged over those seeds (as the study forms it). Returns the setting whose pooled margin is
+    largest among those with the most seeds."""
     rows: dict[tuple[Any, ...], dict[int, float]] = {}
+    records: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for line in path.read_text().splitlines():
         r = json.loads(line)
-        epochs = r["config"]["epochs"] if isinstance(r["config"], dict) else None
         for row in r["results"]:
-            key = (r.get("adapter", "vector"), r.get("layer"), r.get("rank", 1), r.get("kl_tokens", "answer"), epochs, row["kl_coef"])
+            key = setting(r, row["kl_coef"])
             rows.setdefault(key, {})[r["seed"]] = margin(row["gate"])
+            records.setdefault(key, []).append(r)
+    pooled = {key: margin(pooled_gate(recs, key[-1])) if "shifts" in recs[0] else -math.inf
+              for key, recs in records.items()}
     for key, by_seed in sorted(rows.items(), key=lambda kv: str(kv[0])):
-        worst = min(by_seed.values())
         print(f"{key}: margins " + ", ".join(f"seed {s} {m:+.3f}" for s, m in sorted(by_seed.items()))
-              + f"; worst {worst:+.3f}")
+              + f"; worst {min(by_seed.values()):+.3f}; pooled over {len(by_seed)} seeds {pooled[key]:+.3f}")
+    most = max((len(v) for v in rows.values()), default=0)
+    best = max((k for k in rows if len(rows[k]) == most), key=lambda k: pooled[k], default=None)
+    if best is not None:
+        print(f"best pooled ({most} seeds): {best} margin {pooled[best]:+.3f}")
+    return best
 
 
 def main() -> None:
