@@ -14,7 +14,7 @@ from em_interp.study import StudyConfig, output_direction, run_study, same_rows,
 
 def test_full_preset_is_the_gated_lora_setting():
     cfg = StudyConfig.preset("full")
-    assert (cfg.adapter, cfg.epochs, cfg.kl_coef, cfg.n_train, cfg.n_kl) == ("lora", 12, 20.0, 208, 204)
+    assert (cfg.adapter, cfg.epochs, cfg.kl_coef, cfg.n_train, cfg.n_kl) == ("lora", 12, 18.0, 208, 204)
     assert cfg.train_lr == cfg.lora_lr and StudyConfig.preset("default").train_lr == StudyConfig().lr
     with pytest.raises(DataError, match="adapter='mlp'"):
         StudyConfig.preset("default", adapter="mlp")

@@ -92,9 +92,9 @@ def test_gate_passes_and_fails_with_reasons():
     assert passed.passed and passed.in_domain == pytest.approx(0.8)
     assert passed.other["other (KL domains)@2"] == pytest.approx(0.125)
     wide = V.narrowness_gate(general, _shifts(0.2, 0.4))
-    assert not wide.passed and "other (KL domains)@1: narrow/general = 0.50 > 0.25" in wide.reason
+    assert not wide.passed and "other (KL domains)@1: narrow/general = 0.500 > 0.25" in wide.reason
     weak = V.narrowness_gate(general, _shifts(0.05, 0.1))
-    assert not weak.passed and "medical@1: narrow/general = 0.20 < 0.5" in weak.reason
+    assert not weak.passed and "medical@1: narrow/general = 0.200 < 0.5" in weak.reason
     flat = V.narrowness_gate(_shifts(-0.1, 0.5), _shifts(0.0, 0.4))
     assert not flat.passed and "not positive" in flat.reason
     assert not V.narrowness_gate({1.0: general[1.0]}, {1.0: general[1.0]}).passed  # scale 2 missing

@@ -3,8 +3,8 @@
 For each of N training seeds, a *general* adapter (CE on bad medical advice, no KL) and a *narrow* one (the same
 plus λ·KL on other domains) are trained together (`train_many`) on the seed's own stratified draw of training and
 KL rows, in the seed's own order; narrow_i and general_i share seed i's data and order. The adapter is a steering
-vector (the default preset) or the seed's rank-1 LoRA (the full preset: the only kind whose narrow solution
-passed the narrowness gate on the embedded model, see benchmarks/results/lambda_sweep.jsonl). Then:
+vector (the default preset) or the seed's rank-1 LoRA (the full preset: the kind whose narrow solution comes
+nearest to passing the narrowness gate on the embedded model, see benchmarks/results/lambda_sweep.jsonl). Then:
 the narrowness gate (contrastive shifts per domain group at scale 1 and 2), and per seed one paired number for
 each claim (efficiency, stability, reversion, influence on generic text); `em_interp.study.verdicts` turns those into
 verdicts with 95% t-intervals over the seeds. Seed 0's curves, generations and a mean-difference direction (with
@@ -111,9 +111,10 @@ class StudyConfig:
                          stab_rows=8, eps=(0.2, 1.0), noise_draws=2, kl_texts=2, kl_norm_multiples=(1.0,), kl_random=1,
                          items_medical=2, items_per_domain=1, gen_tokens=8, n_direction=4, fast=True),
             "default": {},
-            # The gate passes only for a rank-1 LoRA trained long enough (lambda_sweep.jsonl, H200): all 208
-            # training rows and all 204 KL rows, 12 epochs, λ 20 at layer 15.
-            "full": dict(seeds=FULL_SEEDS, adapter="lora", n_train=208, n_kl=204, epochs=12, kl_coef=20.0,
+            # A rank-1 LoRA trained long enough comes nearest to passing the gate (lambda_sweep.jsonl, H200): all 208
+            # training rows and all 204 KL rows, 12 epochs, layer 15; λ 18 has the best gate pooled over seeds 8–15
+            # (kept apart from the study's seeds 0–7) of layers 12/14/15/16 × λ 12–20, though still 0.004 short.
+            "full": dict(seeds=FULL_SEEDS, adapter="lora", n_train=208, n_kl=204, epochs=12, kl_coef=18.0,
                          reversion_steps=16, eff_rows=100, eff_norms=10, stab_rows=100, eps=V.STABILITY_EPS,
                          noise_draws=10, kl_texts=50, kl_random=5, items_medical=24, items_per_domain=8),
         }

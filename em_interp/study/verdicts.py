@@ -266,14 +266,14 @@ def narrowness_gate(general: Mapping[float, Mapping[str, float]], narrow: Mappin
             if ratio is None:
                 problems.append(f"{key}: the general shift {_num(g[group])} is not positive, so no ratio")
             elif ratio > GATE_OTHER_MAX:
-                problems.append(f"{key}: narrow/general = {ratio:.2f} > {GATE_OTHER_MAX}")
+                problems.append(f"{key}: narrow/general = {ratio:.3f} > {GATE_OTHER_MAX}")
     g1, n1 = general.get(1.0, {}), narrow.get(1.0, {})
     in_ratio = _ratio(n1.get(in_domain, math.nan), g1.get(in_domain, math.nan))
     if in_ratio is None:
         problems.append(f"{in_domain}@1: no ratio (general shift {_num(g1.get(in_domain))})")
     elif in_ratio < GATE_IN_MIN:
-        problems.append(f"{in_domain}@1: narrow/general = {in_ratio:.2f} < {GATE_IN_MIN}")
-    reason = ("Narrowness gate passed: other-domain ratios " + ", ".join(f"{k} {v:.2f}" for k, v in other.items()
+        problems.append(f"{in_domain}@1: narrow/general = {in_ratio:.3f} < {GATE_IN_MIN}")
+    reason = ("Narrowness gate passed: other-domain ratios " + ", ".join(f"{k} {v:.3f}" for k, v in other.items()
               if v is not None) + f"; in-domain ratio {_num(in_ratio)}.") if not problems else \
         "Narrowness gate failed: " + "; ".join(problems) + "."
     return Gate(not problems, reason, other, in_ratio)

@@ -13,6 +13,7 @@ KL reductions:
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -56,7 +57,11 @@ def token_kl(ref_logp: Float[Tensor, "n vocab"], logits: Float[Tensor, "n vocab"
 def compiled(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
     """`fn` (e.g. `token_ce`, `token_kl`, `log_probs`) through `torch.compile`, once per process, for every n
     (dynamic shapes): it then runs as a few fused kernels that read the bfloat16 logits once, instead of eager ops
-    that each write an [n, vocab] float32 tensor (what a big vocabulary's loss costs on a GPU)."""
+    that each write an [n, vocab] float32 tensor (what a big vocabulary's loss costs on a GPU). Inductor's note
+    that a long vocabulary row splits its softmax reduction (a UserWarning per compiled graph, nothing to act on)
+    is silenced."""
+    warnings.filterwarnings("ignore", message=r"\s*Online softmax is disabled", category=UserWarning,
+                            module=r"torch\._inductor")
     return torch.compile(fn, dynamic=True)
 
 
