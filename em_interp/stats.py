@@ -1,5 +1,5 @@
-"""The two interval helpers every result in em_interp uses: a paired t-interval over seeds and a
-(cluster) percentile bootstrap of a mean.
+"""The interval helpers every result in em_interp uses: a paired t-interval over seeds, a (cluster) percentile
+bootstrap of a mean, and a paired percentile bootstrap of a ratio of means.
 
 >>> round(t_interval([0.1, 0.2, 0.3]).estimate, 6)
 0.2
@@ -124,3 +124,54 @@ def bootstrap_interval(
     boot = (weights @ sums) / (weights @ counts)
     low, high = np.percentile(boot, [50 * (1 - level), 50 * (1 + level)])
     return Interval(mean, float(low), float(high), k, "bootstrap", level)
+
+
+def bootstrap_ratio(
+    numerators: Sequence[float] | np.ndarray,
+    denominators: Sequence[float] | np.ndarray,
+    *,
+    absolute: bool = False,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = LEVEL,
+) -> Interval:
+    """Percentile bootstrap of mean(numerators) / mean(denominators) over paired units (e.g. training seeds:
+    unit i's numerator and denominator are resampled together).
+
+    Args:
+        numerators, denominators: [n] finite numbers, paired by position.
+        absolute: use |mean(numerators)| (e.g. a shift's size whatever its sign).
+        n_boot: resamples (0: no interval).
+        seed: the resampling seed.
+        level: coverage.
+
+    Returns:
+        An `Interval` of the ratio (estimate None when mean(denominators) ≤ 0). Resamples whose denominator mean is
+        ≤ 0 are left out; when they are more than (1 − level) / 2 of all, the bounds are None.
+
+    Raises:
+        DataError: lengths differ, n_boot < 0, or a value is not finite.
+    """
+    num, den = _finite(numerators, "bootstrap_ratio"), _finite(denominators, "bootstrap_ratio")
+    if num.size != den.size:
+        raise DataError(f"bootstrap_ratio: {num.size} numerators but {den.size} denominators.")
+    if n_boot < 0:
+        raise DataError(f"bootstrap_ratio: n_boot must be >= 0, got {n_boot}.")
+    n = int(num.size)
+
+    def ratio(top: np.ndarray, bottom: np.ndarray) -> np.ndarray:
+        top = np.abs(top) if absolute else top
+        return np.where(bottom > 0, top / np.where(bottom > 0, bottom, 1.0), np.nan)
+
+    if n == 0:
+        return Interval(None, None, None, 0, "bootstrap", level)
+    estimate = float(ratio(np.array([num.mean()]), np.array([den.mean()]))[0])
+    estimate_or_none = None if math.isnan(estimate) else estimate
+    if n_boot == 0 or n < 2:
+        return Interval(estimate_or_none, None, None, n, "bootstrap", level)
+    draws = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    boot = ratio(num[draws].mean(axis=1), den[draws].mean(axis=1))
+    if np.isnan(boot).mean() > (1 - level) / 2:
+        return Interval(estimate_or_none, None, None, n, "bootstrap", level)
+    low, high = np.nanpercentile(boot, [50 * (1 - level), 50 * (1 + level)])
+    return Interval(estimate_or_none, float(low), float(high), n, "bootstrap", level)

@@ -40,6 +40,7 @@ def test_every_figure_and_verdict_is_in_the_report(synthetic_report):
     for claim in ("efficiency", "stability", "reversion", "influence"):
         assert f'id="verdict-{claim}"' in html
     assert "95% t-interval [+0.09, +0.13], n=3 seeds" in html and "Narrowness gate passed" in html
+    assert "[0.04, 0.17]" in html and "[0.61, 0.93]" in html  # the gate ratios' bootstrap intervals over seeds
     assert "antibiotics 2" in html and "finance 2" in html  # what each set holds, from the results
     assert "random direction" in html
     assert "tiny-llama" in html and "Timings" in html and "Generations" in html

@@ -49,6 +49,12 @@ def test_lora_study_runs_every_analysis(tiny, tmp_path):
         for key in ("efficiency_gap", "stability_relative", "cosine_rise", "influence_log_ratio"):
             assert math.isfinite(p[key]), key
     assert math.isfinite(results["direction"]["cosine_general"])
+    gate = results["gate"]
+    assert set(gate["intervals"]) == {*gate["other"], "medical@1"}  # each ratio's spread over the 2 seeds
+    for key, (lo, hi) in gate["intervals"].items():
+        ratio = gate["in_domain"] if key == "medical@1" else gate["other"][key]
+        if lo is not None and ratio is not None:
+            assert lo - 1e-9 <= ratio <= hi + 1e-9, key
     html = (tmp_path / "s" / "report.html").read_text()
     assert "rank-1 LoRA on the MLP down-projection" in html
 

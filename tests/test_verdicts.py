@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from em_interp.errors import DataError
-from em_interp.stats import bootstrap_interval, t_interval
+from em_interp.stats import bootstrap_interval, bootstrap_ratio, t_interval
 from em_interp.study import verdicts as V
 
 FULL = dict(n_norms=10, n_rows=100)
@@ -98,6 +98,38 @@ def test_gate_passes_and_fails_with_reasons():
     flat = V.narrowness_gate(_shifts(-0.1, 0.5), _shifts(0.0, 0.4))
     assert not flat.passed and "not positive" in flat.reason
     assert not V.narrowness_gate({1.0: general[1.0]}, {1.0: general[1.0]}).passed  # scale 2 missing
+
+
+def test_bootstrap_ratio_of_paired_means():
+    same = bootstrap_ratio([0.2, 0.2, 0.2], [0.8, 0.8, 0.8])
+    assert same.estimate == pytest.approx(0.25) and same.bounds == pytest.approx([0.25, 0.25])  # no spread
+    spread = bootstrap_ratio([0.1, 0.3, 0.2, 0.25], [0.8, 0.9, 0.7, 0.85], seed=3)
+    assert spread.estimate == pytest.approx(0.85 / 3.25) and spread.low < spread.estimate < spread.high
+    assert spread == bootstrap_ratio([0.1, 0.3, 0.2, 0.25], [0.8, 0.9, 0.7, 0.85], seed=3)  # seeded
+    paired = bootstrap_ratio([0.1, 0.2, 0.3, 0.4], [1.0, 2.0, 3.0, 4.0])  # numerator tracks denominator
+    assert paired.bounds == pytest.approx([0.1, 0.1])  # resampled together, the ratio never moves
+    assert bootstrap_ratio([-0.2, -0.2], [0.8, 0.8], absolute=True).estimate == pytest.approx(0.25)
+    undefined = bootstrap_ratio([0.1, 0.1, 0.1], [1.0, -1.0, -1.0])
+    assert undefined.estimate is None and undefined.bounds == [None, None]
+    with pytest.raises(DataError, match="3 numerators but 2 denominators"):
+        bootstrap_ratio([1, 2, 3], [1, 2])
+
+
+def test_gate_intervals_over_seeds_bracket_the_pooled_ratios():
+    general = [_shifts(0.4, 0.5), _shifts(0.5, 0.6), _shifts(0.3, 0.4)]
+    narrow = [_shifts(0.05, 0.3), _shifts(0.15, 0.35), _shifts(0.08, 0.2)]
+    intervals = V.gate_intervals(general, narrow)
+    assert set(intervals) == {"other (KL domains)@1", "other (held-out domains)@1", "other (KL domains)@2",
+                              "other (held-out domains)@2", "medical@1"}
+    mean = lambda seeds, scale, g: float(np.mean([s[scale][g] for s in seeds]))  # noqa: E731
+    gate = V.narrowness_gate({s: {g: mean(general, s, g) for g in general[0][s]} for s in V.GATE_SCALES},
+                             {s: {g: mean(narrow, s, g) for g in narrow[0][s]} for s in V.GATE_SCALES})
+    lo, hi = intervals["medical@1"]
+    assert lo < gate.in_domain < hi
+    for key, ratio in gate.other.items():
+        assert intervals[key][0] <= ratio <= intervals[key][1]
+    with pytest.raises(ValueError, match="3 general seeds but 2 narrow"):
+        V.gate_intervals(general, narrow[:2])
 
 
 def test_failed_gate_makes_every_verdict_unclear_and_fast_is_plumbing():

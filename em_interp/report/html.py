@@ -241,15 +241,24 @@ def _gate(gate: Any) -> str:
         return _note_section("gate", "Narrowness gate", "The gate was not measured in these results.")
     word = "passed" if gate.get("passed") else "FAILED"
     ratios = dict(gate.get("other") or {})
-    rows = "".join(f"<tr><td>{escape(str(k))}</td><td class=\"num\">{_fmt(r, 3)}</td>"
+    intervals = dict(gate.get("intervals") or {})
+
+    def interval(key: str) -> str:
+        lo, hi = intervals.get(key) or (None, None)
+        return "" if lo is None or hi is None else f"[{_fmt(lo, 3)}, {_fmt(hi, 3)}]"
+
+    rows = "".join(f"<tr><td>{escape(str(k))}</td><td class=\"num\">{_fmt(r, 3)}</td><td class=\"num\">{interval(k)}</td>"
                    f"<td>≤ {_fmt(gate.get('max_other'))}</td></tr>" for k, r in ratios.items())
     rows += (f"<tr><td>medical@1 (in-domain)</td><td class=\"num\">{_fmt(gate.get('in_domain'), 3)}</td>"
-             f"<td>≥ {_fmt(gate.get('min_in'))}</td></tr>")
+             f"<td class=\"num\">{interval('medical@1')}</td><td>≥ {_fmt(gate.get('min_in'))}</td></tr>")
     return (f"<section id=\"gate\"><h2>Narrowness gate: {word}</h2><p class=\"explain\">Before any verdict: the "
             f"narrow vector's contrastive shift on other domains must be at most 25% of the general vector's at "
             f"scale 1 and 2 (it is narrow), and on its own domain at least 50% (it still does the task). Ratios are "
-            f"narrow / general of the mean shift over seeds.</p><p>{escape(str(gate.get('reason', '')))}</p>"
-            f"<table class=\"small\"><thead><tr><th>group@scale</th><th>narrow / general</th><th>bound</th></tr>"
+            f"narrow / general of the mean shift over seeds; beside each, a 95% bootstrap interval over seeds (seed i's "
+            f"narrow and general resampled together), which shows the seeds' spread and does not change the gate."
+            f"</p><p>{escape(str(gate.get('reason', '')))}</p>"
+            f"<table class=\"small\"><thead><tr><th>group@scale</th><th>narrow / general</th><th>95% over seeds</th>"
+            f"<th>bound</th></tr>"
             f"</thead><tbody>{rows}</tbody></table></section>")
 
 

@@ -311,7 +311,9 @@ class Study:
                     self.results.setdefault("contrastive", {})[name] = group_stats(r.items, items)
         mean = {s: {n: _mean_dicts([p.shifts[f"{n}@{s:g}"] for p in self.per_seed]) for n in ("general", "narrow")}
                 for s in V.GATE_SCALES}
-        self.gate = V.narrowness_gate({s: mean[s]["general"] for s in mean}, {s: mean[s]["narrow"] for s in mean})
+        gate = V.narrowness_gate({s: mean[s]["general"] for s in mean}, {s: mean[s]["narrow"] for s in mean})
+        by_seed = {n: [{s: p.shifts[f"{n}@{s:g}"] for s in V.GATE_SCALES} for p in self.per_seed] for n in ("general", "narrow")}
+        self.gate = dataclasses.replace(gate, intervals=V.gate_intervals(by_seed["general"], by_seed["narrow"]))
         self.results["gate"] = self.gate
         self.results["contrastive_means"] = {f"{n}@{s:g}": mean[s][n] for s in mean for n in mean[s]}
         log.info("study: %s", self.gate.reason)

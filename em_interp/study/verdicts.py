@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from em_interp.stats import Interval, t_interval
+from em_interp.stats import Interval, bootstrap_ratio, t_interval
 
 CONFIRMED, REFUTED, UNCLEAR, PLUMBING = "CONFIRMED", "REFUTED", "UNCLEAR", "PLUMBING CHECK"
 CLAIMS = ("efficiency", "stability", "reversion", "influence")
@@ -89,6 +89,9 @@ class Gate:
         other: {"<group>@<scale>": |narrow shift| / general shift} for every other-domain group and scale.
         in_domain: narrow / general in-domain shift at scale 1.
         max_other, min_in: the bounds (0.25, 0.5).
+        intervals: {"<group>@<scale>": [low, high]} 95% bootstrap intervals over seeds of each ratio (in-domain
+            under "<in_domain>@1"; see `gate_intervals`), where the seeds' shifts were given; they show how far a
+            ratio is from its bound in the seeds' own spread, and do not change `passed`.
     """
 
     passed: bool
@@ -97,6 +100,34 @@ class Gate:
     in_domain: float | None
     max_other: float = GATE_OTHER_MAX
     min_in: float = GATE_IN_MIN
+    intervals: dict[str, list[float | None]] = field(default_factory=dict)
+
+
+def gate_intervals(general: Sequence[Mapping[float, Mapping[str, float]]], narrow: Sequence[Mapping[float, Mapping[str, float]]],
+                   in_domain: str = IN_DOMAIN, n_boot: int = 2000, seed: int = 0) -> dict[str, list[float | None]]:
+    """95% paired bootstrap intervals over seeds of the gate's ratios (`stats.bootstrap_ratio`: seed i's narrow
+    and general shifts resampled together; other domains as |narrow| / general at each scale, the in-domain group
+    as narrow / general at scale 1).
+
+    Args:
+        general, narrow: per seed, {scale: {group: mean contrastive shift}} (seed i at index i in both).
+        in_domain: the in-domain group's name.
+        n_boot: resamples; seed: their seed.
+
+    Returns:
+        {"<group>@<scale>": [low, high]} ([None, None] where the ratio is not defined often enough).
+    """
+    if len(general) != len(narrow):
+        raise ValueError(f"gate_intervals: {len(general)} general seeds but {len(narrow)} narrow ones.")
+    out: dict[str, list[float | None]] = {}
+    for scale in GATE_SCALES:
+        groups = [g for g in (general[0].get(scale, {}) if general else {}) if str(g).startswith("other")]
+        for group in groups + ([in_domain] if scale == 1.0 else []):
+            n = [s[scale][group] for s in narrow]
+            g = [s[scale][group] for s in general]
+            ci = bootstrap_ratio(n, g, absolute=group != in_domain, n_boot=n_boot, seed=seed)
+            out[f"{group}@{scale:g}"] = ci.bounds
+    return out
 
 
 def decide(interval: Interval, threshold: float) -> str:
