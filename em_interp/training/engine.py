@@ -24,7 +24,7 @@ as the authors' code runs), through the bridge otherwise.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -101,7 +101,9 @@ class LossComputer:
         self._hooks_view = _HookView(model)
         # compiled with the model's layers (big models on a GPU): the loss over a large vocabulary is then fused
         fuse = self.runner.fast and fastpath.compiles(hf_model_of(model), model)
-        self._ce, self._kl, self._log_probs = (compiled(f) if fuse else f for f in (token_ce, token_kl, log_probs))
+        self._ce: Callable[..., Tensor] = compiled(token_ce) if fuse else token_ce
+        self._kl: Callable[..., Tensor] = compiled(token_kl) if fuse else token_kl
+        self._log_probs: Callable[..., Tensor] = compiled(log_probs) if fuse else log_probs
 
     # --- caches --------------------------------------------------------------------------------
     def _host_batch(self, which: str, k: int) -> ChatBatch:
