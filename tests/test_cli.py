@@ -184,6 +184,8 @@ def test_demo_prints_report_and_verdicts(tmp_path, capsys, monkeypatch):
                     "record": None, "overrides": set()}
     assert "report.html" in out and "REFUTED" in out and "UNCLEAR" in out and "total time: 14.0 s" in out
     assert "interval [+0.09, +0.13]" in out and "gate: passed" in out
+    assert "medical@1                    narrow/general 0.800, 95% over seeds [0.610, 0.930]" in out
+    assert "held-out domains)@2" not in out  # no ratio, no interval: nothing to print
     record = tmp_path / "study.jsonl"
     assert main(["demo", "--out", str(tmp_path / "e"), "--seeds", "8", "--record", str(record)]) == 0
     assert seen["seeds"] == 8 and seen["record"] == str(record)

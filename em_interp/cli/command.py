@@ -87,6 +87,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"results: {out / 'results.json'}")
     gate = results.get("gate") or {}
     print(f"gate: {'passed' if gate.get('passed') else 'FAILED'} ({gate.get('reason', 'not measured')})")
+    ratios = {**(gate.get("other") or {}), "medical@1": gate.get("in_domain")}
+    for key, (lo, hi) in (gate.get("intervals") or {}).items():
+        if lo is not None and hi is not None and ratios.get(key) is not None:
+            print(f"  {key:<28} narrow/general {ratios[key]:.3f}, 95% over seeds [{lo:.3f}, {hi:.3f}]")
     for key, v in (results.get("verdicts") or {}).items():
         lo, hi = (v.get("interval") or [None, None])[:2]
         ci = "n/a" if lo is None or hi is None else f"[{lo:+.4g}, {hi:+.4g}]"
