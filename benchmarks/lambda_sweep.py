@@ -54,10 +54,10 @@ def margin(gate: dict[str, Any]) -> float:
 
 
 def setting(record: dict[str, Any], kl_coef: float) -> tuple[Any, ...]:
-    """(adapter, layer, rank, KL tokens, epochs, λ) of one narrow condition in a record."""
+    """(adapter, layer, rank, KL tokens, epochs, lr, λ) of one narrow condition in a record."""
     epochs = record["config"]["epochs"] if isinstance(record["config"], dict) else None
     return (record.get("adapter", "vector"), record.get("layer"), record.get("rank", 1),
-            record.get("kl_tokens", "answer"), epochs, kl_coef)
+            record.get("kl_tokens", "answer"), epochs, record.get("lr"), kl_coef)
 
 
 def pooled_gate(records: list[dict[str, Any]], kl_coef: float) -> dict[str, Any]:
