@@ -100,7 +100,7 @@ class LossComputer:
         self._fingerprint = {"train": data.fingerprint(), "kl": kl_data.fingerprint() if kl_data is not None else ""}
         self._hooks_view = _HookView(model)
         # compiled with the model's layers (big models on a GPU): the loss over a large vocabulary is then fused
-        fuse = self.runner.fast and fastpath.compiles(hf_model_of(model), model)
+        fuse = self.runner.fast and fastpath.compiles(hf_model_of(model).model, model)  # the root the layers compile under
         self._ce: Callable[..., Tensor] = compiled(token_ce) if fuse else token_ce
         self._kl: Callable[..., Tensor] = compiled(token_kl) if fuse else token_kl
         self._log_probs: Callable[..., Tensor] = compiled(log_probs) if fuse else log_probs
