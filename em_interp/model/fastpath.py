@@ -35,7 +35,7 @@ import os
 import time
 import types
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -187,26 +187,37 @@ def _rebind_accelerate_hook(original: nn.Module, clone: nn.Module) -> None:
         clone.__dict__["forward"] = functools.update_wrapper(functools.partial(fwd.func, clone), type(original).forward)
 
 
+def logged_compile(fn: Callable[..., Any], what: str, **options: Any) -> Callable[..., Any]:
+    """`torch.compile(fn, **options)`; its first call, where the compilation happens, logs the time it took
+    (as a warning, when over 1 s: a one-time cost the user should see)."""
+    fused = torch.compile(fn, **options)
+    first_call = True
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        nonlocal first_call
+        if not first_call:
+            return fused(*args, **kwargs)
+        first_call, start = False, time.perf_counter()
+        out = fused(*args, **kwargs)
+        if (seconds := time.perf_counter() - start) > 1.0:
+            log.warning("torch.compile of %s took %.1f s (one-time; EM_INTERP_COMPILE=0 or set_fast_path(compile=False) "
+                        "turns it off).", what, seconds)
+        return out
+
+    return call
+
+
 class _Compiled(nn.Module):
     """A plain decoder layer called through `torch.compile` (the layer itself stays the registered child)."""
 
     def __init__(self, layer: nn.Module):
         super().__init__()
         self.layer = layer
-        self._fn = torch.compile(layer)  # a new sequence length recompiles once, with dynamic shapes
-        self._first_call = True
+        # a new sequence length recompiles once, with dynamic shapes; the first layer compiles, the others reuse it
+        self._fn = logged_compile(layer, "the plain decoder layers")
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if not self._first_call:
-            return self._fn(*args, **kwargs)
-        self._first_call = False
-        start = time.perf_counter()
-        out = self._fn(*args, **kwargs)
-        seconds = time.perf_counter() - start
-        if seconds > 1.0:  # the layer that compiled (the others reuse its graph)
-            log.warning("torch.compile of the plain decoder layers took %.1f s (one-time; "
-                        "EM_INTERP_COMPILE=0 or set_fast_path(compile=False) turns it off).", seconds)
-        return out
+        return self._fn(*args, **kwargs)
 
 
 COMPILE_MIN_PARAMS = 10**9

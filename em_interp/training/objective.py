@@ -13,8 +13,6 @@ KL reductions:
 from __future__ import annotations
 
 import functools
-import logging
-import time
 import warnings
 from collections.abc import Callable
 
@@ -24,9 +22,8 @@ from torch import Tensor
 
 from em_interp.config import KL_REDUCTIONS
 from em_interp.errors import TrainingError
+from em_interp.model.fastpath import logged_compile
 from em_interp.model.forward import log_probs
-
-log = logging.getLogger(__name__)
 
 
 def prediction_mask(target_mask: Bool[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos"]:
@@ -66,21 +63,7 @@ def compiled(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
     is silenced."""
     warnings.filterwarnings("ignore", message=r"\s*Online softmax is disabled", category=UserWarning,
                             module=r"torch\._inductor")
-    fused = torch.compile(fn, dynamic=True)
-    first_call = True
-
-    @functools.wraps(fn)
-    def call(*args: Tensor) -> Tensor:
-        nonlocal first_call
-        if not first_call:
-            return fused(*args)
-        first_call, start = False, time.perf_counter()
-        out = fused(*args)
-        if (seconds := time.perf_counter() - start) > 1.0:
-            log.warning("torch.compile of %s took %.1f s (one-time; EM_INTERP_COMPILE=0 turns it off).", fn.__name__, seconds)
-        return out
-
-    return call
+    return functools.wraps(fn)(logged_compile(fn, fn.__name__, dynamic=True))
 
 
 def group_mean(values: Float[Tensor, " n"], groups: Int[Tensor, " n"], n_groups: int) -> Float[Tensor, " n_groups"]:
