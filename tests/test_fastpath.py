@@ -45,6 +45,30 @@ def test_fast_path_equals_bridge_path(family):
     torch.testing.assert_close(logits[real], full[real], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_unpadded_partial_forwards_skip_hfs_packed_sequence_check(family, monkeypatch):
+    """HF's check for packed rows reads a device tensor on the host (a stall per forward); the partial forwards
+    know unmasked rows are unpacked, skip it, give the bridge's numbers, and leave HF's function in place."""
+    from transformers import masking_utils
+
+    calls = []
+    check = masking_utils.find_packed_sequence_indices
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda pos: calls.append(pos) or check(pos))
+    spy = masking_utils.find_packed_sequence_indices
+    model = _bridged(family)
+    ids = torch.randint(0, 1000, (2, 10))
+    with torch.no_grad():
+        full = model(ids)
+        calls.clear()
+        resid = lower_forward(model, ids, 2, None, fast=True)
+        logits = unembed(model, resume_forward(model, resid, 2, None, fast=True))
+        assert calls == []
+        assert masking_utils.find_packed_sequence_indices is spy
+        resume_forward(model, resid, 2, None, torch.arange(10).repeat(2, 1), fast=True)  # given positions: checked
+    assert len(calls) == 1
+    torch.testing.assert_close(logits, full, rtol=1e-5, atol=1e-5)
+
+
 def test_default_is_fast_on_every_device_and_mode_switches():
     assert fastpath.fast_path_mode()["mode"] == "auto"
     assert fastpath.enabled("cpu") and fastpath.enabled("cuda")  # the CPU default too (issue 14)

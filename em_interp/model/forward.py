@@ -122,6 +122,34 @@ def _positions(attention_mask: Tensor | None, position_ids: Tensor | None = None
     return position_ids
 
 
+@contextlib.contextmanager
+def _unpacked_rows(attention_mask: Tensor | None, position_ids: Tensor | None) -> Iterator[None]:
+    """Within the context, HF's mask code takes the rows as unpacked (one sequence per row) without checking.
+
+    With no attention mask, HF's `create_causal_mask` looks for packed sequences in the position ids
+    (`masking_utils.find_packed_sequence_indices`), a device-to-host read that stalls the host once per
+    forward. The partial forwards' rows are never packed when they pass neither a mask nor position ids
+    (HF then numbers each row 0..pos-1), so the answer is known: None, which is what the check returns for
+    such rows. Any other call keeps HF's check. `full_hidden` keeps HF's mask code as it is (the path the
+    authors' trainer runs). A transformers version without the function is left alone (it then has no check).
+    """
+    from transformers import masking_utils
+
+    original = getattr(masking_utils, "find_packed_sequence_indices", None)
+    if attention_mask is not None or position_ids is not None or original is None:
+        yield
+        return
+    masking_utils.find_packed_sequence_indices = _no_packed_sequences
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = original
+
+
+def _no_packed_sequences(position_ids: Tensor) -> None:
+    return None
+
+
 def resume_forward(
     model: TransformerBridge,
     resid: Float[Tensor, "batch pos d_model"],
@@ -154,7 +182,8 @@ def resume_forward(
     scale = _inputs_embeds_scale(model)
     if scale is not None:  # older Gemma code multiplies inputs_embeds by √d_model inside the forward
         resid = resid / torch.tensor(scale, dtype=resid.dtype)  # a host 0-d tensor: no copy, no wait for the device
-    with upper_layers(model, start) as base, _maybe_plain(model, base, resid.device, fast):
+    with (upper_layers(model, start) as base, _maybe_plain(model, base, resid.device, fast),
+          _unpacked_rows(attention_mask, position_ids)):
         out = base(inputs_embeds=resid, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     return out.last_hidden_state
 
@@ -184,7 +213,7 @@ def lower_forward(
     norm = base.norm
     base.layers, base.norm = torch.nn.ModuleList(list(layers)[:stop]), torch.nn.Identity()
     try:
-        with _maybe_plain(model, base, input_ids.device, True):
+        with _maybe_plain(model, base, input_ids.device, True), _unpacked_rows(attention_mask, None):
             out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=_positions(attention_mask),
                        use_cache=False)
     finally:
