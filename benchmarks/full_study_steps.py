@@ -35,13 +35,13 @@ def main() -> None:
     t0 = time.perf_counter()
     train_many(adapters, model, data.train, kl_data=data.kl, kl_coef=[0.0, cfg.kl_coef] * cfg.seeds,
                seed=[cfg.seed + i // 2 for i in range(2 * cfg.seeds)], lr=cfg.train_lr, steps=a.steps,
-               batch_size=cfg.batch_size, kl_batch_size=cfg.batch_size, schedule="constant", record_every=1,
+               batch_size=cfg.batch_size, kl_batch_size=cfg.kl_batch, schedule="constant", record_every=1,
                progress=False, on_step=lambda step, losses: stamps.append(time.perf_counter()))
     later = [b - x for x, b in zip(stamps, stamps[1:], strict=False)]
     total = cfg.epochs * -(-len(data.train) // cfg.batch_size)
     record = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               "device": str(em.model.model_device(model)), "machine": platform.processor() or platform.machine(),
-              "command": "python " + " ".join(sys.argv), "adapters": len(adapters), "first_step_s": stamps[0] - t0,
+              "command": "python " + " ".join(sys.argv), "adapters": len(adapters), "kl_batch_size": cfg.kl_batch, "first_step_s": stamps[0] - t0,
               "later_steps_s": later, "steps_per_run": total,
               "extrapolated_training_h": total * sum(later) / len(later) / 3600,
               "note": "an extrapolation from the measured steps, not a timed full run (training only)"}

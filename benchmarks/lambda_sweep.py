@@ -54,10 +54,11 @@ def margin(gate: dict[str, Any]) -> float:
 
 
 def setting(record: dict[str, Any], kl_coef: float) -> tuple[Any, ...]:
-    """(adapter, layer, rank, KL tokens, epochs, lr, λ) of one narrow condition in a record."""
-    epochs = record["config"]["epochs"] if isinstance(record["config"], dict) else None
+    """(adapter, layer, rank, KL tokens, epochs, lr, KL batch, λ) of one narrow condition in a record."""
+    config = record["config"] if isinstance(record["config"], dict) else {}
+    kl_batch = config.get("kl_batch_size") or config.get("batch_size")
     return (record.get("adapter", "vector"), record.get("layer"), record.get("rank", 1),
-            record.get("kl_tokens", "answer"), epochs, record.get("lr"), kl_coef)
+            record.get("kl_tokens", "answer"), config.get("epochs"), record.get("lr"), kl_batch, kl_coef)
 
 
 def pooled_gate(records: list[dict[str, Any]], kl_coef: float) -> dict[str, Any]:
@@ -101,6 +102,7 @@ def main() -> None:
     p.add_argument("--n-train", type=int, default=None)
     p.add_argument("--n-kl", type=int, default=None)
     p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--kl-batch", type=int, default=None, help="KL rows per step (default: the preset's)")
     p.add_argument("--lr", type=float, default=None, help="vector lr (LoRA uses the preset's lora_lr × lr/cfg.lr)")
     p.add_argument("--rank", type=int, default=1, help="LoRA rank (the study's is 1)")
     p.add_argument("--kl-tokens", default="answer", choices=["answer", "all"], help="positions of the KL term")
@@ -113,8 +115,8 @@ def main() -> None:
         summarize(Path(args.out))
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    overrides = {k: v for k, v in (("n_train", args.n_train), ("n_kl", args.n_kl), ("epochs", args.epochs))
-                 if v is not None}
+    overrides = {k: v for k, v in (("n_train", args.n_train), ("n_kl", args.n_kl), ("epochs", args.epochs),
+                                   ("kl_batch_size", args.kl_batch)) if v is not None}
     cfg = StudyConfig.preset(args.preset, seed=args.seed, **overrides)
     lr_scale = 1.0 if args.lr is None else args.lr / cfg.lr
     model = em.load_model(device=args.device, dtype="bfloat16")
@@ -127,7 +129,7 @@ def main() -> None:
             lr = kind_cfg.train_lr * lr_scale
             runs = em.train_many(adapters, model, data.train, kl_data=data.kl, kl_coef=[0.0, *args.coefs],
                                  seed=args.seed, lr=lr, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                                 kl_batch_size=cfg.batch_size, warmup_steps=2, record_every=cfg.epochs * 1000,
+                                 kl_batch_size=cfg.kl_batch, warmup_steps=2, record_every=cfg.epochs * 1000,
                                  schedule="constant", kl_tokens=kind_cfg.kl_tokens, progress=False)
             conditions = {"general": adapters[0],
                           **{f"narrow_{c:g}": a for c, a in zip(args.coefs, adapters[1:], strict=True)}}

@@ -10,14 +10,19 @@ import torch
 import em_interp as em
 from em_interp.errors import DataError, GeometryError
 from em_interp.study import StudyConfig, output_direction, run_study, same_rows, study_data
+from em_interp.training.loop import train_many
 
 
 def test_full_preset_is_the_gated_lora_setting():
     cfg = StudyConfig.preset("full")
-    assert (cfg.adapter, cfg.epochs, cfg.kl_coef, cfg.n_train, cfg.n_kl) == ("lora", 12, 18.0, 208, 204)
+    assert (cfg.adapter, cfg.epochs, cfg.kl_coef, cfg.n_train, cfg.n_kl) == ("lora", 12, 20.0, 208, 204)
+    assert (cfg.batch_size, cfg.kl_batch) == (8, 32)
     assert cfg.train_lr == cfg.lora_lr and StudyConfig.preset("default").train_lr == StudyConfig().lr
+    assert StudyConfig.preset("default").kl_batch == StudyConfig().batch_size  # None: the CE batch size
     with pytest.raises(DataError, match="adapter='mlp'"):
         StudyConfig.preset("default", adapter="mlp")
+    with pytest.raises(DataError, match="kl_batch_size=0"):
+        StudyConfig.preset("full", kl_batch_size=0)
 
 
 def test_same_rows_groups_seeds_with_equal_row_sets():
@@ -40,8 +45,18 @@ def test_output_direction(tiny):
         output_direction(em.LoRA(tiny, 1, rank=2, site="mlp_out"))
 
 
-def test_lora_study_runs_every_analysis(tiny, tmp_path):
-    results = run_study(tmp_path / "s", fast=True, model=tiny, adapter="lora", seeds=2, n_train=8, n_kl=8)
+def test_lora_study_runs_every_analysis(tiny, tmp_path, monkeypatch):
+    import em_interp.study.study as study_module
+
+    kl_batches = []
+
+    def spy(*args, **kw):
+        kl_batches.append(kw["kl_batch_size"])
+        return train_many(*args, **kw)
+
+    monkeypatch.setattr(study_module, "train_many", spy)
+    results = run_study(tmp_path / "s", fast=True, model=tiny, adapter="lora", seeds=2, n_train=8, n_kl=8, kl_batch_size=4)
+    assert kl_batches and set(kl_batches) == {4}  # every training call (pairs, reversion, LoRA pair) uses the KL batch
     assert "errors" not in results, results.get("errors")
     assert results["config"]["adapter"] == "lora" and len(results["per_seed"]) == 2
     assert {v["verdict"] for v in results["verdicts"].values()} == {"PLUMBING CHECK"}

@@ -195,8 +195,8 @@ def _header(results: Mapping[str, Any], title: str) -> str:
     if versions:
         facts.append(("versions", versions))
     lr = ("lora_lr", "lora_alpha") if cfg.get("adapter") == "lora" else ("lr", "alpha")
-    keys = ("seeds", "n_train", "n_kl", "epochs", "batch_size", *lr, "kl_coef", "lora", "seed")
-    summary = ", ".join(f"{k}={_fmt(cfg[k])}" for k in keys if k in cfg)
+    keys = ("seeds", "n_train", "n_kl", "epochs", "batch_size", "kl_batch_size", *lr, "kl_coef", "lora", "seed")
+    summary = ", ".join(f"{k}={_fmt(cfg[k])}" for k in keys if cfg.get(k) is not None)
     if summary:
         facts.append(("config", summary))
     rows = "".join(f"<tr><th>{escape(k)}</th><td>{escape(str(v))}</td></tr>" for k, v in facts)
