@@ -34,6 +34,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--rows", type=int, default=208)
     p.add_argument("--length", type=int, default=160)
+    p.add_argument("--kl-batch", type=int, default=8, help="KL rows per step (the full study preset's: 32)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run on the tiny shape")
     p.add_argument("--out", default=os.environ.get("OUT") or "/tmp")
     a = p.parse_args()
@@ -51,7 +52,7 @@ def main() -> None:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         em.train_many(loras, model, data, kl_data=kl, kl_coef=[0.0, 20.0] * (a.adapters // 2) + [0.0] * (a.adapters % 2),
-                      seed=[i // 2 for i in range(a.adapters)], lr=2e-4, steps=steps, batch_size=8, kl_batch_size=8,
+                      seed=[i // 2 for i in range(a.adapters)], lr=2e-4, steps=steps, batch_size=8, kl_batch_size=a.kl_batch,
                       schedule="constant", record_every=1, cache=cache, progress=False)
         if dev.startswith("cuda"):
             torch.cuda.synchronize()

@@ -204,10 +204,10 @@ def test_demo_passes_study_settings(tmp_path, monkeypatch):
     monkeypatch.setattr(em_interp.study, "run_study", fake_run_study)
     monkeypatch.chdir(tmp_path)
     argv = ["demo", "--out", str(tmp_path / "d"), "--fast", "--adapter", "lora", "--kl-coef", "18", "--lora-rank", "2",
-            "--kl-tokens", "all", "--layer", "12", "--kl-batch-size", "32"]
+            "--kl-tokens", "all", "--layer", "12", "--kl-batch-size", "32", "--seed", "16", "--reversion-steps", "26"]
     assert main(argv) == 0
     assert (seen["adapter"], seen["kl_coef"], seen["lora_rank"], seen["kl_tokens"], seen["layer"]) == ("lora", 18.0, 2, "all", 12)
-    assert seen["kl_batch_size"] == 32
+    assert (seen["kl_batch_size"], seen["seed"], seen["reversion_steps"]) == (32, 16, 26)
     with pytest.raises(SystemExit) as exc:
         main(["demo", "--kl-tokens", "prompt"])
     assert exc.value.code == 2

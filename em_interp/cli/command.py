@@ -80,7 +80,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     command = "em-interp " + " ".join(sys.argv[1:]) if "demo" in sys.argv[1:] else None
     overrides = {k: v for k, v in (("adapter", args.adapter), ("kl_coef", args.kl_coef), ("layer", args.layer),
                                    ("lora_rank", args.lora_rank), ("kl_tokens", args.kl_tokens),
-                                   ("kl_batch_size", args.kl_batch_size)) if v is not None}
+                                   ("kl_batch_size", args.kl_batch_size), ("seed", args.seed),
+                                   ("reversion_steps", args.reversion_steps)) if v is not None}
     results = run_study(args.out, fast=args.fast, seeds=args.seeds, device=args.device, lora=args.lora,
                         dtype=args.dtype, record=None if args.no_record else record, command=command, **overrides)
     out = Path(args.out).resolve()
@@ -172,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--kl-coef", type=float, default=None, help="λ of the narrow condition (default: the preset's)")
     d.add_argument("--layer", type=int, default=None, help="the adapters' layer (default: the middle layer)")
     d.add_argument("--kl-batch-size", type=int, default=None, help="KL rows per training step (default: the batch size)")
+    d.add_argument("--seed", type=int, default=None, help="first training seed: seed i of the study is SEED + i (default 0)")
+    d.add_argument("--reversion-steps", type=int, default=None,
+                   help="steps of the reversion continuation and its control (default: the preset's)")
     d.add_argument("--lora-rank", type=int, default=None, help="rank of the study's LoRA (default 1)")
     d.add_argument("--kl-tokens", choices=["answer", "all"], default=None,
                    help="positions of the KL term (default: answer)")
