@@ -442,7 +442,9 @@ def test_merged_ce_and_kl_forward_equals_separate_forwards(tiny, data, kl_data, 
         for n in (1, 2):
             adapters = [make(s) for s in range(n)]
             computer = LossComputer(tiny, train_tok, kl_tok, batch_size=4, kl_batch_size=4, start_layer=1)
-            assert computer._worth_merging([("train", [1] * n, "answer"), ("kl", [0] * n, "answer")]) == (merge == "always")
+            owners = list(range(n))
+            parts = [engine._Part("train", [1] * n, "answer", owners), engine._Part("kl", [0] * n, "answer", owners)]
+            assert computer._worth_merging(parts) == (merge == "always")
             ce, kl = computer.losses(adapters, [1, 0][:n], [0, 1][:n])
             (ce.sum() + 3.0 * kl.sum()).backward()
             grads = [p.grad.clone() for a in adapters for p in a.parameters()]
@@ -456,6 +458,29 @@ def test_merged_ce_and_kl_forward_equals_separate_forwards(tiny, data, kl_data, 
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
 
 
+def test_kl_without_gradient_for_zero_coefficient_adapters_changes_no_value(tiny, data, kl_data):
+    """A λ = 0 adapter's KL runs without a gradient (its own no-grad forward): the same CE, KL and gradients."""
+    train_tok, kl_tok = TokenizedChats(data, tiny.tokenizer), TokenizedChats(kl_data, tiny.tokenizer)
+    coefs = torch.tensor([0.0, 3.0])
+    results = []
+    for kl_grad in (None, [False, True]):
+        adapters = [em.SteeringVector(tiny, layer=1, init="random", alpha=1.0 + s) for s in range(2)]
+        computer = LossComputer(tiny, train_tok, kl_tok, batch_size=4, kl_batch_size=4, start_layer=1)
+        ce, kl = computer.losses(adapters, [1, 0], [0, 1], kl_grad=kl_grad)
+        (ce + coefs * kl).sum().backward()
+        results.append((ce.detach(), kl.detach(), [a.vector.grad.clone() for a in adapters]))
+    (ce_a, kl_a, g_a), (ce_b, kl_b, g_b) = results
+    torch.testing.assert_close(ce_a, ce_b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(kl_a, kl_b, rtol=1e-4, atol=1e-7)
+    assert float(kl_b.min()) > 0
+    for x, y in zip(g_a, g_b, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+    computer = LossComputer(tiny, train_tok, kl_tok, batch_size=4, kl_batch_size=4, start_layer=1)
+    vec = em.SteeringVector(tiny, layer=1, init="random")
+    _, kl = computer.losses([vec], [0], [0], kl_grad=[False])
+    assert not kl.requires_grad and float(kl[0]) > 0  # logged, outside the graph
+
+
 def test_merging_pads_only_within_the_device_budget(tiny, data, kl_data):
     from em_interp.training import engine
 
@@ -465,9 +490,9 @@ def test_merging_pads_only_within_the_device_budget(tiny, data, kl_data):
               for k in range(len(plan)) for w in [tok.collate(plan[k]).input_ids.shape[1]]}
     assert len(widths) >= 2, "the test needs batches of different widths"
     (_, (wh1, k1)), (_, (wh2, k2)) = sorted(widths.items())[0], sorted(widths.items())[-1]
-    parts = [(wh1, [k1], "answer"), (wh2, [k2], "answer")]
+    parts = [engine._Part(wh1, [k1], "answer", [0]), engine._Part(wh2, [k2], "answer", [0])]
     assert engine.MERGE_PADDING["cpu"] == 0.0 and not computer._worth_merging(parts)  # a CPU pays for padding
-    same = [(wh1, [k1], "answer"), (wh1, [k1], "answer")]
+    same = [engine._Part(wh1, [k1], "answer", [0]), engine._Part(wh1, [k1], "answer", [0])]
     assert computer._worth_merging(same)  # equal widths: no padding, merged on every device
 
 

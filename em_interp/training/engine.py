@@ -16,6 +16,8 @@ as the authors' code runs), through the bridge otherwise.
 - the unembedding runs only at positions that enter a loss;
 - the CE and KL batches run through the upper blocks as one forward when that pads them little
   (`MERGE_PADDING`): half the kernel launches, which is what a small model on a GPU waits for;
+- an adapter whose KL coefficient is 0 (the general one of a study pair) gets its KL in a no-grad forward of its
+  own: logged, but the backward skips its KL rows;
 - the positions, targets and row owners are worked out on the host from the batch masks and copied through
   pinned memory, so a step queues its whole forward and backward without waiting for the device;
 - hook-free bridge components run as plain HF modules (SDPA attention, `em_interp.model.fastpath`), and a host
@@ -25,7 +27,7 @@ as the authors' code runs), through the bridge otherwise.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from jaxtyping import Float, Int
@@ -50,6 +52,15 @@ __all__ = ["METHODS", "MERGE_PADDING", "ActivationCache", "LossComputer"]
 # padded token, so there only equal widths merge.
 MERGE_PADDING = {"cuda": 0.1, "cpu": 0.0}
 
+
+class _Part(NamedTuple):
+    """Batches of one kind in a forward: `which` ("train" or "kl") batch `keys[j]` for adapter `owners[j]`, with
+    its loss at `tokens` positions."""
+
+    which: str
+    keys: Sequence[int]
+    tokens: str
+    owners: Sequence[int]
 
 
 class LossComputer:
@@ -141,35 +152,49 @@ class LossComputer:
 
     # --- losses --------------------------------------------------------------------------------
     def losses(
-        self, adapters: Sequence[Adapter], train_keys: Sequence[int], kl_keys: Sequence[int] | None
+        self, adapters: Sequence[Adapter], train_keys: Sequence[int], kl_keys: Sequence[int] | None,
+        kl_grad: Sequence[bool] | None = None,
     ) -> tuple[Float[Tensor, " n_adapters"], Float[Tensor, " n_adapters"]]:
-        """CE [N] and KL [N] (zeros without KL data) for adapters[i] on batch train_keys[i] / kl_keys[i]."""
+        """CE [N] and KL [N] (zeros without KL data) for adapters[i] on batch train_keys[i] / kl_keys[i].
+
+        `kl_grad[i]` False (an adapter whose KL coefficient is 0) computes adapter i's KL without a gradient, in a
+        forward of its own: its value is logged, and the backward skips its KL rows (default: all True)."""
         n = len(adapters)
         if self.method != "cached":
             if n != 1:
                 raise ValueError(f"the {self.method} method trains one adapter at a time")
             return self._full_forwards(adapters[0], train_keys[0], None if kl_keys is None else kl_keys[0])
-        parts = [("train", train_keys, self.ce_tokens)]
-        if kl_keys is not None:
-            parts.append(("kl", kl_keys, self.kl_tokens))
+        everyone = list(range(n))
+        parts = [_Part("train", train_keys, self.ce_tokens, everyone)]
+        if kl_keys is None:
+            (logits, targets, owner), = self._adapted_logits(adapters, parts)
+            ce = group_mean(self._ce(logits, targets), owner, n)
+            return ce, torch.zeros_like(ce)
+        graded = [i for i in everyone if kl_grad is None or kl_grad[i]]
+        plain = [i for i in everyone if i not in graded]
+        if graded:
+            parts.append(_Part("kl", [kl_keys[i] for i in graded], self.kl_tokens, graded))
         groups = [parts] if self._worth_merging(parts) else [[part] for part in parts]
         out = [result for group in groups for result in self._adapted_logits(adapters, group)]
+        if plain:
+            with torch.no_grad():
+                out += self._adapted_logits(adapters, [_Part("kl", [kl_keys[i] for i in plain], self.kl_tokens, plain)])
         logits, targets, owner = out[0]
         ce = group_mean(self._ce(logits, targets), owner, n)
-        if kl_keys is None:
-            return ce, torch.zeros_like(ce)
-        refs = torch.cat([self._reference(k) for k in kl_keys]) if n > 1 else self._reference(kl_keys[0])
-        logits, _, owner = out[1]
+        order = graded + plain  # the KL rows' adapters, in the order of out[1:]
+        refs = torch.cat([self._reference(kl_keys[i]) for i in order]) if n > 1 else self._reference(kl_keys[0])
+        logits = torch.cat([o[0] for o in out[1:]]) if len(out) > 2 else out[1][0]
+        owner = torch.cat([o[2] for o in out[1:]]) if len(out) > 2 else out[1][2]
         kl = reduce_kl(self._kl(refs, logits), owner, n, self.kl_reduction, self.vocab)
         return ce, kl
 
-    def _worth_merging(self, parts: list[tuple[str, Sequence[int], str]]) -> bool:
+    def _worth_merging(self, parts: list[_Part]) -> bool:
         """Whether the CE and KL batches run as one forward: it halves the kernels launched per step (what a
         small model on a GPU waits for), at the cost of padding the narrower part's rows to the wider part's
         width; merged when that adds at most `MERGE_PADDING[device type]` to the tokens the separate forwards run."""
         if len(parts) < 2:
             return False
-        sizes = [[self._host_batch(which, k).input_ids.shape for k in keys] for which, keys, _ in parts]
+        sizes = [[self._host_batch(p.which, k).input_ids.shape for k in p.keys] for p in parts]
         rows = [sum(shape[0] for shape in part) for part in sizes]
         widths = [max(shape[1] for shape in part) for part in sizes]
         separate = sum(r * w for r, w in zip(rows, widths, strict=True))
@@ -195,26 +220,26 @@ class LossComputer:
         return _to_device(index, device), _to_device(ids[mask], device), _to_device(rows, device)
 
     def _adapted_logits(
-        self, adapters: Sequence[Adapter], parts: list[tuple[str, Sequence[int], str]]
+        self, adapters: Sequence[Adapter], parts: list[_Part]
     ) -> list[tuple[Float[Tensor, "n d_vocab"], Int[Tensor, " n"], Int[Tensor, " n"]]]:
-        """One forward over the stacked batches of every part (which, keys, tokens), adapter i on batch keys[i]'s
+        """One forward over the stacked batches of every part, adapter `part.owners[j]` on batch `part.keys[j]`'s
         rows; per part, the logits at its target positions, the targets and each position's adapter."""
-        host = [[self._host_batch(which, k) for k in keys] for which, keys, _ in parts]
+        host = [[self._host_batch(p.which, k) for k in p.keys] for p in parts]
         flat = [b for batches in host for b in batches]
         width = max(b.input_ids.shape[1] for b in flat)
-        attn = torch.cat([_pad(self._batch(which, k).attention_mask, width, 0) for which, keys, _ in parts for k in keys])
-        resid = [_pad(self._residual(which, k), width, 0.0) for which, keys, _ in parts for k in keys]
+        attn = torch.cat([_pad(self._batch(p.which, k).attention_mask, width, 0) for p in parts for k in p.keys])
+        resid = [_pad(self._residual(p.which, k), width, 0.0) for p in parts for k in p.keys]
         res = torch.cat(resid) if len(resid) > 1 else resid[0]
         sizes = [b.input_ids.shape[0] for b in flat]
-        adapter_of = [i for _, keys, _ in parts for i in range(len(keys))]  # batch j's adapter
+        adapter_of = [i for p in parts for i in p.owners]  # batch j's adapter
         owner = _to_device(torch.repeat_interleave(torch.tensor(adapter_of), torch.tensor(sizes)), self.device)
         hooks = adapters[0].scaled_hooks(adapters[0].scale) if len(adapters) == 1 else stacked_hooks(adapters, owner)
         with hooks_applied(self._hooks_view, hooks):
             hidden = self.runner.resume(res, self._mask(flat, attn))
         dev = hidden.device  # the last block's device when the model is spread over several
         out, first_row = [], 0
-        for batches, (_, _, tokens) in zip(host, parts, strict=True):
-            index, targets, rows = self._targets(batches, width, tokens, self.device)
+        for batches, part in zip(host, parts, strict=True):
+            index, targets, rows = self._targets(batches, width, part.tokens, self.device)
             index, rows = index + first_row * width, rows + first_row
             out.append((self.runner.logits_at(hidden, index), targets, owner[rows].to(dev)))
             first_row += sum(b.input_ids.shape[0] for b in batches)

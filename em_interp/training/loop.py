@@ -259,6 +259,7 @@ class _Loop:
         self.adapters, self.configs, self.computer = list(adapters), configs, computer
         self.chunk = chunk
         self.coefs = torch.tensor([c.kl_coef for c in configs], device=computer.device)
+        self.kl_grad = [c.kl_coef != 0 for c in configs]  # a λ = 0 adapter's KL is logged, not differentiated
         self.good: list[dict[str, torch.Tensor]] = []
         self.pending: list[torch.Tensor] = []
         cfg = configs[0]
@@ -332,7 +333,8 @@ class _Loop:
                 self.batch_keys(index, len(c.kl_plan), conf.seed, kl_data) for conf in self.configs]
             for lo in range(0, n, self.chunk):  # each chunk's graph is freed before the next one is built
                 part = slice(lo, lo + self.chunk)
-                ce, kl = c.losses(self.adapters[part], keys[part], kl_keys[part] if kl_keys is not None else None)
+                ce, kl = c.losses(self.adapters[part], keys[part], kl_keys[part] if kl_keys is not None else None,
+                                  kl_grad=self.kl_grad[part])
                 ((ce + self.coefs[part].to(ce.device) * kl).sum() / cfg.grad_accum).backward()
                 ce_sum[part] += ce.detach().to(ce_sum.device)
                 kl_sum[part] += kl.detach().to(kl_sum.device)
