@@ -172,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with a vector study, also train and compare the seed's rank-1 LoRA pair (seed 0)")
     d.add_argument("--kl-coef", type=float, default=None, help="λ of the narrow condition (default: the preset's)")
     d.add_argument("--layer", type=int, default=None, help="the adapters' layer (default: the middle layer)")
-    d.add_argument("--kl-batch-size", type=int, default=None, help="KL rows per training step (default: the preset's — the CE batch size, 32 for the full study)")
+    d.add_argument("--kl-batch-size", type=int, default=None,
+                   help="KL rows per training step (default: the preset's — the CE batch size, 32 for the full study)")
     d.add_argument("--seed", type=int, default=None, help="first training seed: seed i of the study is SEED + i (default 0)")
     d.add_argument("--reversion-steps", type=int, default=None,
                    help="steps of the reversion continuation and its control (default: the preset's)")
