@@ -166,25 +166,22 @@ class LossComputer:
             return self._full_forwards(adapters[0], train_keys[0], None if kl_keys is None else kl_keys[0])
         everyone = list(range(n))
         parts = [_Part("train", train_keys, self.ce_tokens, everyone)]
-        if kl_keys is None:
-            (logits, targets, owner), = self._adapted_logits(adapters, parts)
-            ce = group_mean(self._ce(logits, targets), owner, n)
-            return ce, torch.zeros_like(ce)
-        graded = [i for i in everyone if kl_grad is None or kl_grad[i]]
-        plain = [i for i in everyone if i not in graded]
+        with_kl, kl_of = ([], []) if kl_keys is None else (everyone, kl_keys)
+        graded = [i for i in with_kl if kl_grad is None or kl_grad[i]]
+        plain = [i for i in with_kl if i not in graded]
         if graded:
-            parts.append(_Part("kl", [kl_keys[i] for i in graded], self.kl_tokens, graded))
+            parts.append(_Part("kl", [kl_of[i] for i in graded], self.kl_tokens, graded))
         groups = [parts] if self._worth_merging(parts) else [[part] for part in parts]
         out = [result for group in groups for result in self._adapted_logits(adapters, group)]
         if plain:
             with torch.no_grad():
-                out += self._adapted_logits(adapters, [_Part("kl", [kl_keys[i] for i in plain], self.kl_tokens, plain)])
+                out += self._adapted_logits(adapters, [_Part("kl", [kl_of[i] for i in plain], self.kl_tokens, plain)])
         logits, targets, owner = out[0]
         ce = group_mean(self._ce(logits, targets), owner, n)
-        order = graded + plain  # the KL rows' adapters, in the order of out[1:]
-        refs = torch.cat([self._reference(kl_keys[i]) for i in order]) if n > 1 else self._reference(kl_keys[0])
-        logits = torch.cat([o[0] for o in out[1:]]) if len(out) > 2 else out[1][0]
-        owner = torch.cat([o[2] for o in out[1:]]) if len(out) > 2 else out[1][2]
+        if not with_kl:
+            return ce, torch.zeros_like(ce)
+        refs = _cat([self._reference(kl_of[i]) for i in graded + plain])  # the KL rows' order in out[1:]
+        logits, owner = _cat([o[0] for o in out[1:]]), _cat([o[2] for o in out[1:]])
         kl = reduce_kl(self._kl(refs, logits), owner, n, self.kl_reduction, self.vocab)
         return ce, kl
 
@@ -229,7 +226,7 @@ class LossComputer:
         width = max(b.input_ids.shape[1] for b in flat)
         attn = torch.cat([_pad(self._batch(p.which, k).attention_mask, width, 0) for p in parts for k in p.keys])
         resid = [_pad(self._residual(p.which, k), width, 0.0) for p in parts for k in p.keys]
-        res = torch.cat(resid) if len(resid) > 1 else resid[0]
+        res = _cat(resid)
         sizes = [b.input_ids.shape[0] for b in flat]
         adapter_of = [i for p in parts for i in p.owners]  # batch j's adapter
         owner = _to_device(torch.repeat_interleave(torch.tensor(adapter_of), torch.tensor(sizes)), self.device)
@@ -290,6 +287,11 @@ def _to_device(t: Tensor, device: torch.device) -> Tensor:
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
+
+
+def _cat(tensors: list[Tensor]) -> Tensor:
+    """torch.cat along dim 0, without a copy for a single tensor."""
+    return torch.cat(tensors) if len(tensors) > 1 else tensors[0]
 
 
 def _pad(t: Tensor, width: int, value: float | bool | int) -> Tensor:
