@@ -3,8 +3,8 @@
 For each of N training seeds, a *general* adapter (CE on bad medical advice, no KL) and a *narrow* one (the same
 plus λ·KL on other domains) are trained together (`train_many`) on the seed's own stratified draw of training and
 KL rows, in the seed's own order; narrow_i and general_i share seed i's data and order. The adapter is a steering
-vector (the default preset) or the seed's rank-1 LoRA (the full preset: the kind whose narrow solution comes
-nearest to passing the narrowness gate on the embedded model, see benchmarks/results/lambda_sweep.jsonl). Then:
+vector (the default preset) or the seed's rank-1 LoRA (the full preset: the one kind whose narrow solution passes
+the narrowness gate on the embedded model, with 32 KL rows per step; see benchmarks/results/lambda_sweep.jsonl). Then:
 the narrowness gate (contrastive shifts per domain group at scale 1 and 2), and per seed one paired number for
 each claim (efficiency, stability, reversion, influence on generic text); `em_interp.study.verdicts` turns those into
 verdicts with 95% t-intervals over the seeds. Seed 0's curves, generations and a mean-difference direction (with
@@ -112,7 +112,7 @@ class StudyConfig:
                          stab_rows=8, eps=(0.2, 1.0), noise_draws=2, kl_texts=2, kl_norm_multiples=(1.0,), kl_random=1,
                          items_medical=2, items_per_domain=1, gen_tokens=8, n_direction=4, fast=True),
             "default": {},
-            # A rank-1 LoRA trained long enough comes nearest to passing the gate (lambda_sweep.jsonl, H200): all 208
+            # Only a rank-1 LoRA trained long enough comes near the gate (lambda_sweep.jsonl, H200): all 208
             # training rows and all 204 KL rows, 12 epochs, layer 15. With 8 KL rows per step no λ passed on the mean
             # of seeds 8–15 (kept apart from the study's seeds 0–7; best −0.004 at λ 18); with 32 KL rows per step
             # λ 20 passes there by +0.012 (the best of λ 18–24).
