@@ -280,7 +280,7 @@ def run_case(name, make, model, shape, a, rate, out, compile_layers: bool = Fals
     f_e1 = step_flops(shape, a.layer, B, T, n_ce, n_kl, epoch1=True)
     f_later = step_flops(shape, a.layer, B, T, n_ce, n_kl, epoch1=False)
     t_e1, t_later = med["cached"]
-    # default settings: compile "auto" (on for this ≥ 1 B model on CUDA, off on CPU) and no EM_INTERP_* variable
+    # default settings: compile "auto" (on for one CUDA device, off on CPU) and no EM_INTERP_* variable
     default = compile_layers == cuda and not any(k.startswith("EM_INTERP_") for k in os.environ)
     records = []
     for b in baselines:

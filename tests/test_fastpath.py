@@ -181,12 +181,11 @@ def test_accelerate_device_hooks_still_run_around_plain_clones():
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
 
 
-def test_compile_auto_only_for_big_models_on_one_cuda_device():
-    big, small = fastpath.COMPILE_MIN_PARAMS, fastpath.COMPILE_MIN_PARAMS - 1
-    assert fastpath.compile_pays(big, "cuda", 1)
-    assert not fastpath.compile_pays(small, "cuda", 1)  # e.g. SmolLM2-135M: compiling costs more than it saves
-    assert not fastpath.compile_pays(big, "cpu", 0)
-    assert not fastpath.compile_pays(big, "cuda", 2)  # a device_map split
+def test_compile_auto_only_on_one_cuda_device():
+    assert fastpath.compile_pays("cuda", 1)  # any size: the 135 M study and a 14 B model both gained (study.jsonl, bench_gpu.jsonl)
+    assert fastpath.compile_pays("cuda", 0)  # a model with no device_map
+    assert not fastpath.compile_pays("cpu", 0)
+    assert not fastpath.compile_pays("cuda", 2)  # a device_map split
 
 
 def test_compile_auto_leaves_a_small_cpu_model_uncompiled():

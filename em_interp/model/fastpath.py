@@ -14,10 +14,9 @@ Mode (`set_fast_path`, or the environment variables `EM_INTERP_FAST_PATH=auto|on
 "auto" (default) uses the fast path on every device wherever the model supports it (`supports`); "on" forces it,
 "off" runs the bridge everywhere. With `compile=True` the plain copies of
 hook-free decoder layers also run through `torch.compile` (regional compilation: one compiled graph serves
-every layer). The default, "auto", compiles models of ≥ 1 B parameters on one CUDA device and nothing else:
-compilation costs ~20 s at the first step (and once more at the first new sequence length; logged as a
-warning), which pays off on long runs of big models on an accelerator (benchmarks/results/bench_gpu.jsonl) and
-not for a 135 M model (benchmarks/results/study.jsonl). `EM_INTERP_COMPILE=0|1` overrides it.
+every layer). The default, "auto", compiles on one CUDA device and nothing else: compilation costs 5–20 s
+once per process (one graph per grad mode and mask kind, with dynamic shapes; logged as a warning), which pays
+off on long runs on an accelerator (benchmarks/results/bench_gpu.jsonl, study.jsonl). `EM_INTERP_COMPILE=0|1` overrides it.
 
 The two paths compute the same function (tested: float32 agreement to ~1e-6 relative on CPU, and training
 losses equal to ~1e-6); in bf16 they differ by the usual bf16 rounding, as HF's own SDPA and eager attention do.
@@ -213,22 +212,22 @@ class _Compiled(nn.Module):
     def __init__(self, layer: nn.Module):
         super().__init__()
         self.layer = layer
-        # a new sequence length recompiles once, with dynamic shapes; the first layer compiles, the others reuse it
-        self._fn = logged_compile(layer, "the plain decoder layers")
+        # dynamic shapes from the start: one graph serves every batch size and sequence length (a static first
+        # graph would recompile at each new shape until dynamo gives up and runs the layer eagerly); the first
+        # layer compiles, the others reuse its graph
+        self._fn = logged_compile(layer, "the plain decoder layers", dynamic=True)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self._fn(*args, **kwargs)
 
 
-COMPILE_MIN_PARAMS = 10**9
-
-
-def compile_pays(n_params: int, device_type: str, n_devices: int) -> bool:
-    """compile="auto": on for a model of ≥ 1 B parameters on one CUDA device. Measured: a 14 B model's later steps
-    ran 1.3× faster compiled on an H100 (bench_gpu.jsonl), while SmolLM2-135M's full study on an H200 took 214 s
-    compiled against 182 s not (study.jsonl: the ~20 s compilations, once more per new sequence length, outweigh the
-    small model's gains). A `device_map` split recompiles at accelerate's hooks: slower."""
-    return device_type == "cuda" and n_params >= COMPILE_MIN_PARAMS and n_devices <= 1
+def compile_pays(device_type: str, n_devices: int) -> bool:
+    """compile="auto": on for a model on one CUDA device. Measured on one H200: a 14 B model's later steps ran
+    1.3× faster compiled (bench_gpu.jsonl), and SmolLM2-135M's full study took 135 / 114 s compiled against
+    157 / 143 s not (two seed sets, study.jsonl) once the layers compiled with dynamic shapes (with a static first
+    graph, each new shape recompiled and the study took 195 s against 169 s). A CPU is not compiled; a
+    `device_map` split would recompile at accelerate's hooks."""
+    return device_type == "cuda" and n_devices <= 1
 
 
 def _compile_pays(root: nn.Module, owner: Any, cache: dict[str, Any]) -> bool:
@@ -236,9 +235,7 @@ def _compile_pays(root: nn.Module, owner: Any, cache: dict[str, Any]) -> bool:
     if "compile_pays" not in cache:
         device_map = getattr(getattr(owner, "original_model", None), "hf_device_map", None) or {}
         first = next(itertools.islice(root.parameters(), 1), None)
-        cache["compile_pays"] = compile_pays(sum(p.numel() for p in root.parameters()),
-                                             first.device.type if first is not None else "cpu",
-                                             len(set(device_map.values())))
+        cache["compile_pays"] = compile_pays(first.device.type if first is not None else "cpu", len(set(device_map.values())))
     return cache["compile_pays"]
 
 
