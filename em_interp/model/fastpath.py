@@ -223,7 +223,7 @@ class _Compiled(nn.Module):
 
 def compile_pays(device_type: str, n_devices: int) -> bool:
     """compile="auto": on for a model on one CUDA device. Measured on one H200: a 14 B model's later steps ran
-    1.3× faster compiled (bench_gpu.jsonl), and SmolLM2-135M's full study took 135 / 114 s compiled against
+    1.3× faster compiled (bench_gpu.jsonl), and SmolLM2-135M's full study took 146 / 117 s compiled against
     157 / 143 s not (two seed sets, study.jsonl) once the layers compiled with dynamic shapes (with a static first
     graph, each new shape recompiled and the study took 195 s against 169 s). A CPU is not compiled; a
     `device_map` split would recompile at accelerate's hooks."""
