@@ -200,3 +200,24 @@ def test_compile_auto_leaves_a_small_cpu_model_uncompiled():
             assert all(isinstance(m, fastpath._Compiled) for m in base.layers)
     finally:
         fastpath.set_fast_path("auto", compile="auto")
+
+
+def test_compiled_layers_serve_every_shape_with_one_graph():
+    # Compiled with dynamic shapes from the start: new batch sizes and lengths reuse the first graph (a static first
+    # graph would recompile at each new shape, which made the compiled study slower than the eager one).
+    from torch._dynamo.utils import counters
+
+    model = _bridged("llama")
+    torch._dynamo.reset()
+    fastpath.set_fast_path("on", compile=True)
+    try:
+        graphs = counters["stats"]["unique_graphs"]
+        with torch.no_grad():
+            for batch, length in ((2, 7), (3, 11), (4, 5)):  # (a size of 1 is specialised: its own graph)
+                resid = torch.randn(batch, length, 64)
+                compiled = resume_forward(model, resid, 1)
+                torch.testing.assert_close(compiled, resume_forward(model, resid, 1, fast=False), rtol=1e-4, atol=1e-4)
+        assert counters["stats"]["unique_graphs"] - graphs == 1
+    finally:
+        fastpath.set_fast_path("auto", compile="auto")
+        torch._dynamo.reset()
