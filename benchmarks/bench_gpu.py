@@ -112,6 +112,11 @@ class SyntheticChats(TokenizedChats):
         self.records = [{"messages": []}] * n
 
 
+def settings_env() -> dict[str, str]:
+    """The environment variables set that change what runs: ours (EM_INTERP_*) and torch.compile's (TORCHINDUCTOR_*)."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(("EM_INTERP_", "TORCHINDUCTOR_"))}
+
+
 # --- timing ------------------------------------------------------------------------------------------
 class Clock:
     """CUDA events on a GPU (host clock on CPU); `mark()` records, `intervals()` gives seconds between marks."""
@@ -280,8 +285,8 @@ def run_case(name, make, model, shape, a, rate, out, compile_layers: bool = Fals
     f_e1 = step_flops(shape, a.layer, B, T, n_ce, n_kl, epoch1=True)
     f_later = step_flops(shape, a.layer, B, T, n_ce, n_kl, epoch1=False)
     t_e1, t_later = med["cached"]
-    # default settings: compile "auto" (on for one CUDA device, off on CPU) and no EM_INTERP_* variable
-    default = compile_layers == cuda and not any(k.startswith("EM_INTERP_") for k in os.environ)
+    # default settings: compile "auto" (on for one CUDA device, off on CPU) and no variable that changes settings
+    default = compile_layers == cuda and not settings_env()
     records = []
     for b in baselines:
         base_e1, base_later = med[b]
@@ -441,7 +446,8 @@ def main() -> None:
             "length": a.length, "batches_per_epoch": a.batches, "epochs": a.epochs, "layer": a.layer,
             "torch": torch.__version__, "transformers": transformers.__version__, "versions": versions(),
             "fast_path": fastpath.fast_path_mode(), "floor_fraction_note": "floor fractions are of the cached method (ours)",
-            "command": "python benchmarks/bench_gpu.py " + " ".join(
+            "environment": settings_env(),
+            "command": "".join(f"{k}={v} " for k, v in settings_env().items()) + "python benchmarks/bench_gpu.py " + " ".join(
                 f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items() if k not in ("out", "results", "layer"))}
 
     def emit(rec: dict) -> None:

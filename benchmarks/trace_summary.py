@@ -41,7 +41,9 @@ def load(path: Path) -> list[dict[str, Any]]:
     return trace["traceEvents"] if isinstance(trace, dict) else trace
 
 
-def summarize(events: list[dict[str, Any]], steps: int) -> list[str]:
+def summarize(events: list[dict[str, Any]], steps: int, split_gemm: bool = False, top: int = 15) -> list[str]:
+    """The summary's lines; `split_gemm` lists GEMM kernels by name (one name per tile configuration, so roughly per
+    shape) instead of as one "GEMM (all)" row."""
     kernels = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
                      key=lambda e: e["ts"])
     if not kernels:
@@ -59,10 +61,10 @@ def summarize(events: list[dict[str, Any]], steps: int) -> list[str]:
            "largest kernels (ms per step, launches per step):"]
     by_name: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
     for e in kernels:
-        name = "GEMM (all)" if kernel_kind(e["name"]) == "gemm" else e["name"][:100]
+        name = "GEMM (all)" if kernel_kind(e["name"]) == "gemm" and not split_gemm else e["name"][:100]
         by_name[name][0] += e["dur"]
         by_name[name][1] += 1
-    for name, (dur, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:15]:
+    for name, (dur, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]:
         out.append(f"  {dur / ms:7.2f}  {n / steps:6.1f}  {name}")
     ops = [e for e in events if e.get("ph") == "X" and e.get("cat") == "cpu_op"]
     waits = [e for e in events if e.get("ph") == "X" and e.get("cat") == "cuda_runtime"
@@ -79,8 +81,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("trace", type=Path)
     p.add_argument("--steps", type=int, default=1, help="steps the trace holds (times are divided by it)")
+    p.add_argument("--split-gemm", action="store_true", help="list GEMM kernels by name instead of as one row")
+    p.add_argument("--top", type=int, default=15, help="kernel rows to list")
     a = p.parse_args()
-    print("\n".join(summarize(load(a.trace), a.steps)))
+    print("\n".join(summarize(load(a.trace), a.steps, a.split_gemm, a.top)))
 
 
 if __name__ == "__main__":

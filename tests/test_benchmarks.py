@@ -25,3 +25,24 @@ def test_bench_gpu_tiny_runs_every_baseline_on_cpu(tmp_path):
         assert r["case"] == "steering_vector" and r["default_settings"] is True
         assert r["speedup_epoch1"] > 0 and r["speedup_later"] > 0
         assert r["loss_rel_diff_step1"] < 1e-4  # every method computes the same loss at step 1
+
+
+def test_trace_summary_times_per_step_and_splits_gemms_on_request():
+    sys.path.insert(0, str(BENCH_GPU.parent))
+    try:
+        from trace_summary import summarize
+    finally:
+        sys.path.remove(str(BENCH_GPU.parent))
+
+    def kernel(name: str, ts: float, dur: float) -> dict:
+        return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur}
+
+    # two steps: a GEMM of each shape and an elementwise kernel, with a 1000 µs gap between the steps
+    events = [kernel("nvjet_a", 0, 3000), kernel("nvjet_b", 3000, 1000), kernel("elementwise_add", 4000, 1000),
+              kernel("nvjet_a", 6000, 3000), kernel("nvjet_b", 9000, 1000), kernel("elementwise_add", 10000, 1000)]
+    lines = summarize(events, steps=2)
+    assert lines[0] == "per step (2 steps): span 5.5 ms, kernels busy 5.0 ms (GEMM 4.0, other 1.0), idle gaps 0.5 ms"
+    assert lines[2].split() == ["4.00", "2.0", "GEMM", "(all)"]
+    split = summarize(events, steps=2, split_gemm=True)
+    assert [x.split()[-1] for x in split[2:5]] == ["nvjet_a", "nvjet_b", "elementwise_add"]
+    assert [float(x.split()[0]) for x in split[2:5]] == [3.0, 1.0, 1.0]
