@@ -16,7 +16,8 @@ Mode (`set_fast_path`, or the environment variables `EM_INTERP_FAST_PATH=auto|on
 hook-free decoder layers also run through `torch.compile` (regional compilation: one compiled graph serves
 every layer). The default, "auto", compiles on one CUDA device and nothing else: compilation costs 5–20 s
 once per process (one graph per grad mode and mask kind, with dynamic shapes; logged as a warning), which pays
-off on long runs on an accelerator (benchmarks/results/bench_gpu.jsonl, study.jsonl). `EM_INTERP_COMPILE=0|1` overrides it.
+off on long runs on an accelerator (benchmarks/results/bench_gpu.jsonl, study.jsonl). `EM_INTERP_COMPILE=0|1`
+overrides it.
 
 The two paths compute the same function (tested: float32 agreement to ~1e-6 relative on CPU, and training
 losses equal to ~1e-6); in bf16 they differ by the usual bf16 rounding, as HF's own SDPA and eager attention do.
@@ -60,7 +61,7 @@ def set_fast_path(mode: str | bool = "auto", *, compile: bool | str = "auto") ->
     Args:
         mode: "auto" (on wherever the model supports it), "on"/True, or "off"/False.
         compile: run plain copies of hook-free decoder layers through `torch.compile` (fast path only):
-            True, False, or "auto" (on for CUDA devices, where it pays on long runs; off on CPU).
+            True, False, or "auto" (on for a model on one CUDA device, see `compile_pays`; off on CPU).
     """
     value = {True: "on", False: "off"}.get(mode, mode) if isinstance(mode, bool) else mode
     if value not in ("auto", "on", "off"):
