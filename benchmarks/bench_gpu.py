@@ -112,9 +112,14 @@ class SyntheticChats(TokenizedChats):
         self.records = [{"messages": []}] * n
 
 
+# where files go, not what runs (torch sets TORCHINDUCTOR_CACHE_DIR itself once it has compiled something)
+LOCATION_VARIABLES = ("EM_INTERP_CACHE", "TORCHINDUCTOR_CACHE_DIR")
+
+
 def settings_env() -> dict[str, str]:
     """The environment variables set that change what runs: ours (EM_INTERP_*) and torch.compile's (TORCHINDUCTOR_*)."""
-    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(("EM_INTERP_", "TORCHINDUCTOR_"))}
+    return {k: v for k, v in sorted(os.environ.items())
+            if k.startswith(("EM_INTERP_", "TORCHINDUCTOR_")) and k not in LOCATION_VARIABLES}
 
 
 # --- timing ------------------------------------------------------------------------------------------

@@ -46,3 +46,19 @@ def test_trace_summary_times_per_step_and_splits_gemms_on_request():
     split = summarize(events, steps=2, split_gemm=True)
     assert [x.split()[-1] for x in split[2:5]] == ["nvjet_a", "nvjet_b", "elementwise_add"]
     assert [float(x.split()[0]) for x in split[2:5]] == [3.0, 1.0, 1.0]
+
+
+def test_bench_gpu_counts_setting_variables_but_not_cache_locations(monkeypatch):
+    sys.path.insert(0, str(BENCH_GPU.parent))
+    try:
+        from bench_gpu import settings_env
+    finally:
+        sys.path.remove(str(BENCH_GPU.parent))
+    for k in [k for k in os.environ if k.startswith(("EM_INTERP_", "TORCHINDUCTOR_"))]:
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/x")  # torch sets it itself after a compilation
+    monkeypatch.setenv("EM_INTERP_CACHE", "/tmp/y")
+    assert settings_env() == {}
+    monkeypatch.setenv("TORCHINDUCTOR_MAX_AUTOTUNE", "1")
+    monkeypatch.setenv("EM_INTERP_COMPILE", "0")
+    assert settings_env() == {"EM_INTERP_COMPILE": "0", "TORCHINDUCTOR_MAX_AUTOTUNE": "1"}
