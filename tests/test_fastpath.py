@@ -204,7 +204,7 @@ def test_compile_auto_leaves_a_small_cpu_model_uncompiled():
 
 def test_compiled_layers_serve_every_shape_with_one_graph():
     # Compiled with dynamic shapes from the start: new batch sizes and lengths reuse the first graph (a static first
-    # graph would recompile at each new shape, which made the compiled study slower than the eager one).
+    # graph compiles a second, dynamic one when a shape first changes: 2 graphs here).
     from torch._dynamo.utils import counters
 
     model = _bridged("llama")

@@ -214,8 +214,8 @@ class _Compiled(nn.Module):
         super().__init__()
         self.layer = layer
         # dynamic shapes from the start: one graph serves every batch size and sequence length (a static first
-        # graph would recompile at each new shape until dynamo gives up and runs the layer eagerly); the first
-        # layer compiles, the others reuse its graph
+        # graph compiles a second, dynamic one when a shape first changes, for each grad mode and mask kind); the
+        # first layer compiles, the others reuse its graph
         self._fn = logged_compile(layer, "the plain decoder layers", dynamic=True)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -225,8 +225,8 @@ class _Compiled(nn.Module):
 def compile_pays(device_type: str, n_devices: int) -> bool:
     """compile="auto": on for a model on one CUDA device. Measured on one H200: a 14 B model's later steps ran
     1.3× faster compiled (bench_gpu.jsonl), and SmolLM2-135M's full study took 146 / 117 s compiled against
-    157 / 143 s not (two seed sets, study.jsonl) once the layers compiled with dynamic shapes (with a static first
-    graph, each new shape recompiled and the study took 195 s against 169 s). A CPU is not compiled; a
+    157 / 143 s not (two seed sets, study.jsonl) once the layers compiled with dynamic shapes (with static first
+    graphs, which recompile when a shape first changes, it took 195 s against 169 s). A CPU is not compiled; a
     `device_map` split would recompile at accelerate's hooks."""
     return device_type == "cuda" and n_devices <= 1
 
