@@ -446,13 +446,14 @@ def main() -> None:
     skip = set(a.skip.split(","))
     import transformers
 
+    env = settings_env()
     base = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "benchmark": "bench_gpu",
             "device": device_name, "model_shape": a.shape, "dtype": str(dtype), "batch": a.batch, "kl_batch": a.batch,
             "length": a.length, "batches_per_epoch": a.batches, "epochs": a.epochs, "layer": a.layer,
             "torch": torch.__version__, "transformers": transformers.__version__, "versions": versions(),
             "fast_path": fastpath.fast_path_mode(), "floor_fraction_note": "floor fractions are of the cached method (ours)",
-            "environment": settings_env(),
-            "command": "".join(f"{k}={v} " for k, v in settings_env().items()) + "python benchmarks/bench_gpu.py " + " ".join(
+            "environment": env,
+            "command": "".join(f"{k}={v} " for k, v in env.items()) + "python benchmarks/bench_gpu.py " + " ".join(
                 f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items() if k not in ("out", "results", "layer"))}
 
     def emit(rec: dict) -> None:
