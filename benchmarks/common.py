@@ -17,9 +17,11 @@ import datetime
 import importlib.metadata
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -145,3 +147,68 @@ def now() -> str:
 
 def command() -> str:
     return "python " + " ".join(sys.argv)
+
+
+class GpuMonitor:
+    """The GPU's SM clock, power draw and clock-limit reasons, sampled by `nvidia-smi` every 100 ms in the background
+    while phases of a benchmark run (`with monitor.phase("steps"): ...`); `summary()` gives each phase's medians.
+    Without `nvidia-smi` nothing is sampled and `summary()` says so."""
+
+    QUERY = "timestamp,clocks.sm,power.draw,clocks_throttle_reasons.active"
+    SW_POWER_CAP = 0x4  # bit of clocks_throttle_reasons.active: the clock is lowered to hold the power limit
+
+    def __init__(self, log: Path):
+        self.log, self.phases = log, []
+        try:
+            self._out = log.open("w")
+            self._proc: subprocess.Popen | None = subprocess.Popen(
+                ["nvidia-smi", f"--query-gpu={self.QUERY}", "--format=csv,noheader,nounits", "-lms", "100"],
+                stdout=self._out, stderr=subprocess.DEVNULL)
+        except (FileNotFoundError, PermissionError):
+            self._proc = None
+
+    @contextlib.contextmanager
+    def phase(self, label: str) -> Iterator[None]:
+        start = time.time()
+        try:
+            yield
+        finally:
+            self.phases.append((label, start, time.time()))
+
+    def summary(self) -> dict[str, Any]:
+        """Per phase: samples, median SM clock (MHz), median power (W), share of samples held at the power limit."""
+        if self._proc is None:
+            return {"error": "nvidia-smi not available: clocks not sampled"}
+        return phase_summary(read_samples(self.log), self.phases)
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait()
+        self._out.close()
+
+
+def read_samples(log: Path) -> list[tuple[float, float, float, int]]:
+    """(epoch seconds, SM MHz, watts, limit-reason bits) of every complete line of a GpuMonitor log."""
+    out = []
+    for line in log.read_text().splitlines():
+        parts = [x.strip() for x in line.split(",")]
+        if len(parts) != 4:
+            continue
+        try:
+            t = datetime.datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()  # local time, as time.time()
+            out.append((t, float(parts[1]), float(parts[2]), int(parts[3], 16)))
+        except ValueError:
+            continue
+    return out
+
+
+def phase_summary(samples: list[tuple[float, float, float, int]], phases: list[tuple[str, float, float]]) -> dict[str, Any]:
+    """GpuMonitor.summary for (time, SM MHz, W, reason bits) samples and (label, start, end) phases."""
+    out: dict[str, Any] = {}
+    for label, start, end in phases:
+        s = [x for x in samples if start <= x[0] <= end]
+        out[label] = {"samples": len(s)} | ({
+            "sm_mhz_median": statistics.median(x[1] for x in s), "power_w_median": statistics.median(x[2] for x in s),
+            "power_capped_share": sum(bool(x[3] & GpuMonitor.SW_POWER_CAP) for x in s) / len(s)} if s else {})
+    return out

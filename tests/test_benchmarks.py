@@ -62,3 +62,29 @@ def test_bench_gpu_counts_setting_variables_but_not_cache_locations(monkeypatch)
     monkeypatch.setenv("TORCHINDUCTOR_MAX_AUTOTUNE", "1")
     monkeypatch.setenv("EM_INTERP_COMPILE", "0")
     assert settings_env() == {"EM_INTERP_COMPILE": "0", "TORCHINDUCTOR_MAX_AUTOTUNE": "1"}
+
+
+def test_gpu_monitor_reads_nvidia_smi_lines_and_summarizes_each_phase(tmp_path, monkeypatch):
+    sys.path.insert(0, str(BENCH_GPU.parent))
+    try:
+        from common import GpuMonitor, phase_summary, read_samples
+    finally:
+        sys.path.remove(str(BENCH_GPU.parent))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi: nothing is sampled, and the summary says so
+    monitor = GpuMonitor(tmp_path / "none.csv")
+    monitor.stop()
+    assert "nvidia-smi" in monitor.summary()["error"]
+    log = tmp_path / "clocks.csv"
+    log.write_text("2026/11/30 23:55:01.200, 1980, 120.5, 0x0000000000000000\n"
+                   "2026/11/30 23:55:01.300, 1500, 690.0, 0x0000000000000004\n"
+                   "not a sample line\n"
+                   "2026/11/30 23:55:01.400, 1440, 700.0, 0x0000000000000004\n"
+                   "2026/11/30 23:55:01.500, 15")  # a line still being written
+    samples = read_samples(log)
+    assert [x[1:] for x in samples] == [(1980.0, 120.5, 0), (1500.0, 690.0, 4), (1440.0, 700.0, 4)]
+    assert abs(samples[1][0] - samples[0][0] - 0.1) < 1e-6
+    t0 = samples[0][0]
+    summary = phase_summary(samples, [("idle", t0 - 1, t0 + 0.05), ("load", t0 + 0.05, t0 + 1), ("none", t0 + 5, t0 + 6)])
+    assert summary["idle"] == {"samples": 1, "sm_mhz_median": 1980.0, "power_w_median": 120.5, "power_capped_share": 0.0}
+    assert summary["load"] == {"samples": 2, "sm_mhz_median": 1470.0, "power_w_median": 695.0, "power_capped_share": 1.0}
+    assert summary["none"] == {"samples": 0}
