@@ -86,16 +86,10 @@ def build_hf(shape: dict, device: str, dtype: torch.dtype, seed: int = 0):
             model = model_cls(config)
     finally:
         torch.set_default_dtype(old)
-    model.to_empty(device=device)
-    g = torch.Generator(device=device).manual_seed(seed)
+    fill_random_(model, device, seed)
     head_dim = shape["hidden_size"] // shape["num_attention_heads"]
     inv_freq = 1.0 / (shape["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1:
-                p.fill_(1.0) if "norm" in name else p.zero_()
-            else:
-                p.normal_(0.0, 0.02, generator=g)
         for m in model.modules():
             if hasattr(m, "inv_freq"):  # rotary buffers are not parameters: to_empty left them unset
                 m.inv_freq = inv_freq.clone()
@@ -104,6 +98,18 @@ def build_hf(shape: dict, device: str, dtype: torch.dtype, seed: int = 0):
     if shape["tie_word_embeddings"]:
         model.tie_weights()
     return model.eval()
+
+
+def fill_random_(module: torch.nn.Module, device: str, seed: int = 0) -> None:
+    """Materialize a meta-device module on `device` with random weights: normal(0, 0.02), norms 1, biases 0."""
+    module.to_empty(device=device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim == 1:
+                p.fill_(1.0) if "norm" in name else p.zero_()
+            else:
+                p.normal_(0.0, 0.02, generator=g)
 
 
 class SyntheticChats(TokenizedChats):

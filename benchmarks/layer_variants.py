@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_gpu import matmul_rate, sustained_matmul_rate  # noqa: E402
+from bench_gpu import fill_random_, matmul_rate, sustained_matmul_rate  # noqa: E402
 from common import GpuMonitor, now, versions  # noqa: E402
 
 D, D_FF, HEADS, KV_HEADS, VOCAB, N_UPPER = 5120, 13824, 40, 8, 152064, 24
@@ -59,14 +59,7 @@ def build_layers(cfg, device: str) -> torch.nn.ModuleList:
             layers = torch.nn.ModuleList(Qwen2DecoderLayer(cfg, i) for i in range(N_UPPER))
     finally:
         torch.set_default_dtype(old)
-    layers.to_empty(device=device)
-    g = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in layers.named_parameters():
-            if p.ndim == 1:
-                p.fill_(1.0) if "norm" in name else p.zero_()
-            else:
-                p.normal_(0.0, 0.02, generator=g)
+    fill_random_(layers, device)
     return layers.requires_grad_(False).eval()
 
 
