@@ -498,14 +498,14 @@ def main() -> None:
             f.write(json.dumps(rec) + "\n")
 
     monitor = GpuMonitor(out / "gpu_clocks.csv") if cuda else None
-    with monitor.phase("matmul_burst") if monitor else contextlib.nullcontext():
-        burst = matmul_rate(a.device)
-    if cuda:
-        with monitor.phase("matmul_sustained") if monitor else contextlib.nullcontext():
+    if monitor:
+        with monitor.phase("matmul_burst"):
+            burst = matmul_rate(a.device)
+        with monitor.phase("matmul_sustained"):
             rate, windows = sustained_matmul_rate(a.device)
         base["matmul_sustained_windows_tflops"] = [round(w, 1) for w in windows]
-    else:  # no power limit to hold on a CPU: one ceiling
-        rate = burst
+    else:  # a CPU: no power limit to hold, one ceiling
+        burst = rate = matmul_rate(a.device)
     rates = {"sustained": rate, "burst": burst}
     print(f"device {device_name}; matmul {burst / 1e12:.1f} TFLOP/s burst, {rate / 1e12:.1f} sustained", flush=True)
     base["matmul_tflops"], base["matmul_tflops_sustained"] = burst / 1e12, rate / 1e12

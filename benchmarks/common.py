@@ -159,8 +159,8 @@ class GpuMonitor:
 
     def __init__(self, log: Path):
         self.log, self.phases = log, []
+        self._out = log.open("w")
         try:
-            self._out = log.open("w")
             self._proc: subprocess.Popen | None = subprocess.Popen(
                 ["nvidia-smi", f"--query-gpu={self.QUERY}", "--format=csv,noheader,nounits", "-lms", "100"],
                 stdout=self._out, stderr=subprocess.DEVNULL)
