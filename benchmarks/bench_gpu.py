@@ -22,11 +22,13 @@ Necessary FLOPs of one optimized step (written out in `step_flops`), per batch o
   epoch 1 adds blocks 0..L-1 on both batches (no grad) and the reference: blocks L..47 on the KL batch plus the
   unembedding at its KL positions.
 floor_fraction = necessary FLOPs / measured step time / measured matmul rate (the JSON records the epoch-1 and
-later values). The matmul rate is the card's *sustained* rate: 8192³ products back to back for 4 s, the median of
-20-product windows after the first second. An H200 holds its 700 W limit by lowering the SM clock (1980 MHz idle to
-about 1500 MHz) within a second of full load, during training steps as during those products; a short burst of
-products (`matmul_tflops`, the earlier definition, still recorded with `floor_fraction_*_burst`) runs partly before
-the limit bites and reads 10–15% higher. `gpu_clocks` in each record gives the median SM clock, power and share of
+later values). When the steps run at the card's power limit, as the 14B shape's do, the matmul rate is the card's
+*sustained* rate: 8192³ products back to back for 4 s, the median of 20-product windows after the first second. An
+H200 holds its 700 W limit by lowering the SM clock (1980 MHz idle to about 1500 MHz) within a second of full load,
+during such training steps as during those products; a short burst of products (`matmul_tflops`, the earlier
+definition, still recorded with `floor_fraction_*_burst`) runs before the limit bites and reads 10–15% higher. Steps
+that do not reach the limit (a small model), or a run without `nvidia-smi`, are held to the burst rate
+(`floor_ceiling` names the one used). `gpu_clocks` in each record gives the median SM clock, power and share of
 samples held at the power limit during the burst, the sustained products and the interleaved steps (`nvidia-smi`).
 
 Usage: python benchmarks/bench_gpu.py [--shape qwen14b|tiny] [--device cuda] [--out DIR] [--skip lora,sweep,...]
@@ -294,9 +296,9 @@ def loss_positions(data: TokenizedChats, batch: int) -> int:
 
 def run_case(name, make, model, shape, a, rates, out, compile_layers: bool = False, monitor=None) -> list[dict]:
     """The cached trainer against every baseline (benchmarks/common.py), interleaved step by step on the same
-    batches; returns one record per baseline. `rates`: {"sustained": ..., "burst": ...} matmul FLOP/s (the floor
-    fractions use the sustained one); `monitor`: a GpuMonitor, which samples the clock during the steps."""
-    rate, burst = rates["sustained"], rates["burst"]
+    batches; returns one record per baseline. `rates`: {"sustained": ..., "burst": ...} matmul FLOP/s; `monitor`: a
+    GpuMonitor, which samples the clock during the steps. The floor fractions use the sustained rate when the steps
+    ran at the power limit (in most samples), the burst otherwise (`floor_ceiling` in the record)."""
     B, T, nb, E, dev, V = a.batch, a.length, a.batches, a.epochs, a.device, shape["vocab_size"]
     data, kl = SyntheticChats(B * nb, T, V, seed=1), SyntheticChats(B * nb, T, V, seed=2)
     warm, warm_kl = SyntheticChats(B * 2, T, V, seed=3), SyntheticChats(B * 2, T, V, seed=4)
@@ -319,6 +321,9 @@ def run_case(name, make, model, shape, a, rates, out, compile_layers: bool = Fal
         times, losses = interleaved(steppers, nb * E, torch.cuda.synchronize if cuda else (lambda: None), peaks,
                                     block=nb, cuda=cuda)
     med = {m: (statistics.median(t[:nb]), statistics.median(t[nb:])) for m, t in times.items()}
+    clocks = monitor.summary() if monitor else None
+    ceiling = floor_ceiling(clocks, f"steps:{name}")
+    rate, burst = rates["sustained" if ceiling == "matmul_tflops_sustained" else "burst"], rates["burst"]
     n_ce, n_kl = loss_positions(data, B), loss_positions(kl, B)
     f_e1 = step_flops(shape, a.layer, B, T, n_ce, n_kl, epoch1=True)
     f_later = step_flops(shape, a.layer, B, T, n_ce, n_kl, epoch1=False)
@@ -342,7 +347,7 @@ def run_case(name, make, model, shape, a, rates, out, compile_layers: bool = Fal
             "loss_positions_train": n_ce, "loss_positions_kl": n_kl,
             "peak_memory_gib": {"cached": peaks["cached"], b: peaks[b]} if peaks is not None else None,
             "cache_gib": cache.nbytes() / 2**30, "warmup": f"2 steps per method on throwaway adapters/caches, excluded ({warmup_s:.1f} s)",
-            "gpu_clocks": monitor.summary() if monitor else None,
+            "gpu_clocks": clocks, "floor_ceiling": ceiling,
             "timing": ("methods interleaved epoch by epoch on the same batches; within an epoch steps run back to back "
                        "as in the trainer (no host sync), each timed by CUDA events on the device timeline; medians "
                        "(epoch 1 / later epochs)"),
@@ -375,6 +380,12 @@ def run_case(name, make, model, shape, a, rates, out, compile_layers: bool = Fal
     return records
 
 
+def floor_ceiling(clocks: dict | None, phase: str) -> str:
+    """The record key of the matmul ceiling for the floor: "matmul_tflops_sustained" when most clock samples of
+    `phase` were taken at the power limit (GpuMonitor.summary), "matmul_tflops" (the burst) otherwise or unsampled."""
+    return "matmul_tflops_sustained" if (clocks or {}).get(phase, {}).get("power_capped_share", 0.0) >= 0.5 else "matmul_tflops"
+
+
 def synced_step_time(stepper: Stepper, n: int) -> float:
     """Median seconds of n steps, each followed by copying its loss to the host."""
     times = []
@@ -401,7 +412,7 @@ def run_variant(v: str, make, model, data, kl, a, kw) -> dict:
     return out
 
 
-def run_sweep(a, dev_dtype, rate) -> dict:
+def run_sweep(a, dev_dtype) -> dict:
     """16 steering vectors with train_many vs one run, each from a cold activation cache."""
     shape = SHAPES["tiny" if a.shape == "tiny" else "smollm2"]
     dev, dtype = dev_dtype
@@ -509,7 +520,6 @@ def main() -> None:
     rates = {"sustained": rate, "burst": burst}
     print(f"device {device_name}; matmul {burst / 1e12:.1f} TFLOP/s burst, {rate / 1e12:.1f} sustained", flush=True)
     base["matmul_tflops"], base["matmul_tflops_sustained"] = burst / 1e12, rate / 1e12
-    base["floor_ceiling"] = "matmul_tflops_sustained"
     fwd = {}
     if not ({"vector", "lora"} <= skip and "forward" in skip):
         hf = build_hf(shape, a.device, dtype)
@@ -532,7 +542,7 @@ def main() -> None:
                     profile_steps(lambda: unembed(model, resume_forward(
                         model, lower_forward(model, ids, 0, None, fast=True), 0, None, fast=True)), out, "fast_forward")
                 for k in list(fwd):
-                    fwd[k.replace("_s", "_matmul_fraction")] = fflops / fwd[k] / rate
+                    fwd[k.replace("_s", "_matmul_fraction")] = fflops / fwd[k] / burst  # short runs: the burst ceiling
                 print("forward: " + ", ".join(f"{k} {v:.4f}" for k, v in fwd.items()), flush=True)
         base.update(fwd)
         if cuda:
@@ -556,7 +566,7 @@ def main() -> None:
         if cuda:
             torch.cuda.empty_cache()
     if "sweep" not in skip:
-        emit(run_sweep(a, (a.device, dtype), rate))
+        emit(run_sweep(a, (a.device, dtype)))
     if monitor:
         monitor.stop()
     print_table(results, base["date"])

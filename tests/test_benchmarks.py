@@ -25,6 +25,8 @@ def test_bench_gpu_tiny_runs_every_baseline_on_cpu(tmp_path):
         assert r["case"] == "steering_vector" and r["default_settings"] is True
         assert r["speedup_epoch1"] > 0 and r["speedup_later"] > 0
         assert r["loss_rel_diff_step1"] < 1e-4  # every method computes the same loss at step 1
+        assert r["floor_ceiling"] == "matmul_tflops"  # a CPU: no power limit, the one measured rate
+        assert r["floor_fraction_later"] == r["floor_fraction_later_burst"]
 
 
 def test_trace_summary_times_per_step_and_splits_gemms_on_request():
@@ -88,3 +90,17 @@ def test_gpu_monitor_reads_nvidia_smi_lines_and_summarizes_each_phase(tmp_path, 
     assert summary["idle"] == {"samples": 1, "sm_mhz_median": 1980.0, "power_w_median": 120.5, "power_capped_share": 0.0}
     assert summary["load"] == {"samples": 2, "sm_mhz_median": 1470.0, "power_w_median": 695.0, "power_capped_share": 1.0}
     assert summary["none"] == {"samples": 0}
+
+
+def test_floor_ceiling_is_the_sustained_rate_only_for_steps_run_at_the_power_limit():
+    sys.path.insert(0, str(BENCH_GPU.parent))
+    try:
+        from bench_gpu import floor_ceiling
+    finally:
+        sys.path.remove(str(BENCH_GPU.parent))
+    clocks = {"steps:big": {"samples": 390, "power_capped_share": 1.0}, "steps:small": {"samples": 5, "power_capped_share": 0.0}}
+    assert floor_ceiling(clocks, "steps:big") == "matmul_tflops_sustained"
+    assert floor_ceiling(clocks, "steps:small") == "matmul_tflops"
+    assert floor_ceiling({"steps:none": {"samples": 0}}, "steps:none") == "matmul_tflops"
+    assert floor_ceiling({"error": "nvidia-smi not available: clocks not sampled"}, "steps:big") == "matmul_tflops"
+    assert floor_ceiling(None, "steps:big") == "matmul_tflops"
