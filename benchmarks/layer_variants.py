@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_gpu import SHAPES, fill_random_, matmul_rate, step_flops, sustained_matmul_rate  # noqa: E402
+from bench_gpu import SHAPES, Clock, fill_random_, matmul_rate, step_flops, sustained_matmul_rate  # noqa: E402
 from common import GpuMonitor, now, versions  # noqa: E402
 
 D, D_FF, HEADS, KV_HEADS, VOCAB, N_UPPER = 5120, 13824, 40, 8, 152064, 24
@@ -77,21 +77,17 @@ def rms(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return w * h.to(x.dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    a, b = x.chunk(2, -1)
-    return torch.cat((-b, a), -1)
-
-
 def merged_layer(h, cos, sin, ln1, qkv_w, qkv_b, o_w, ln2, gu_w, down_w):
     """One Qwen2 decoder layer with q/k/v and gate/up as one GEMM each ([B, T, D] → [B, T, D])."""
+    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
     B, T, _ = h.shape
     qkv = F.linear(rms(h, ln1), qkv_w, qkv_b)
     q, k, v = qkv.split([D, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM], -1)
     q = q.view(B, T, HEADS, HEAD_DIM).transpose(1, 2)
     k = k.view(B, T, KV_HEADS, HEAD_DIM).transpose(1, 2)
     v = v.view(B, T, KV_HEADS, HEAD_DIM).transpose(1, 2)
-    c, s = cos[:, None], sin[:, None]
-    q, k = q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
     a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     h = h + F.linear(a.transpose(1, 2).reshape(B, T, D), o_w)
     gate, up = F.linear(rms(h, ln2), gu_w).chunk(2, -1)
@@ -153,16 +149,15 @@ class Step:
 
 
 def timed_steps(step: Step, n: int, warmup: int) -> list[float]:
+    """Seconds of n steps run back to back after `warmup`, each timed by CUDA events."""
     for _ in range(warmup):
         step()
-    torch.cuda.synchronize()
-    events = [torch.cuda.Event(enable_timing=True) for _ in range(n + 1)]
-    events[0].record()
-    for e in events[1:]:
+    clock = Clock("cuda")
+    clock.mark()
+    for _ in range(n):
         step()
-        e.record()
-    torch.cuda.synchronize()
-    return [a.elapsed_time(b) / 1e3 for a, b in zip(events, events[1:], strict=False)]
+        clock.mark()
+    return clock.intervals()
 
 
 def main() -> None:
