@@ -174,11 +174,16 @@ def timed(fn, device: str, reps: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def gemm_inputs(device: str, n: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Three pairs of random n × n matrices, rotated so that timed products do not reuse cached inputs."""
+    return [(torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)) for _ in range(3)]
+
+
 def matmul_rate(device: str, n: int = 8192) -> float:
     """bf16 GEMM FLOP/s (median), rotating three input sets of random data."""
     dt = torch.bfloat16 if device.startswith("cuda") else torch.float32
     n = n if device.startswith("cuda") else 512
-    sets = [(torch.randn(n, n, device=device, dtype=dt), torch.randn(n, n, device=device, dtype=dt)) for _ in range(3)]
+    sets = gemm_inputs(device, n, dt)
     it = iter(range(10**9))
     t = timed(lambda: torch.mm(*sets[next(it) % 3]), device, reps=30, warmup=5)
     return 2 * n**3 / t
@@ -187,8 +192,7 @@ def matmul_rate(device: str, n: int = 8192) -> float:
 def sustained_matmul_rate(device: str, seconds: float = 4.0, n: int = 8192, window: int = 20) -> tuple[float, list[float]]:
     """bf16 GEMM FLOP/s with the card at its power limit: n³ products back to back for `seconds`, timed in windows of
     `window` products by CUDA events; the median of the windows after the first second, and every window's TFLOP/s."""
-    sets = [(torch.randn(n, n, device=device, dtype=torch.bfloat16), torch.randn(n, n, device=device, dtype=torch.bfloat16))
-            for _ in range(3)]
+    sets = gemm_inputs(device, n, torch.bfloat16)
     rates, start = [], time.perf_counter()
     while time.perf_counter() - start < seconds:
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -296,7 +300,8 @@ def loss_positions(data: TokenizedChats, batch: int) -> int:
 
 def run_case(name, make, model, shape, a, rates, out, compile_layers: bool = False, monitor=None) -> list[dict]:
     """The cached trainer against every baseline (benchmarks/common.py), interleaved step by step on the same
-    batches; returns one record per baseline. `rates`: {"sustained": ..., "burst": ...} matmul FLOP/s; `monitor`: a
+    batches; returns one record per baseline. `rates`: matmul FLOP/s by record key ("matmul_tflops" the burst,
+    "matmul_tflops_sustained"); `monitor`: a
     GpuMonitor, which samples the clock during the steps. The floor fractions use the sustained rate when the steps
     ran at the power limit (in most samples), the burst otherwise (`floor_ceiling` in the record)."""
     B, T, nb, E, dev, V = a.batch, a.length, a.batches, a.epochs, a.device, shape["vocab_size"]
@@ -323,7 +328,7 @@ def run_case(name, make, model, shape, a, rates, out, compile_layers: bool = Fal
     med = {m: (statistics.median(t[:nb]), statistics.median(t[nb:])) for m, t in times.items()}
     clocks = monitor.summary() if monitor else None
     ceiling = floor_ceiling(clocks, f"steps:{name}")
-    rate, burst = rates["sustained" if ceiling == "matmul_tflops_sustained" else "burst"], rates["burst"]
+    rate, burst = rates[ceiling], rates["matmul_tflops"]
     n_ce, n_kl = loss_positions(data, B), loss_positions(kl, B)
     f_e1 = step_flops(shape, a.layer, B, T, n_ce, n_kl, epoch1=True)
     f_later = step_flops(shape, a.layer, B, T, n_ce, n_kl, epoch1=False)
@@ -517,7 +522,7 @@ def main() -> None:
         base["matmul_sustained_windows_tflops"] = [round(w, 1) for w in windows]
     else:  # a CPU: no power limit to hold, one ceiling
         burst = rate = matmul_rate(a.device)
-    rates = {"sustained": rate, "burst": burst}
+    rates = {"matmul_tflops": burst, "matmul_tflops_sustained": rate}
     print(f"device {device_name}; matmul {burst / 1e12:.1f} TFLOP/s burst, {rate / 1e12:.1f} sustained", flush=True)
     base["matmul_tflops"], base["matmul_tflops_sustained"] = burst / 1e12, rate / 1e12
     fwd = {}

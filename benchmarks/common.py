@@ -12,6 +12,7 @@ Baselines (what `speedup_*` divides; see benchmarks/README.md):
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import importlib.metadata
@@ -166,6 +167,7 @@ class GpuMonitor:
                 stdout=self._out, stderr=subprocess.DEVNULL)
         except (FileNotFoundError, PermissionError):
             self._proc = None
+        atexit.register(self.stop)  # the sampler must not outlive a run that fails before stop()
 
     @contextlib.contextmanager
     def phase(self, label: str) -> Iterator[None]:
@@ -182,7 +184,8 @@ class GpuMonitor:
         return phase_summary(read_samples(self.log), self.phases)
 
     def stop(self) -> None:
-        if self._proc is not None:
+        """End the sampling (again: a no-op)."""
+        if self._proc is not None and self._proc.poll() is None:
             self._proc.terminate()
             self._proc.wait()
         self._out.close()
